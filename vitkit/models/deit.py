@@ -1,0 +1,71 @@
+"""DeiT (Touvron et al., "Training data-efficient image transformers & distillation through attention", ICML 2021,
+arXiv 2012.12877).
+
+The non-distilled DeiTs are ViTs with a different training recipe and ImageNet normalisation. The distilled ones add a
+distillation token after the class token (token order [cls, dist, patches], the position embedding covers both) and a
+second head on it. At inference the model returns the mean of the two heads' logits, as facebookresearch/deit's
+``DistilledVisionTransformer`` and timm do; ``set_distilled_training(True)`` makes a training-mode forward return
+both logits for the distillation loss (timm's switch).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vitkit.models.vit import ViTConfig, VisionTransformer
+from vitkit.registry import PreprocessConfig, register_family
+
+__all__ = ["DistilledVisionTransformer"]
+
+
+class DistilledVisionTransformer(VisionTransformer):
+    num_dist_tokens = 1
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__(cfg)
+        self.distilled_training = False
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.head_dist = self._make_head(cfg.num_classes)
+        nn.init.trunc_normal_(self.dist_token, std=0.02)
+        for head in self.heads():
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def heads(self) -> list[nn.Linear]:
+        return [h for h in (self.head, getattr(self, "head_dist", None)) if isinstance(h, nn.Linear)]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.head_dist = self._make_head(num_classes)
+        super().reset_classifier(num_classes)
+
+    def set_distilled_training(self, enable: bool = True) -> None:
+        self.distilled_training = enable
+
+    def prefix_tokens(self, B: int) -> list[Tensor]:
+        return [self.cls_token.expand(B, -1, -1), self.dist_token.expand(B, -1, -1)]
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        x_cls, x_dist = self.fc_norm(x[:, 0]), self.fc_norm(x[:, 1])  # (B, D) each
+        if pre_logits:
+            return (x_cls + x_dist) / 2
+        logits, logits_dist = self.head(self.head_drop(x_cls)), self.head_dist(self.head_drop(x_dist))
+        if self.distilled_training and self.training:
+            return logits, logits_dist
+        return (logits + logits_dist) / 2  # the official code averages logits at inference
+
+
+def _deit(size: str, res: int) -> dict:
+    dims = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}[size]
+    return dict(embed_dim=dims[0], num_heads=dims[1], depth=12, patch_size=16, img_size=res)
+
+
+_NAMES = [(s, r) for s in ("tiny", "small", "base") for r in (224, 384)]
+PLAIN = {f"deit_{s}_patch16_{r}": _deit(s, r) for s, r in _NAMES}
+DISTILLED = {f"deit_{s}_distilled_patch16_{r}": _deit(s, r) for s, r in _NAMES}
+# DeiT evaluates with ImageNet mean/std, resize to size / 0.875 then centre-crop (main.py --eval-crop-ratio 0.875)
+DATA_CFGS = {n: PreprocessConfig(crop_pct=0.875 if c["img_size"] == 224 else 1.0)
+             for n, c in {**PLAIN, **DISTILLED}.items()}
+
+_PAPER = "Touvron et al. 2021, arXiv 2012.12877"
+register_family("deit", VisionTransformer, PLAIN, DATA_CFGS, paper=_PAPER)
+register_family("deit", DistilledVisionTransformer, DISTILLED, DATA_CFGS, paper=_PAPER)

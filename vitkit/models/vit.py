@@ -1,0 +1,239 @@
+"""Vision Transformer (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021, arXiv 2010.11929).
+
+    z0 = [x_class; x¹E; …; xᴺE] + E_pos                      (eq. 1)
+    z'ℓ = MSA(LN(zℓ₋₁)) + zℓ₋₁,  zℓ = MLP(LN(z'ℓ)) + z'ℓ       (eq. 2, 3)
+    y = LN(z⁰_L)                                              (eq. 4)
+
+Module and parameter names follow timm's ``VisionTransformer`` so that timm and official DeiT state dicts load as
+they are; the JAX and transformers layouts are converted in ``vitkit.weights``. The class token is prepended before the
+position embedding is added (JAX, timm and DeiT all do so), and the position embedding covers the prefix tokens.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from vitkit.config import ConfigError
+from vitkit.layers import Block, PatchEmbed, drop_path_rates, resample_pos_embed, to_2tuple
+from vitkit.registry import INCEPTION_MEAN, INCEPTION_STD, PreprocessConfig, register_family
+
+__all__ = ["ViTConfig", "VisionTransformer"]
+
+
+@dataclass
+class ViTConfig:
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000  # 0 = no head (forward returns pooled features)
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    class_token: bool = True
+    global_pool: Literal["token", "avg"] = "token"  # paper App. D.3: class token or global average pooling
+    fc_norm: bool | None = None  # LayerNorm after pooling instead of before (None: only with global_pool='avg')
+    representation_size: int | None = None  # the paper's pre-training "pre-logits" layer (dense + tanh)
+    init_values: float | None = None  # LayerScale (CaiT / DeiT-III); None = off as in the paper
+    act_layer: Literal["gelu", "gelu_tanh"] = "gelu"  # JAX checkpoints were trained with tanh-approximate GELU
+    norm_eps: float = 1e-6  # flax/timm default; transformers' ViTConfig uses 1e-12
+    pos_drop_rate: float = 0.0  # dropout right after adding the position embedding (paper App. B.1)
+    proj_drop_rate: float = 0.0  # dropout after every dense layer except qkv (paper App. B.1)
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over blocks
+    drop_rate: float = 0.0  # dropout before the classifier
+    dynamic_img_size: bool = False  # accept any multiple of the patch size; position embeddings resampled on the fly
+
+    def validate(self) -> None:
+        for name in ("pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate", "drop_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("patch_size", "embed_dim", "depth", "num_heads", "in_chans"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.num_classes < 0:
+            raise ConfigError(f"num_classes must be >= 0, got {self.num_classes}")
+        if self.global_pool == "token" and not self.class_token:
+            raise ConfigError("global_pool='token' needs class_token=True")
+        for s in to_2tuple(self.img_size):
+            if s % self.patch_size:
+                raise ConfigError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+
+
+class VisionTransformer(nn.Module):
+    config_cls = ViTConfig
+    num_dist_tokens = 0  # DeiT's distillation token (vitkit.models.deit)
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.embed_dim
+        self.num_classes = cfg.num_classes
+        self.num_features = cfg.representation_size or D
+        self.num_prefix_tokens = int(cfg.class_token) + self.num_dist_tokens
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D,
+                                      strict_img_size=not cfg.dynamic_img_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.patch_embed.num_patches, D))
+        self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
+        rates = drop_path_rates(cfg.drop_path_rate, cfg.depth)
+        self.blocks = nn.Sequential(*[
+            Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.proj_drop_rate, cfg.attn_drop_rate, rates[i],
+                  cfg.init_values, cfg.act_layer, cfg.norm_eps) for i in range(cfg.depth)])
+        use_fc_norm = cfg.global_pool == "avg" if cfg.fc_norm is None else cfg.fc_norm
+        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if use_fc_norm else nn.Identity()
+        self.pre_logits = (nn.Sequential() if not cfg.representation_size else
+                           nn.Sequential(OrderedDict(fc=nn.Linear(D, cfg.representation_size), act=nn.Tanh())))
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head = self._make_head(cfg.num_classes)
+        self.init_weights()
+
+    # ----------------------------------------------------------------------------------------------- construction
+    def _make_head(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def init_weights(self) -> None:
+        """Truncated-normal(0.02) dense layers and position embedding, zero class token and zero head kernel (the
+        JAX code's initialisers for the tokens and the head; timm's for the rest)."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for head in self.heads():
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def heads(self) -> list[nn.Linear]:
+        return [self.head] if isinstance(self.head, nn.Linear) else []
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new zero-initialised classifier (paper App. B.1.1); 0 removes it."""
+        self.num_classes = self.cfg.num_classes = num_classes
+        self.head = self._make_head(num_classes)
+        for head in self.heads():
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "dist_token"}
+
+    def layer_id(self, param_name: str) -> int:
+        """0 for the embeddings, i + 1 for block i, depth + 1 for the final norm and head (BEiT's layer decay)."""
+        if param_name.startswith(("cls_token", "dist_token", "pos_embed", "patch_embed")):
+            return 0
+        if param_name.startswith("blocks."):
+            return int(param_name.split(".")[1]) + 1
+        return self.cfg.depth + 1
+
+    @property
+    def num_layer_ids(self) -> int:
+        return self.cfg.depth + 2
+
+    # --------------------------------------------------------------------------------------------------- forward
+    def prefix_tokens(self, B: int) -> list[Tensor]:
+        return [self.cls_token.expand(B, -1, -1)] if self.cls_token is not None else []
+
+    def _pos_embed(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """eq. 1: prepend the prefix tokens, then add the position embedding (resampled if the grid changed)."""
+        pos = self.pos_embed
+        if grid != self.patch_embed.grid_size:
+            pos = resample_pos_embed(pos, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
+        x = torch.cat(self.prefix_tokens(x.shape[0]) + [x], dim=1)  # (B, prefix + N, D)
+        return self.pos_drop(x + pos)
+
+    def embed(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        P = self.patch_embed.patch_size
+        x = self.patch_embed(x)  # (B, N, D)
+        return self._pos_embed(x, (H // P[0], W // P[1]))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) images → (B, prefix + N, D) normalised tokens (eq. 1-4 before pooling)."""
+        return self.norm(self.blocks(self.embed(x)))
+
+    def pool(self, x: Tensor) -> Tensor:
+        if self.cfg.global_pool == "avg":
+            return x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, D)
+        return x[:, 0]  # (B, D) class token, eq. 4
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.pre_logits(self.fc_norm(self.pool(x)))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] = 1, norm: bool = False,
+                              reshape: bool = False) -> list[Tensor]:
+        """Outputs of chosen blocks: an int n = the last n blocks, or a list of block indices (negative allowed).
+
+        Each is (B, prefix + N, D), or with ``reshape=True`` the patch tokens as a (B, D, H/P, W/P) map; ``norm``
+        applies the final LayerNorm to each.
+        """
+        depth = len(self.blocks)
+        wanted = range(depth - indices, depth) if isinstance(indices, int) else [i % depth for i in indices]
+        wanted = sorted(set(wanted))
+        B, _, H, W = x.shape
+        P = self.patch_embed.patch_size
+        x = self.embed(x)
+        outs = []
+        for i, blk in enumerate(self.blocks[: wanted[-1] + 1]):
+            x = blk(x)
+            if i in wanted:
+                y = self.norm(x) if norm else x
+                if reshape:
+                    y = y[:, self.num_prefix_tokens:].transpose(1, 2).reshape(B, -1, H // P[0], W // P[1])  # (B, D, h, w)
+                outs.append(y)
+        return outs
+
+    # ------------------------------------------------------------------------------------------ weight loading
+    def load_pretrained_state(self, state: dict[str, Tensor], report) -> dict[str, Tensor]:
+        """Adapt a vitkit-layout state dict to this model: resample the position embedding to this grid, drop a
+        representation layer the model does not have, and zero-initialise heads whose class count differs."""
+        from vitkit.weights.adapt import adapt_head, drop_keys, resample_pos_embed_state
+        state = resample_pos_embed_state(state, "pos_embed", self.pos_embed, self.num_prefix_tokens,
+                                         self.patch_embed.grid_size, report)
+        if not self.cfg.representation_size:
+            state = drop_keys(state, "pre_logits.", report,
+                              "representation layer removed: transfer replaces the whole pre-training head "
+                              "(paper App. B.1.1)")
+        for name, head in (("head", self.head), ("head_dist", getattr(self, "head_dist", None))):
+            state = adapt_head(state, name, head, report)
+        return state
+
+
+# -------------------------------------------------------------------------------------------------- variants
+# Widths, depths, heads and MLP sizes: ViT paper Table 1 (B, L, H) and DeiT Table 1 / AugReg (Ti, S).
+SIZES = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "huge": dict(embed_dim=1280, depth=32, num_heads=16),
+}
+PATCHES = (8, 14, 16, 32)
+RESOLUTIONS = (224, 384)
+
+VARIANTS = {
+    f"vit_{size}_patch{p}_{res}": dict(**dims, patch_size=p, img_size=res)
+    for size, dims in SIZES.items() for p in PATCHES for res in RESOLUTIONS if res % p == 0
+}
+# Google's checkpoints expect pixels in [-1, 1]; timm evaluates at crop 0.9 (224) and 1.0 (384).
+DATA_CFGS = {
+    name: PreprocessConfig(mean=INCEPTION_MEAN, std=INCEPTION_STD, crop_pct=0.9 if cfg["img_size"] == 224 else 1.0)
+    for name, cfg in VARIANTS.items()
+}
+
+register_family("vit", VisionTransformer, VARIANTS, DATA_CFGS,
+                paper="Dosovitskiy et al. 2020, arXiv 2010.11929")

@@ -1,0 +1,140 @@
+"""The original ViT JAX/Flax ``.npz`` checkpoints (google-research/vision_transformer, big_vision) → vitkit.
+
+Layouts handled:
+- release files with pre-linen module numbering (``LayerNorm_0``, ``MultiHeadDotProductAttention_1``, ``LayerNorm_2``,
+  ``MlpBlock_3``) and files written by current vit_jax (linen: ``…_0``, ``…_0``, ``LayerNorm_1``, ``MlpBlock_0``),
+  which ``vit_jax.checkpoint.convert_pre_linen`` maps onto each other;
+- the AugReg ``opt/target/`` prefix and big_vision's ``params/`` prefix with a scanned (stacked) ``encoderblock``;
+- an optional ``pre_logits`` representation layer (tanh), and ``gap`` models without a class token.
+Kernels: conv HWIO → OIHW, Dense (in, out) → (out, in), attention DenseGeneral (D, heads, head_dim) → (heads·head_dim, D).
+The JAX MLP used flax's tanh-approximate GELU, so these weights come with the hint ``act_layer='gelu_tanh'``.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vitkit.weights.report import CheckpointError, LoadReport
+
+__all__ = ["CONVERTERS", "config_hints", "looks_like_jax"]
+
+_PRE_LINEN = {"LayerNorm_0": "norm1", "MultiHeadDotProductAttention_1": "attn", "LayerNorm_2": "norm2",
+              "MlpBlock_3": "mlp"}
+_LINEN = {"LayerNorm_0": "norm1", "MultiHeadDotProductAttention_0": "attn", "LayerNorm_1": "norm2",
+          "MlpBlock_0": "mlp"}
+
+
+def looks_like_jax(keys) -> bool:
+    return any("embedding/kernel" in k or "Transformer/" in k for k in keys)
+
+
+def _t(a: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _strip(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in params.items():
+        for prefix in ("opt/target/", "params/"):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def _unscan(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """big_vision's scanned encoder stacks every block along axis 0 under ``Transformer/encoderblock/``."""
+    scanned = {k: v for k, v in params.items() if k.startswith("Transformer/encoderblock/")}
+    if not scanned:
+        return params
+    out = {k: v for k, v in params.items() if k not in scanned}
+    for k, v in scanned.items():
+        rest = k[len("Transformer/encoderblock/"):]
+        for i in range(v.shape[0]):
+            out[f"Transformer/encoderblock_{i}/{rest}"] = v[i]
+    return out
+
+
+def _dense(prefix: str, kernel: np.ndarray, bias: np.ndarray) -> dict[str, Tensor]:
+    return {f"{prefix}.weight": _t(kernel.T), f"{prefix}.bias": _t(bias)}
+
+
+def _attention(prefix: str, p: dict[str, np.ndarray], src: str) -> dict[str, Tensor]:
+    """Flax DenseGeneral q/k/v (D, h, d) → fused (3·h·d, D); out (h, d, D) → (D, h·d)."""
+    D = p[f"{src}/query/kernel"].shape[0]
+    w = [p[f"{src}/{n}/kernel"].reshape(D, -1).T for n in ("query", "key", "value")]
+    b = [p[f"{src}/{n}/bias"].reshape(-1) for n in ("query", "key", "value")]
+    out_k = p[f"{src}/out/kernel"]
+    out_k = out_k.reshape(-1, out_k.shape[-1]).T  # (D, h·d)
+    return {f"{prefix}.qkv.weight": _t(np.concatenate(w, 0)), f"{prefix}.qkv.bias": _t(np.concatenate(b, 0)),
+            f"{prefix}.proj.weight": _t(out_k), f"{prefix}.proj.bias": _t(p[f"{src}/out/bias"])}
+
+
+def _block(i: int, p: dict[str, np.ndarray], names: dict[str, str]) -> dict[str, Tensor]:
+    src = f"Transformer/encoderblock_{i}"
+    inv = {v: k for k, v in names.items()}
+    out = {}
+    for norm in ("norm1", "norm2"):
+        out[f"blocks.{i}.{norm}.weight"] = _t(p[f"{src}/{inv[norm]}/scale"])
+        out[f"blocks.{i}.{norm}.bias"] = _t(p[f"{src}/{inv[norm]}/bias"])
+    out.update(_attention(f"blocks.{i}.attn", p, f"{src}/{inv['attn']}"))
+    mlp = f"{src}/{inv['mlp']}"
+    out.update(_dense(f"blocks.{i}.mlp.fc1", p[f"{mlp}/Dense_0/kernel"], p[f"{mlp}/Dense_0/bias"]))
+    out.update(_dense(f"blocks.{i}.mlp.fc2", p[f"{mlp}/Dense_1/kernel"], p[f"{mlp}/Dense_1/bias"]))
+    return out
+
+
+def _naming(p: dict[str, np.ndarray]) -> dict[str, str]:
+    return _PRE_LINEN if any("MultiHeadDotProductAttention_1" in k for k in p) else _LINEN
+
+
+def vit_from_jax(params: dict[str, np.ndarray], report: LoadReport) -> dict[str, Tensor]:
+    p = _unscan(_strip(params))
+    if any(k.startswith("MAPHead") for k in p):
+        raise CheckpointError(f"{report.source}: attention-pool (MAPHead) checkpoints are not supported")
+    depth = len({m.group(1) for k in p if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))})
+    names = _naming(p)
+    report.notes.append(f"JAX module numbering: {'pre-linen' if names is _PRE_LINEN else 'linen'}")
+    kernel = p["embedding/kernel"]  # (P, P, C, D) HWIO
+    out = {"patch_embed.proj.weight": _t(kernel.transpose(3, 2, 0, 1)), "patch_embed.proj.bias": _t(p["embedding/bias"]),
+           "pos_embed": _t(p["Transformer/posembed_input/pos_embedding"]),
+           "norm.weight": _t(p["Transformer/encoder_norm/scale"]), "norm.bias": _t(p["Transformer/encoder_norm/bias"])}
+    if "cls" in p:
+        out["cls_token"] = _t(p["cls"])
+    for i in range(depth):
+        out.update(_block(i, p, names))
+    if "pre_logits/kernel" in p:
+        out.update(_dense("pre_logits.fc", p["pre_logits/kernel"], p["pre_logits/bias"]))
+    if "head/kernel" in p:
+        out.update(_dense("head", p["head/kernel"], p["head/bias"]))
+    report.converted += len(out)
+    return out
+
+
+def vit_hints(params: dict[str, np.ndarray]) -> dict:
+    p = _unscan(_strip(params))
+    D = p["embedding/kernel"].shape[-1]
+    inv = {v: k for k, v in _naming(p).items()}
+    q = p[f"Transformer/encoderblock_0/{inv['attn']}/query/kernel"]  # (D, h, d)
+    mlp = p[f"Transformer/encoderblock_0/{inv['mlp']}/Dense_0/kernel"]  # (D, mlp_dim)
+    hints = dict(act_layer="gelu_tanh", norm_eps=1e-6, embed_dim=int(D), num_heads=int(q.shape[1]),
+                 depth=len({m.group(1) for k in p if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))}),
+                 mlp_ratio=mlp.shape[1] / D, patch_size=int(p["embedding/kernel"].shape[0]))
+    if "head/kernel" in p:
+        hints["num_classes"] = int(p["head/kernel"].shape[1])
+    if "pre_logits/kernel" in p:
+        hints["representation_size"] = int(p["pre_logits/kernel"].shape[1])
+    if "cls" not in p:
+        hints.update(class_token=False, global_pool="avg", fc_norm=False)
+    return hints
+
+
+CONVERTERS = {"vit": vit_from_jax}
+HINTS = {"vit": vit_hints}
+
+
+def config_hints(family: str, params: dict[str, np.ndarray]) -> dict:
+    return HINTS[family](params) if family in HINTS else {}
