@@ -84,7 +84,12 @@ def register_family(family: str, model_cls: type, variants: dict[str, dict[str, 
         from_dict(model_cls.config_cls, dict(cfg), where=name)  # fail at import on a bad table entry
         data_cfg = data_cfgs[name].with_size(cfg.get("img_size", 224))
         _REGISTRY[name] = ModelSpec(name, family, model_cls, dict(cfg), data_cfg,
-                                    (weights or {}).get(name), paper)
+                                    (weights or _catalog()).get(name), paper)
+
+
+def _catalog() -> dict[str, WeightSpec]:
+    from vitkit.weights.catalog import WEIGHTS
+    return WEIGHTS
 
 
 def _ensure_loaded() -> None:

@@ -1,11 +1,130 @@
-"""Named pretrained weights (``create_model(name, pretrained=True)``): resolved from the variant's ``WeightSpec``."""
+"""Named pretrained weights: download once into a cache, verify, then work offline.
+
+Cache root: ``$VITKIT_HOME``, else ``$XDG_CACHE_HOME/vitkit`` (``~/.cache/vitkit``); files live in
+``<root>/checkpoints/``. A URL download streams into a ``.partial`` file, is checked (its full sha256 when the catalog
+has one, else the hash prefix in the release file name, e.g. ``-a1311bcf.pth``, as ``torch.hub`` checks it) and only
+then renamed to its final name, so a wrong hash or an interrupted transfer leaves nothing a later call would trust.
+Hugging Face Hub files (``hf-hub:owner/repo``) go through ``huggingface_hub``, which verifies them itself.
+"""
 from __future__ import annotations
 
-__all__ = ["resolve_pretrained"]
+import hashlib
+import http.client
+import logging
+import os
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from vitkit.weights.report import CheckpointError
+
+__all__ = ["cache_root", "cached_path", "resolve_pretrained", "download_url", "DownloadError"]
+
+log = logging.getLogger(__name__)
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,64})\.")  # torch.hub's convention for release file names
+_CHUNK = 1 << 20
 
 
-def resolve_pretrained(spec) -> str:
-    if spec.weights is None:
+class DownloadError(CheckpointError):
+    """Weights could not be downloaded or failed verification."""
+
+
+def cache_root() -> Path:
+    if os.environ.get("VITKIT_HOME"):
+        return Path(os.environ["VITKIT_HOME"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vitkit"
+
+
+def cached_path(weights) -> Path:
+    """Where the file of a ``WeightSpec`` lives (and where a user may put it by hand)."""
+    if weights.url.startswith("hf-hub:"):
+        repo = weights.url[len("hf-hub:"):]
+        return cache_root() / "checkpoints" / repo.replace("/", "--") / (weights.filename or "model.safetensors")
+    return cache_root() / "checkpoints" / (weights.filename or weights.url.rsplit("/", 1)[-1])
+
+
+def _expected_hash(weights, path: Path) -> tuple[str, bool] | None:
+    """(hex, is_full) to check against the file's sha256, or None when nothing is known."""
+    if weights.sha256:
+        return weights.sha256.lower(), True
+    m = _HASH_IN_NAME.search(path.name)
+    return (m.group(1), False) if m else None
+
+
+def download_url(url: str, dest: Path, expected: tuple[str, bool] | None, progress: bool = True,
+                 timeout: float = 60.0) -> Path:
+    """Stream ``url`` to ``dest`` through a partial file; verify length and hash before the final rename."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(f"{dest.name}.partial-{os.getpid()}")
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, open(partial, "wb") as out:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            received = _copy(resp, out, digest, total, progress, dest.name)
+            out.flush()
+            os.fsync(out.fileno())
+        if total is not None and received != total:
+            raise DownloadError(f"{url}: transfer interrupted ({received} of {total} bytes)")
+        _verify(url, digest.hexdigest(), expected)
+        os.replace(partial, dest)
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        raise DownloadError(f"could not download {url} ({e}); without network, download it elsewhere and put it "
+                            f"at {dest}") from None
+    finally:
+        if partial.exists():
+            partial.unlink()
+    return dest
+
+
+def _copy(resp, out, digest, total: int | None, progress: bool, name: str) -> int:
+    from tqdm import tqdm
+    received = 0
+    with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress, leave=False) as bar:
+        while chunk := resp.read(_CHUNK):
+            out.write(chunk)
+            digest.update(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
+    return received
+
+
+def _verify(url: str, actual: str, expected: tuple[str, bool] | None) -> None:
+    if expected is None:
+        log.warning("no hash known for %s; the file is not verified", url)
+        return
+    want, full = expected
+    ok = actual == want if full else actual.startswith(want)
+    if not ok:
+        raise DownloadError(f"{url}: sha256 {actual} does not match the expected "
+                            f"{'hash' if full else 'prefix'} {want}; the file was discarded")
+
+
+def _hf_download(weights, dest: Path) -> Path:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise DownloadError(f"{weights.url} needs huggingface_hub (pip install 'vitkit[hub]'), or put "
+                            f"{weights.filename} from that repository at {dest}") from None
+    repo = weights.url[len("hf-hub:"):]
+    try:
+        return Path(hf_hub_download(repo, weights.filename or "model.safetensors", local_dir=str(dest.parent)))
+    except Exception as e:  # huggingface_hub raises many error types (offline, 404, auth)
+        raise DownloadError(f"could not download {weights.filename} from https://huggingface.co/{repo} "
+                            f"({type(e).__name__}); without network, put the file at {dest}") from None
+
+
+def resolve_pretrained(spec, progress: bool = True) -> str:
+    """Local path of ``spec``'s default weights, downloading and verifying them on first use."""
+    weights = spec.weights
+    if weights is None:
         raise ValueError(f"{spec.name} has no default pretrained weights registered; pass a checkpoint path as "
                          f"pretrained=PATH (any supported format)")
-    raise NotImplementedError("downloading named weights is not implemented yet (issue 5)")
+    dest = cached_path(weights)
+    if dest.is_file():
+        log.info("using cached weights %s", dest)
+        return str(dest)
+    if weights.url.startswith("hf-hub:"):
+        return str(_hf_download(weights, dest))
+    return str(download_url(weights.url, dest, _expected_hash(weights, dest), progress))
