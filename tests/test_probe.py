@@ -1,0 +1,78 @@
+"""Few-shot least squares and the linear probe, against independent solutions (numpy normal equations, sklearn)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import vitkit
+from vitkit.evaluate.probe import (BIAS_CONSTANT, Features, extract_features, few_shot_eval, fewshot_lstsq,
+                                   linear_probe)
+
+
+def _blobs(n_per_class: int, num_classes: int, dim: int, spread: float, seed: int) -> Features:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(123)) * 3
+    y = torch.arange(num_classes).repeat_interleave(n_per_class)
+    x = centres[y] + spread * torch.randn(len(y), dim, generator=g)
+    return Features(x.float(), y)
+
+
+def _numpy_ridge_predict(x, y, x_test, k, l2):
+    """The same estimator written independently with numpy (primal normal equations)."""
+    x, x_test = x.numpy().astype(np.float64), x_test.numpy().astype(np.float64)
+    mean, std = x.mean(0), x.std(0) + 1e-5
+    a = np.hstack([(x - mean) / std, np.full((len(x), 1), BIAS_CONSTANT)])
+    a_test = np.hstack([(x_test - mean) / std, np.full((len(x_test), 1), BIAS_CONSTANT)])
+    t = 2.0 * np.eye(k)[y.numpy()] - 1.0
+    w = np.linalg.solve(a.T @ a + l2 * np.eye(a.shape[1]), a.T @ t)
+    return (a_test @ w).argmax(1)
+
+
+@pytest.mark.parametrize("n_per_class", [2, 40])  # dual (N < D) and primal (N >= D) branches
+def test_lstsq_matches_numpy(n_per_class):
+    train, test = _blobs(n_per_class, 5, 24, 2.0, 0), _blobs(30, 5, 24, 2.0, 1)
+    ours = fewshot_lstsq(train.x, train.y, test.x, 5, l2=3.0)
+    ref = _numpy_ridge_predict(train.x, train.y, test.x, 5, 3.0)
+    assert (ours.numpy() == ref).all()
+
+
+def test_few_shot_separable_and_chance():
+    train, test = _blobs(50, 4, 16, 0.5, 0), _blobs(50, 4, 16, 0.5, 1)
+    res = few_shot_eval(train, test, shots=[1, 5], num_classes=4, draws=3)
+    assert [r.shots for r in res] == [1, 5] and all(len(r.accuracies) == 3 for r in res)
+    assert res[1].mean > 0.95
+    shuffled = Features(train.x, train.y[torch.randperm(len(train.y), generator=torch.Generator().manual_seed(0))])
+    chance = few_shot_eval(shuffled, test, shots=[5], num_classes=4, draws=5)[0]
+    assert chance.mean < 0.6  # labels carry no information: near 1/4
+
+
+def test_few_shot_needs_enough_images_per_class():
+    train, test = _blobs(3, 2, 4, 1.0, 0), _blobs(3, 2, 4, 1.0, 1)
+    with pytest.raises(ValueError, match="fewer than 5 shots"):
+        few_shot_eval(train, test, shots=[5], num_classes=2)
+
+
+def test_linear_probe_agrees_with_sklearn():
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    train, val, test = _blobs(60, 3, 8, 2.5, 0), _blobs(30, 3, 8, 2.5, 1), _blobs(60, 3, 8, 2.5, 2)
+    res = linear_probe(train, val, test, num_classes=3, l2_grid=(1e-3, 1e-1))
+    assert set(res.val_by_l2) == {1e-3, 1e-1} and res.l2 in res.val_by_l2
+    mean, std = train.x.double().mean(0), train.x.double().std(0) + 1e-6
+    z = lambda f: ((f.x.double() - mean) / std).numpy()
+    # ours minimises mean CE + l2/2 ||W||²; sklearn minimises C·ΣCE + ½||W||²  ⇒  C = 1 / (l2 · N)
+    ref = sklearn.LogisticRegression(C=1.0 / (res.l2 * len(train.y)), max_iter=2000).fit(z(train), train.y.numpy())
+    ref_acc = (ref.predict(z(test)) == test.y.numpy()).mean()
+    assert abs(res.test_accuracy - ref_acc) <= 1.0 / len(test.y) + 1e-9
+
+
+def test_extract_features_are_pre_logits():
+    model = vitkit.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=24, num_heads=2,
+                                num_classes=3).eval()
+    x = torch.randn(5, 3, 32, 32)
+    loader = [(x[:3], torch.tensor([0, 1, 2])), (x[3:], torch.tensor([2, 1]))]
+    feats = extract_features(model, loader, progress=False)
+    with torch.no_grad():
+        ref = model.forward_head(model.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(feats.x, ref)
+    assert feats.y.tolist() == [0, 1, 2, 2, 1] and feats.images_per_second > 0
