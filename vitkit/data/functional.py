@@ -4,9 +4,10 @@ Every function is pure and draws no random numbers: the random transforms in ``t
 ``auto_augment.py`` pick the parameters and call these.
 
 Conventions (PIL's, which timm's ``auto_augment.py`` relies on, so that magnitudes mean the same thing):
-- Each op returns ``uint8``: blends truncate toward zero after clamping, like ``PIL.Image.blend`` and torchvision's
-  tensor ``_blend``.
-- Greyscale is ITU-R 601-2 luma (``L = 0.299 R + 0.587 G + 0.114 B``, rounded), as ``Image.convert("L")``.
+- Each op returns ``uint8``: blends and interpolated warps truncate toward zero after clamping, like
+  ``PIL.Image.blend`` / ``Image.transform`` and torchvision's tensor ``_blend``; resizing rounds.
+- Greyscale is ITU-R 601-2 luma (``L = 0.299 R + 0.587 G + 0.114 B``, rounded), in the same fixed point as
+  ``Image.convert("L")``.
 - ``affine`` takes PIL's *inverse* matrix: output pixel centre ``(x + .5, y + .5)`` samples the input at
   ``M @ (x + .5, y + .5, 1)``; samples outside the input get the fill colour with a hard edge, as PIL does.
 - ``equalize`` and ``autocontrast`` build their lookup tables per channel exactly as ``PIL.ImageOps`` does.
@@ -26,7 +27,7 @@ __all__ = [
     "posterize", "solarize", "solarize_add", "invert", "autocontrast", "equalize", "normalize",
 ]
 
-_LUMA = (0.299, 0.587, 0.114)
+_LUMA = (19595, 38470, 7471)  # 0.299, 0.587, 0.114 in 1/65536 units (PIL's Convert.c)
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -99,25 +100,27 @@ def affine(x: torch.Tensor, matrix: tuple[float, ...], fill: tuple[float, ...] =
     """Warp ``uint8`` ``(C, H, W)`` with PIL's inverse affine ``matrix = (a, b, c, d, e, f)``."""
     C, H, W = x.shape
     a, b, c, d, e, f = matrix
-    ys = torch.arange(H, dtype=torch.float32, device=x.device) + 0.5
-    xs = torch.arange(W, dtype=torch.float32, device=x.device) + 0.5
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) output pixel centres
-    u = a * gx + b * gy + c  # (H, W) input x
-    v = d * gx + e * gy + f  # (H, W) input y
-    inside = (u >= 0) & (u < W) & (v >= 0) & (v < H)  # (H, W)
-    grid = torch.stack((2.0 * u / W - 1.0, 2.0 * v / H - 1.0), dim=-1)  # (H, W, 2) in [-1, 1], align_corners=False
-    out = F.grid_sample(x[None].float(), grid[None], mode=interpolation, padding_mode="border",
+    xs = torch.arange(W, dtype=torch.float32, device=x.device) + 0.5  # (W,) output pixel centres
+    ys = torch.arange(H, dtype=torch.float32, device=x.device) + 0.5  # (H,)
+    # input position u = a x + b y + c (and v likewise), mapped to grid_sample's [-1, 1] (align_corners=False)
+    u = (xs * (2 * a / W) + (2 * c / W - 1)).view(1, W) + (ys * (2 * b / W)).view(H, 1)  # (H, W)
+    v = (xs * (2 * d / H) + (2 * f / H - 1)).view(1, W) + (ys * (2 * e / H)).view(H, 1)  # (H, W)
+    inside = (u >= -1) & (u < 1) & (v >= -1) & (v < 1)  # (H, W): PIL fills everything else
+    grid = torch.stack((u, v), dim=-1)[None]  # (1, H, W, 2)
+    out = F.grid_sample(x[None].float(), grid, mode=interpolation, padding_mode="border",
                         align_corners=False)[0]  # (C, H, W)
     fill_t = torch.tensor(fill, dtype=out.dtype, device=x.device).view(C, 1, 1)  # (C, 1, 1)
-    return _round_uint8(torch.where(inside, out, fill_t))
+    # PIL truncates interpolated values; + 1e-3 keeps float32 error from turning an exact 193 into 192
+    return _to_uint8(torch.where(inside, out + 1e-3, fill_t))
 
 
 # --- colour -------------------------------------------------------------------------------------------------------
 
 def to_gray(x: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601-2 luma of ``(..., 3, H, W)`` as float ``(..., 1, H, W)``, rounded like PIL's ``convert("L")``."""
-    r, g, b = x.float().unbind(-3)  # each (..., H, W)
-    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).round().unsqueeze(-3)  # (..., 1, H, W)
+    """ITU-R 601-2 luma of ``uint8 (..., 3, H, W)`` as float ``(..., 1, H, W)``, in PIL's 16-bit fixed point."""
+    r, g, b = x.int().unbind(-3)  # each (..., H, W)
+    luma = (r * _LUMA[0] + g * _LUMA[1] + b * _LUMA[2] + 0x8000) >> 16  # PIL's L24 macro, rounded
+    return luma.unsqueeze(-3).float()  # (..., 1, H, W)
 
 
 def blend(degenerate: torch.Tensor, x: torch.Tensor, factor: float) -> torch.Tensor:
@@ -145,12 +148,15 @@ def adjust_sharpness(x: torch.Tensor, factor: float) -> torch.Tensor:
     C, H, W = x.shape
     if H < 3 or W < 3:
         return x
-    kernel = torch.ones(3, 3, device=x.device)
-    kernel[1, 1] = 5.0
-    kernel = (kernel / 13.0).expand(C, 1, 3, 3)  # (C, 1, 3, 3) depthwise
-    smooth = F.conv2d(x[None].float(), kernel, groups=C)[0].round()  # (C, H - 2, W - 2)
-    degenerate = x.float().clone()
-    degenerate[:, 1:-1, 1:-1] = smooth
+    xf = x.float()
+    # 3×3 box sum + 4 × centre = SMOOTH's weights; shifted slices rather than conv2d, whose thread pool costs
+    # milliseconds per call on a busy 2-core CPU
+    total = 4.0 * xf[:, 1:-1, 1:-1]  # (C, H - 2, W - 2)
+    for dy in range(3):
+        for dx in range(3):
+            total = total + xf[:, dy:H - 2 + dy, dx:W - 2 + dx]
+    degenerate = xf.clone()
+    degenerate[:, 1:-1, 1:-1] = (total / 13.0).round()
     return blend(degenerate, x, factor)
 
 
@@ -164,7 +170,9 @@ def posterize(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """Invert every value ``>= threshold`` (PIL ``ImageOps.solarize``); threshold 256 is the identity."""
-    return torch.where(x >= threshold, 255 - x, x)
+    if threshold > 255:  # a uint8 comparison with 256 would wrap around
+        return x
+    return torch.where(x >= math.ceil(threshold), 255 - x, x)  # same set for integer x, no float copy
 
 
 def solarize_add(x: torch.Tensor, add: int, threshold: int = 128) -> torch.Tensor:
@@ -178,12 +186,21 @@ def invert(x: torch.Tensor) -> torch.Tensor:
 
 def autocontrast(x: torch.Tensor) -> torch.Tensor:
     """Stretch each channel of ``(C, H, W)`` to 0..255 (PIL ``ImageOps.autocontrast``, cutoff 0)."""
-    lo = x.amin(dim=(-2, -1), keepdim=True).float()  # (C, 1, 1)
-    hi = x.amax(dim=(-2, -1), keepdim=True).float()  # (C, 1, 1)
-    flat = hi <= lo  # channels with one value stay as they are
-    scale = torch.where(flat, torch.ones_like(hi), 255.0 / (hi - lo).clamp(min=1.0))
-    offset = torch.where(flat, torch.zeros_like(lo), -lo * scale)
-    return _to_uint8(x.float() * scale + offset)
+    rows = []
+    for lo, hi in zip(x.amin(dim=(-2, -1)).tolist(), x.amax(dim=(-2, -1)).tolist()):
+        ix = torch.arange(256, dtype=torch.float64, device=x.device)
+        if hi <= lo:  # one value: PIL leaves the channel alone
+            rows.append(ix)
+            continue
+        scale = 255.0 / (hi - lo)  # Python floats, in PIL's order, so int() truncates the same values
+        rows.append(ix * scale + (-lo * scale))
+    return _apply_lut(x, _to_uint8(torch.stack(rows)))  # LUT (C, 256)
+
+
+def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Per-channel lookup: ``uint8 (C, H, W)`` through ``lut (C, 256)``."""
+    C = x.shape[0]
+    return lut.gather(1, x.reshape(C, -1).long()).to(torch.uint8).view_as(x)  # (C, H, W)
 
 
 def equalize(x: torch.Tensor) -> torch.Tensor:
@@ -199,7 +216,7 @@ def equalize(x: torch.Tensor) -> torch.Tensor:
     lut = ((safe // 2 + cum) // safe).clamp(max=255)  # (C, 256)
     identity = torch.arange(256, device=x.device).expand(C, 256)
     lut = torch.where(step[:, None] > 0, lut, identity)  # PIL leaves a channel alone when step is 0
-    return lut.gather(1, flat).to(torch.uint8).view_as(x)  # (C, H, W)
+    return _apply_lut(x, lut)
 
 
 # --- to the model -------------------------------------------------------------------------------------------------

@@ -1,0 +1,118 @@
+"""`vitkit eval`: accuracy of a model on a labelled dataset, with per-class accuracy and a confusion matrix."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+HELP = "evaluate a run, a saved model or any checkpoint on a dataset (top-1/top-5, per-class, confusion matrix)"
+
+EPILOG = """examples:
+  vitkit eval runs/c10                          best checkpoint (else last) on the run's own test split
+  vitkit eval runs/c10 --split val --out /tmp/ev
+  vitkit eval saved_model/ --set data.name=digits data.img_size=32
+  vitkit eval --model deit_tiny_patch16_224 --pretrained w.safetensors --data-config recipe.yaml
+
+writes metrics.json, per_class.csv, confusion_matrix.csv and confusion_matrix.png into --out.
+exit status: 0 done, 2 bad arguments or configuration."""
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_PRINTED_CLASSES = 20
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument("target", nargs="?", metavar="TARGET",
+                        help="a run folder (runs/<name>: checkpoints/best, else last, and its data section) or a "
+                             "vitkit model folder; omit it to use --model/--pretrained")
+    parser.add_argument("--model", help="registered variant name, to load --pretrained (or TARGET) into")
+    parser.add_argument("--pretrained", metavar="PATH", help="checkpoint in any format vitkit reads")
+    data = parser.add_argument_group("data (layered: model → run config.yaml → --data-config → --set)")
+    data.add_argument("--data-config", metavar="YAML", help="a recipe with a data: section, or a bare data section")
+    data.add_argument("--set", nargs="+", action="extend", default=[], metavar="data.KEY=VALUE",
+                      help="override data settings, e.g. --set data.name=cifar10 data.root=../shared/data")
+    data.add_argument("--split", choices=("test", "val"), default="test", help="split to score (default test)")
+    parser.add_argument("--out", metavar="DIR", help="output folder (default: <run>/eval/<split>, or "
+                                                     "./eval/<model>-<split>)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    parser.add_argument("--device", help="e.g. cpu, cuda, mps (default: an accelerator if present)")
+    parser.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast dtype (default: full float32)")
+    add_probe_arguments(parser)
+
+
+def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
+    """Room for feature-probe evaluations of the backbone (``--few-shot 1,5,10,25``, ``--linear-probe``): a later
+    task adds its options to this group and its work to ``run_probes``."""
+    parser.add_argument_group("feature probes (few-shot / linear probe on frozen features)")
+
+
+def run_probes(model: nn.Module, data_cfg, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Run the feature probes requested in ``args``; the result is stored under ``probes`` in metrics.json.
+    None exist yet, so this returns an empty dict."""
+    return {}
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitkit.evaluate.eval_data import build_eval_loader, resolve_data_config
+    from vitkit.evaluate.metrics import evaluate, save_eval_artifacts
+    from vitkit.evaluate.targets import default_device, load_target
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    if args.target and args.pretrained:
+        raise ValueError("give either TARGET or --pretrained, not both")
+    target = load_target(args.target or args.pretrained, args.model)
+    run_data = (target.run_config or {}).get("data")
+    data_cfg = resolve_data_config(target.model, run_data, args.data_config, args.set)
+    device = default_device(args.device)
+    model = target.model.to(device)
+    loader, classes = build_eval_loader(data_cfg, model, args.split, args.batch_size)
+    result = evaluate(model, loader, device, AMP_DTYPES.get(args.amp), class_names=classes)
+    result.extra.update(_context(target, data_cfg, args))
+    probes = run_probes(model, data_cfg, args, device)
+    if probes:
+        result.extra["probes"] = probes
+    out_dir = args.out or _default_out(target, args.split)
+    paths = save_eval_artifacts(result, out_dir)
+    _print_report(target, result, paths)
+    return 0
+
+
+def _context(target, data_cfg, args: argparse.Namespace) -> dict[str, Any]:
+    from vitkit.config import to_dict
+    return {"model": target.model.variant_name, "checkpoint": target.checkpoint, "run": target.run_dir,
+            "split": args.split, "data": to_dict(data_cfg)}
+
+
+def _default_out(target, split: str) -> str:
+    if target.run_dir:
+        return os.path.join(target.run_dir, "eval", split)
+    return os.path.join("eval", f"{target.model.variant_name}-{split}")
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{100 * x:.2f}%"
+
+
+def _print_report(target, result, paths: dict[str, str]) -> None:
+    print(f"model:   {target.description}")
+    print(f"samples: {result.num_samples}  classes: {result.num_classes}")
+    print(f"top-1 {_pct(result.top1)}   top-5 {_pct(result.top5)}   loss {result.loss:.4f}")
+    names = result.class_names or [f"class_{i}" for i in range(result.num_classes)]
+    rows = list(range(result.num_classes))
+    if result.num_classes > MAX_PRINTED_CLASSES:  # the 10 worst classes; the CSV has all of them
+        rows = sorted(rows, key=lambda i: (-1 if math.isnan(result.per_class_acc[i]) else result.per_class_acc[i]))
+        rows = [i for i in rows if not math.isnan(result.per_class_acc[i])][:10]
+        print("lowest per-class accuracy (all classes in per_class.csv):")
+    else:
+        print("per-class accuracy:")
+    width = max(len(names[i]) for i in rows) if rows else 0
+    for i in rows:
+        support, correct = int(result.confusion[i].sum()), int(result.confusion[i, i])
+        print(f"  {names[i]:<{width}}  {correct:>6}/{support:<6} {_pct(result.per_class_acc[i])}")
+    for kind, path in paths.items():
+        print(f"wrote {path}")

@@ -1,0 +1,107 @@
+"""What to evaluate: a training run folder, a vitkit model folder, or a registered name plus any checkpoint.
+
+Run folders (``runs/<name>/``, see DESIGN.md) hold ``config.yaml`` and ``checkpoints/{best,last}/``, each a vitkit
+model folder; ``best`` is preferred because it is the checkpoint the run selected on its validation split.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+__all__ = ["Target", "load_target", "is_run_folder", "is_vitkit_folder", "run_checkpoint", "default_device"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Target:
+    model: nn.Module
+    description: str  # e.g. "runs/x/checkpoints/best (vit_tiny_patch16_224)"
+    run_dir: str | None = None
+    checkpoint: str | None = None  # the file or folder the weights came from; None for random weights
+    run_config: dict[str, Any] | None = None  # the run's resolved config.yaml
+
+
+def is_vitkit_folder(path: str | os.PathLike) -> bool:
+    cfg = os.path.join(os.fspath(path), "config.json")
+    if not os.path.isfile(cfg):
+        return False
+    try:
+        with open(cfg) as f:
+            return json.load(f).get("format") == "vitkit"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    return os.path.isdir(os.path.join(os.fspath(path), "checkpoints"))
+
+
+def run_checkpoint(run_dir: str | os.PathLike) -> str:
+    """``checkpoints/best`` of a run, else ``checkpoints/last`` (or their ``.prev`` copy left by a run killed
+    mid-rename, as ``vitkit.train.checkpoint.find_checkpoint`` resolves them)."""
+    from vitkit.train.checkpoint import find_checkpoint
+    for name in ("best", "last"):
+        folder = find_checkpoint(run_dir, name)
+        if folder is not None:
+            return os.fspath(folder)
+    raise FileNotFoundError(f"{run_dir}: no checkpoints/best/ or checkpoints/last/ with a vitkit model in it")
+
+
+def _read_run_config(run_dir: str) -> dict[str, Any] | None:
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        log.warning("%s has no config.yaml; the data section must come from --data-config/--set", run_dir)
+        return None
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return cfg
+
+
+def load_target(path: str | os.PathLike | None = None, model_name: str | None = None) -> Target:
+    """Build the model to evaluate.
+
+    - ``path`` a run folder: its best (else last) checkpoint, plus the run's config.yaml;
+    - ``path`` a vitkit model folder: ``vitkit.load_model(path)``;
+    - ``model_name`` given: ``vitkit.create_model(model_name, pretrained=...)`` with the checkpoint above or ``path``
+      itself in any format vitkit reads (random weights, with a warning, when ``path`` is None).
+    """
+    import vitkit
+    path = os.fspath(path) if path is not None else None
+    run_dir = path if path is not None and is_run_folder(path) else None
+    checkpoint = run_checkpoint(run_dir) if run_dir else path
+    run_config = _read_run_config(run_dir) if run_dir else None
+    if model_name:
+        model = vitkit.create_model(model_name, pretrained=checkpoint)
+    elif checkpoint and is_vitkit_folder(checkpoint):
+        model = vitkit.load_model(checkpoint)
+    elif checkpoint:
+        raise ValueError(f"{checkpoint} is not a vitkit model or run folder; name the architecture with "
+                         f"--model NAME to load it (`vitkit models` lists the names)")
+    else:
+        raise ValueError("nothing to load: give --model NAME (and --pretrained PATH), or a vitkit model/run folder")
+    if checkpoint is None:
+        log.warning("no weights given: %s is randomly initialised, its predictions are meaningless", model_name)
+    described = f"{checkpoint} ({model.variant_name})" if checkpoint else f"{model.variant_name} (random weights)"
+    return Target(model, described, run_dir, checkpoint, run_config)
+
+
+def default_device(requested: str | None = None) -> torch.device:
+    """``requested`` if given, else the first accelerator PyTorch reports (CUDA, then Apple MPS), else the CPU."""
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
