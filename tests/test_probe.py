@@ -76,3 +76,20 @@ def test_extract_features_are_pre_logits():
         ref = model.forward_head(model.forward_features(x), pre_logits=True)
     torch.testing.assert_close(feats.x, ref)
     assert feats.y.tolist() == [0, 1, 2, 2, 1] and feats.images_per_second > 0
+
+
+def test_eval_cli_probes_on_a_foreign_head(tmp_path, capsys):
+    """An ImageNet-style head probed on another dataset: probes run, the classification report is skipped."""
+    from vitkit.cli.main import main
+    folder = tmp_path / "m"
+    model = vitkit.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=24, num_heads=2,
+                                num_classes=7)
+    vitkit.save_pretrained(model, folder)
+    code = main(["eval", str(folder), "--set", "data.name=digits", "data.val_fraction=0.1", "data.train_limit=300", "data.test_limit=200", "--few-shot", "1,5",
+                 "--draws", "2", "--linear-probe", "--out", str(tmp_path / "ev")])
+    out = capsys.readouterr().out
+    assert code == 0 and "5-shot linear" in out and "linear probe: test" in out
+    import json
+    probes = json.loads((tmp_path / "ev" / "probes.json").read_text())
+    assert set(probes["few_shot"]) == {"1", "5"} and len(probes["few_shot"]["5"]["accuracies"]) == 2
+    assert 0.0 <= probes["linear_probe"]["test_top1"] <= 1.0

@@ -46,15 +46,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
-    """Room for feature-probe evaluations of the backbone (``--few-shot 1,5,10,25``, ``--linear-probe``): a later
-    task adds its options to this group and its work to ``run_probes``."""
-    parser.add_argument_group("feature probes (few-shot / linear probe on frozen features)")
+    """Feature probes of the frozen backbone: the ViT paper's few-shot linear evaluation (§4.1) and a linear probe."""
+    g = parser.add_argument_group("feature probes (frozen pre-logit features; the classifier head is not used)")
+    g.add_argument("--few-shot", metavar="K,K,...", type=_shots, default=(),
+                   help="k-shot least-squares accuracy on the test split, e.g. 1,5,10,25 (ViT paper §4.1)")
+    g.add_argument("--draws", type=int, default=5, help="random draws of the k images per class (default 5)")
+    g.add_argument("--l2", type=float, default=2.0 ** 10, help="few-shot L2 strength (default 2^10, big_vision)")
+    g.add_argument("--linear-probe", action="store_true",
+                   help="logistic regression on the whole training split; L2 chosen on the held-out split")
+    g.add_argument("--probe-seed", type=int, default=0, help="seed of the k-shot draws (default 0)")
+
+
+def _shots(text: str) -> tuple[int, ...]:
+    try:
+        shots = tuple(int(k) for k in text.split(",") if k.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not shots or min(shots) < 1:
+        raise argparse.ArgumentTypeError(f"shots must be positive integers, got {text!r}")
+    return shots
 
 
 def run_probes(model: nn.Module, data_cfg, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Run the feature probes requested in ``args``; the result is stored under ``probes`` in metrics.json.
-    None exist yet, so this returns an empty dict."""
-    return {}
+    """Run the feature probes requested in ``args``; the result is stored under ``probes`` in metrics.json."""
+    if not (args.few_shot or args.linear_probe):
+        return {}
+    from vitkit.data import build_splits
+    from vitkit.evaluate.eval_data import dataset_transform
+    from vitkit.evaluate.probe import run_probes as probe
+    report = probe(model, build_splits(data_cfg), dataset_transform(data_cfg, model), args.few_shot,
+                   args.linear_probe, args.draws, args.l2, args.probe_seed, args.batch_size, data_cfg.num_workers,
+                   device)
+    _print_probes(report)
+    return report.to_dict()
+
+
+def _print_probes(report) -> None:
+    for r in report.few_shot:
+        print(f"{r.shots:>3}-shot linear: {_pct(r.mean)} ± {100 * r.std:.2f}  ({len(r.accuracies)} draws)")
+    if report.linear:
+        print(f"linear probe: test {_pct(report.linear.test_accuracy)} (val {_pct(report.linear.val_accuracy)}, "
+              f"l2 {report.linear.l2:g})")
+    rates = ", ".join(f"{k} {v:.0f} img/s" for k, v in report.feature_images_per_second.items())
+    print(f"feature extraction: {rates}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,16 +104,34 @@ def run(args: argparse.Namespace) -> int:
     data_cfg = resolve_data_config(target.model, run_data, args.data_config, args.set)
     device = default_device(args.device)
     model = target.model.to(device)
+    probes = run_probes(model, data_cfg, args, device)
+    out_dir = args.out or _default_out(target, args.split)
+    if probes and not _head_fits(model, data_cfg):  # e.g. an ImageNet head probed on CIFAR-10: probes only
+        print(f"the model's {model.num_classes}-class head does not fit data.name={data_cfg.name}; "
+              f"skipping the classification report")
+        os.makedirs(out_dir, exist_ok=True)
+        _write_json(os.path.join(out_dir, "probes.json"), {**probes, **_context(target, data_cfg, args)})
+        print(f"wrote {os.path.join(out_dir, 'probes.json')}")
+        return 0
     loader, classes = build_eval_loader(data_cfg, model, args.split, args.batch_size)
     result = evaluate(model, loader, device, AMP_DTYPES.get(args.amp), class_names=classes)
     result.extra.update(_context(target, data_cfg, args))
-    probes = run_probes(model, data_cfg, args, device)
     if probes:
         result.extra["probes"] = probes
-    out_dir = args.out or _default_out(target, args.split)
     paths = save_eval_artifacts(result, out_dir)
     _print_report(target, result, paths)
     return 0
+
+
+def _head_fits(model: nn.Module, data_cfg) -> bool:
+    from vitkit.data import build_splits
+    return int(model.num_classes) == len(build_splits(data_cfg).classes)
+
+
+def _write_json(path: str, obj: dict[str, Any]) -> None:
+    import json
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
 
 
 def _context(target, data_cfg, args: argparse.Namespace) -> dict[str, Any]:

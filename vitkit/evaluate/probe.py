@@ -33,7 +33,6 @@ class Features:
     images_per_second: float = 0.0
 
 
-@torch.inference_mode()
 def extract_features(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu",
                      amp_dtype: torch.dtype | None = None, progress: bool = True, desc: str = "features") -> Features:
     """Pre-logit features (the pooled, normalised token that feeds the classifier) for every batch of ``loader``."""
@@ -44,14 +43,15 @@ def extract_features(model: nn.Module, loader: Iterable, device: str | torch.dev
     bar = tqdm(loader, desc=desc, disable=not progress, unit="batch")
     for images, labels in bar:
         images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
+                                                     enabled=amp_dtype is not None):
             feats = model.forward_head(model.forward_features(images), pre_logits=True)
         xs.append(feats.float().cpu())
         ys.append(torch.as_tensor(labels).cpu())
         seen += images.shape[0]
         bar.set_postfix(img_s=f"{seen / (time.perf_counter() - start):.0f}")
     rate = seen / max(time.perf_counter() - start, 1e-9)
-    return Features(torch.cat(xs), torch.cat(ys).long(), rate)
+    return Features(torch.cat(xs), torch.cat(ys).long(), rate)  # cat outside inference mode: ordinary tensors
 
 
 def fewshot_lstsq(x: Tensor, y: Tensor, x_test: Tensor, num_classes: int, l2: float = 2.0 ** 10) -> Tensor:
@@ -150,3 +150,70 @@ def linear_probe(train: Features, val: Features, test: Features, num_classes: in
     best = max(scores, key=lambda k: (scores[k], k))  # ties → the stronger regularisation
     clf = _fit_logreg(xtr, train.y, num_classes, best, max_iter)
     return LinearProbeResult(best, scores[best], _accuracy(clf, xte, test.y), scores)
+
+
+# ------------------------------------------------------------------------------------------------ dataset runner
+@dataclass
+class ProbeReport:
+    few_shot: list[FewShotResult] = field(default_factory=list)
+    linear: LinearProbeResult | None = None
+    feature_images_per_second: dict[str, float] = field(default_factory=dict)
+    num_classes: int = 0
+
+    def to_dict(self) -> dict:
+        out: dict = {"feature_images_per_second": self.feature_images_per_second, "num_classes": self.num_classes}
+        if self.few_shot:
+            out["few_shot"] = {str(r.shots): {"mean": r.mean, "std": r.std, "accuracies": r.accuracies}
+                               for r in self.few_shot}
+        if self.linear:
+            out["linear_probe"] = {"l2": self.linear.l2, "val_top1": self.linear.val_accuracy,
+                                   "test_top1": self.linear.test_accuracy,
+                                   "val_by_l2": {str(k): v for k, v in self.linear.val_by_l2.items()}}
+        return out
+
+
+def _needed_indices(targets: Sequence[int], shots: Sequence[int], num_classes: int, draws: int,
+                    seed: int) -> list[int]:
+    """The training images any k-shot draw can touch, so few-shot alone extracts features for only those."""
+    y = torch.as_tensor(list(targets))
+    need: set[int] = set()
+    for draw in range(draws):
+        rng = np.random.default_rng(seed + draw)
+        for k in shots:
+            need.update(_draw(y, k, num_classes, rng).tolist())
+    return sorted(need)
+
+
+def run_probes(model: nn.Module, splits, transform, shots: Sequence[int] = (), linear: bool = False,
+               draws: int = 5, l2: float = 2.0 ** 10, seed: int = 0, batch_size: int = 64, num_workers: int = 0,
+               device: str | torch.device = "cpu", progress: bool = True) -> ProbeReport:
+    """Extract frozen features once per split and run the requested probes on them.
+
+    ``splits`` is a ``vitkit.data.Splits``; ``transform`` the eval transform (no augmentation). Few-shot draws come
+    from the training split and are scored on the test split; the linear probe trains on the whole training split and
+    picks its L2 strength on the held-out validation split.
+    """
+    from torch.utils.data import DataLoader
+
+    from vitkit.data import Subset, TransformDataset, collate_skip_none
+    num_classes = len(splits.classes)
+    report = ProbeReport(num_classes=num_classes)
+    train = splits.train
+    if shots and not linear:
+        train = Subset(train, _needed_indices(train.targets, shots, num_classes, draws, seed))
+
+    def feats(ds, name: str) -> Features:
+        loader = DataLoader(TransformDataset(ds, transform), batch_size=batch_size, shuffle=False,
+                            num_workers=num_workers, collate_fn=collate_skip_none)
+        f = extract_features(model, loader, device, progress=progress, desc=f"{name} features")
+        report.feature_images_per_second[name] = f.images_per_second
+        return f
+
+    f_train, f_test = feats(train, "train"), feats(splits.test, "test")
+    if shots:
+        report.few_shot = few_shot_eval(f_train, f_test, shots, num_classes, draws, l2, seed)
+    if linear:
+        if splits.val is None:
+            raise ValueError("the linear probe picks its regularisation on a held-out split: set data.val_fraction > 0")
+        report.linear = linear_probe(f_train, feats(splits.val, "val"), f_test, num_classes)
+    return report
