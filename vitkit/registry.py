@@ -154,15 +154,22 @@ def create_model(name: str, pretrained: str | bool | None = None, num_classes: i
     model.class_names = None
     model.load_report = None
     if loaded is not None:
-        _load_into(model, loaded, hints)
+        _load_into(model, loaded, hints, spec)
     return model
 
 
-def _load_into(model: nn.Module, loaded: Any, hints: dict[str, Any]) -> None:
+def _load_into(model: nn.Module, loaded: Any, hints: dict[str, Any], spec: ModelSpec) -> None:
     from vitkit.weights.adapt import finish_load
     report = loaded.report
-    for k, v in hints.items():
-        report.notes.append(f"config {k}={v!r} taken from the checkpoint")
+    if report.format == "vitkit":  # the whole architecture comes back: name only what differs from the variant
+        default = from_dict(spec.model_cls.config_cls, dict(spec.config), where=spec.name)
+        changed = [f"{k}={getattr(model.cfg, k)!r}" for k in hints
+                   if hasattr(default, k) and getattr(model.cfg, k) != getattr(default, k)]
+        report.notes.append("architecture restored from config.json"
+                            + (f": {', '.join(changed)}" if changed else " (the variant's defaults)"))
+    else:
+        for k, v in hints.items():
+            report.notes.append(f"config {k}={v!r} taken from the checkpoint")
     finish_load(model, loaded.state_dict, report)
     if loaded.class_names and len(loaded.class_names) == getattr(model, "num_classes", -1):
         model.class_names = list(loaded.class_names)

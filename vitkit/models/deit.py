@@ -6,8 +6,13 @@ distillation token after the class token (token order [cls, dist, patches], the 
 second head on it. At inference the model returns the mean of the two heads' logits, as facebookresearch/deit's
 ``DistilledVisionTransformer`` and timm do; ``set_distilled_training(True)`` makes a training-mode forward return
 both logits for the distillation loss (timm's switch).
+
+transformers' ``DeiTForImageClassification`` keeps the distillation token in the sequence but classifies from the class
+token alone (no distillation head); ``dist_head=False`` builds that model so its checkpoints load exactly.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -15,17 +20,23 @@ from torch import Tensor, nn
 from vitkit.models.vit import ViTConfig, VisionTransformer
 from vitkit.registry import PreprocessConfig, register_family
 
-__all__ = ["DistilledVisionTransformer"]
+__all__ = ["DeiTConfig", "DistilledVisionTransformer"]
+
+
+@dataclass
+class DeiTConfig(ViTConfig):
+    dist_head: bool = True  # False: no head on the distillation token (transformers' DeiTForImageClassification)
 
 
 class DistilledVisionTransformer(VisionTransformer):
+    config_cls = DeiTConfig
     num_dist_tokens = 1
 
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, cfg: DeiTConfig):
         super().__init__(cfg)
         self.distilled_training = False
         self.dist_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        self.head_dist = self._make_head(cfg.num_classes)
+        self.head_dist = self._make_head(cfg.num_classes) if cfg.dist_head else None
         nn.init.trunc_normal_(self.dist_token, std=0.02)
         for head in self.heads():
             nn.init.zeros_(head.weight)
@@ -35,7 +46,8 @@ class DistilledVisionTransformer(VisionTransformer):
         return [h for h in (self.head, getattr(self, "head_dist", None)) if isinstance(h, nn.Linear)]
 
     def reset_classifier(self, num_classes: int) -> None:
-        self.head_dist = self._make_head(num_classes)
+        if self.cfg.dist_head:
+            self.head_dist = self._make_head(num_classes)
         super().reset_classifier(num_classes)
 
     def set_distilled_training(self, enable: bool = True) -> None:
@@ -45,7 +57,10 @@ class DistilledVisionTransformer(VisionTransformer):
         return [self.cls_token.expand(B, -1, -1), self.dist_token.expand(B, -1, -1)]
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        x_cls, x_dist = self.fc_norm(x[:, 0]), self.fc_norm(x[:, 1])  # (B, D) each
+        x_cls, x_dist = self.pre_logits(self.fc_norm(x[:, 0])), self.pre_logits(self.fc_norm(x[:, 1]))  # (B, D) each
+        if self.head_dist is None:  # DeiTForImageClassification: the class token alone is classified
+            x_cls = self.head_drop(x_cls)
+            return x_cls if pre_logits else self.head(x_cls)
         if pre_logits:
             return (x_cls + x_dist) / 2
         logits, logits_dist = self.head(self.head_drop(x_cls)), self.head_dist(self.head_drop(x_dist))

@@ -8,6 +8,7 @@ own format (``model.safetensors`` + ``config.json``); ``load_model`` rebuilds a 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -36,10 +37,12 @@ class Loaded:
 
 
 def unwrap(obj: Any, report: LoadReport) -> dict[str, Any]:
-    """Release containers → the bare state dict. T2T-ViT-style files hold ``state_dict_ema``, which is what the
-    official evaluation loads, so EMA weights win when present."""
+    """Release containers → the bare state dict. T2T-ViT-style files (timm's CheckpointSaver) hold
+    ``state_dict_ema``, which is what that official evaluation loads, so it wins over ``state_dict``. DeiT/BEiT
+    training checkpoints hold ``model`` and ``model_ema``; their evaluation (``main.py --eval --resume``) runs
+    ``model``, so ``model_ema`` is only a fallback."""
     if isinstance(obj, dict):
-        for key in ("state_dict_ema", "model_ema", "model", "state_dict", "module"):
+        for key in ("state_dict_ema", "model", "state_dict", "model_ema", "module"):
             inner = obj.get(key)
             if isinstance(inner, dict) and inner and all(isinstance(v, Tensor) for v in inner.values()):
                 report.container = f"{{'{key}': state_dict}}"
@@ -76,6 +79,12 @@ def _from_hf(raw: RawCheckpoint, spec, report: LoadReport, state: dict[str, Tens
     if model_type and hf.MODEL_TYPES.get(model_type) not in (None, spec.family) and spec.family not in ("vit", "deit"):
         raise CheckpointMismatchError(f"{raw.path} is a transformers {model_type!r} model, not {spec.family}")
     hints = hf.config_hints(spec.family, raw.config, state)
+    fields = {f.name for f in dataclasses.fields(spec.model_cls.config_cls)}
+    if "dist_head" in hints and "dist_head" not in fields:
+        raise CheckpointMismatchError(
+            f"{raw.path} is a transformers DeiT whose sequence holds a distillation token (DeiTForImageClassification "
+            f"or DeiTModel); {spec.name} has none. Load it with a deit_*_distilled_* name (built with "
+            f"dist_head=False: the class token alone is classified, as in transformers).")
     return Loaded(hf.CONVERTERS[spec.family](state, report), hints, report, hf.class_names(raw.config))
 
 

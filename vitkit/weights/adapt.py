@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from vitkit.layers.pos_embed import resample_pos_embed
 from vitkit.weights.report import CheckpointMismatchError, LoadReport
 
-__all__ = ["resample_pos_embed_state", "adapt_head", "drop_keys", "upcast", "finish_load"]
+__all__ = ["resample_pos_embed_state", "adapt_head", "reinit_head", "drop_keys", "upcast", "finish_load"]
 
 
 def resample_pos_embed_state(state: dict[str, Tensor], key: str, target: Tensor, num_prefix_tokens: int,
@@ -41,7 +41,7 @@ def adapt_head(state: dict[str, Tensor], prefix: str, head: nn.Module | None, re
     out = dict(state)
     if not isinstance(head, nn.Linear):
         out.pop(w_key), out.pop(b_key, None)
-        report.ignored.append(f"{prefix} ({state[w_key].shape[0]} classes): the model has no classifier")
+        report.ignored.append(f"{prefix} ({state[w_key].shape[0]} classes): the model has no classifier there")
         return out
     if state[w_key].shape == head.weight.shape:
         return state
@@ -51,6 +51,19 @@ def adapt_head(state: dict[str, Tensor], prefix: str, head: nn.Module | None, re
     out[b_key] = torch.zeros_like(head.bias)
     report.reinitialized.append(f"{prefix}: {state[w_key].shape[0]} → {head.weight.shape[0]} classes, "
                                 f"zero-initialised")
+    return out
+
+
+def reinit_head(state: dict[str, Tensor], prefix: str, head: nn.Module | None, report: LoadReport,
+                why: str) -> dict[str, Tensor]:
+    """Replace a checkpoint's classifier by zeros of the model's shape, whatever its size (e.g. its input was removed)."""
+    w_key, b_key = f"{prefix}.weight", f"{prefix}.bias"
+    if w_key not in state or not isinstance(head, nn.Linear):
+        return state
+    out = dict(state)
+    out[w_key] = torch.zeros_like(head.weight)
+    out[b_key] = torch.zeros_like(head.bias)
+    report.reinitialized.append(f"{prefix}: {why}, zero-initialised ({head.out_features} classes)")
     return out
 
 
@@ -82,9 +95,10 @@ def check_compatible(model: nn.Module, state: dict[str, Tensor], source: str) ->
     """Raise ``CheckpointMismatchError`` listing missing, unexpected and mis-shaped keys (with shapes)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     given = {k: tuple(v.shape) for k, v in state.items()}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    wrong = sorted(k for k in set(given) & set(expected) if given[k] != expected[k])
+    # listed in the model's (or the file's) own order: embeddings first, then blocks, then the head
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    wrong = [k for k in expected if k in given and given[k] != expected[k]]
     if not (missing or unexpected or wrong):
         return
     name = getattr(model, "variant_name", type(model).__name__)
@@ -95,6 +109,8 @@ def check_compatible(model: nn.Module, state: dict[str, Tensor], source: str) ->
         parts.append(f"  unexpected in the checkpoint ({len(unexpected)}):\n{_describe(unexpected, given)}")
     if wrong:
         rows = [f"    {k}: checkpoint {list(given[k])} vs model {list(expected[k])}" for k in wrong[:12]]
+        if len(wrong) > 12:
+            rows.append(f"    … and {len(wrong) - 12} more")
         parts.append(f"  shape mismatch ({len(wrong)}):\n" + "\n".join(rows))
     parts.append("  (is this a checkpoint of another architecture or size? pass the matching model name / overrides)")
     raise CheckpointMismatchError("\n".join(parts))

@@ -94,20 +94,26 @@ _ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh
         "quick_gelu": "quick_gelu"}
 
 
-def vit_hints(config: dict, state: dict[str, Tensor]) -> dict:
-    act = config.get("hidden_act", "gelu")
-    if act not in _ACT or _ACT[act] not in ("gelu", "gelu_tanh"):
-        raise CheckpointError(f"transformers hidden_act {act!r} is not supported for ViT")
-    D = config.get("hidden_size", 768)
-    hints = dict(embed_dim=D, depth=config.get("num_hidden_layers", 12), num_heads=config.get("num_attention_heads", 12),
-                 mlp_ratio=config.get("intermediate_size", 4 * D) / D, patch_size=config.get("patch_size", 16),
-                 in_chans=config.get("num_channels", 3), qkv_bias=config.get("qkv_bias", True),
-                 norm_eps=float(config.get("layer_norm_eps", 1e-12)), act_layer=_ACT[act])
+def vit_hints(config: dict | None, state: dict[str, Tensor]) -> dict:
+    """Architecture from config.json (when there is one); head, pooler and distillation head from the tensors."""
+    hints: dict = {}
+    if config:
+        act = config.get("hidden_act", "gelu")
+        if act not in _ACT or _ACT[act] not in ("gelu", "gelu_tanh"):
+            raise CheckpointError(f"transformers hidden_act {act!r} is not supported for ViT")
+        D = config.get("hidden_size", 768)
+        hints = dict(embed_dim=D, depth=config.get("num_hidden_layers", 12),
+                     num_heads=config.get("num_attention_heads", 12),
+                     mlp_ratio=config.get("intermediate_size", 4 * D) / D, patch_size=config.get("patch_size", 16),
+                     in_chans=config.get("num_channels", 3), qkv_bias=config.get("qkv_bias", True),
+                     norm_eps=float(config.get("layer_norm_eps", 1e-12)), act_layer=_ACT[act])
     head = state.get("classifier.weight", state.get("cls_classifier.weight"))
     if head is not None:
         hints["num_classes"] = int(head.shape[0])
-    pooler = state.get("pooler.dense.weight", state.get("vit.pooler.dense.weight"))
-    if pooler is not None:
+    if any(k.endswith("embeddings.distillation_token") for k in state) and "cls_classifier.weight" not in state:
+        hints["dist_head"] = False  # DeiTForImageClassification / DeiTModel: no head on the distillation token
+    pooler = next((v for k, v in state.items() if _strip_base(k) == "pooler.dense.weight"), None)
+    if pooler is not None:  # ViTModel's pooler (dense + tanh on the class token) = the paper's pre-logits layer
         hints["representation_size"] = int(pooler.shape[0])
     return hints
 
@@ -129,7 +135,5 @@ MODEL_TYPES = {"vit": "vit", "deit": "deit"}  # transformers model_type → vitk
 
 
 def config_hints(family: str, config: dict | None, state: dict[str, Tensor]) -> dict:
-    if not config:
-        return {}
     hint = HINTS.get(family)
     return hint(config, {k: v for k, v in state.items()}) if hint else {}

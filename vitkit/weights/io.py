@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,8 +41,11 @@ def sniff(path: str) -> str:
         if len(head) < 8:
             raise CheckpointError(f"{path}: file is empty or truncated ({len(head)} bytes)")
         if head[:2] == b"PK":
-            with zipfile.ZipFile(path) as z:  # npz and torch's zip format are both zip archives
-                names = z.namelist()
+            try:
+                with zipfile.ZipFile(path) as z:  # npz and torch's zip format are both zip archives
+                    names = z.namelist()
+            except (zipfile.BadZipFile, EOFError, OSError) as e:  # cut short: the central directory is missing
+                raise CheckpointError(f"{path}: corrupt or truncated zip archive (.pth/.npz): {e}") from None
             if names and all(n.endswith(".npy") for n in names):
                 return "npz"
             return "torch"
@@ -64,12 +69,20 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
 
 def _read_torch(path: str) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # a file object, not the path: torch 2.13 hands any "*.safetensors" path to safetensors (name, not content)
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # refused below if it matters
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the first global it refused
+        stopped = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+        what = (f"it references {blocked.group(1)}" if blocked else
+                f"torch's restricted unpickler stopped at: {stopped.group(1).strip()}" if stopped else
+                str(e).strip().splitlines()[0])
         raise UnsafeCheckpointError(
             f"{path}: refused to unpickle: the file needs arbitrary Python objects to load, which could run code "
-            f"(torch.load weights_only=True said: {str(e).splitlines()[0]}). If you trust the file, convert it "
-            f"yourself to safetensors; vitkit never unpickles blindly.") from None
+            f"({what}; nothing was executed: torch.load(weights_only=True) stopped before creating it). If you "
+            f"trust the file, convert it yourself to safetensors; vitkit never unpickles blindly.") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated PyTorch file ({str(e).splitlines()[0]})") from None
 

@@ -11,6 +11,7 @@ The JAX MLP used flax's tanh-approximate GELU, so these weights come with the hi
 """
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -91,6 +92,32 @@ def _naming(p: dict[str, np.ndarray]) -> dict[str, str]:
     return _PRE_LINEN if any("MultiHeadDotProductAttention_1" in k for k in p) else _LINEN
 
 
+def _pos_embedding(p: dict[str, np.ndarray], report: LoadReport) -> np.ndarray:
+    """(1, prefix + N, D), covering the class token as vitkit's (and vit_jax's) position embedding does.
+
+    vit_jax adds ``Transformer/posembed_input/pos_embedding`` after prepending the class token, so it has a class row.
+    big_vision (``params/pos_embedding``) adds it to the patches and concatenates the class token afterwards
+    (big_vision/models/vit.py: "Add posemb before adding extra token"): the class token gets a zero row. Its
+    ``fix_old_checkpoints`` treats a length of side² + 1 as an old combined cls + patches embedding; so do we.
+    """
+    for key in ("Transformer/posembed_input/pos_embedding", "Transformer/pos_embedding", "pos_embedding"):
+        if key in p:
+            break
+    else:
+        raise CheckpointError(f"{report.source}: no position embedding (Transformer/posembed_input/pos_embedding or "
+                              f"pos_embedding) in this JAX checkpoint")
+    pos = p[key]
+    if key == "Transformer/posembed_input/pos_embedding" or "cls" not in p:
+        return pos
+    n = pos.shape[1]
+    side = math.isqrt(n - 1) if n > 1 else 0
+    if side * side + 1 == n:
+        return pos
+    report.notes.append(f"{key} covers the patches only (big_vision adds it before concatenating the class token): "
+                        f"a zero row was prepended for the class token")
+    return np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
+
+
 def vit_from_jax(params: dict[str, np.ndarray], report: LoadReport) -> dict[str, Tensor]:
     p = _unscan(_strip(params))
     if any(k.startswith("MAPHead") for k in p):
@@ -100,7 +127,7 @@ def vit_from_jax(params: dict[str, np.ndarray], report: LoadReport) -> dict[str,
     report.notes.append(f"JAX module numbering: {'pre-linen' if names is _PRE_LINEN else 'linen'}")
     kernel = p["embedding/kernel"]  # (P, P, C, D) HWIO
     out = {"patch_embed.proj.weight": _t(kernel.transpose(3, 2, 0, 1)), "patch_embed.proj.bias": _t(p["embedding/bias"]),
-           "pos_embed": _t(p["Transformer/posembed_input/pos_embedding"]),
+           "pos_embed": _t(_pos_embedding(p, report)),
            "norm.weight": _t(p["Transformer/encoder_norm/scale"]), "norm.bias": _t(p["Transformer/encoder_norm/bias"])}
     if "cls" in p:
         out["cls_token"] = _t(p["cls"])

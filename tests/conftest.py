@@ -1,0 +1,126 @@
+"""Shared fixtures and helpers for vitkit's tests.
+
+Golden cases (``../shared/golden`` next to the repository, or ``$VITKIT_GOLDEN``): the ``golden_root`` fixture skips
+with a message when the folder is absent, except under ``CI=true`` where absence is a failure. A test module that
+takes a ``golden_case`` argument is parametrised with every case folder under the root, by case id; set
+``GOLDEN_FAMILIES = {...}`` in the module to keep only those ``case.json`` families.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tests run tiny tensors: one intra-op thread is faster than two, and on a shared or loaded machine OpenMP threads
+# waiting for a busy core made this suite 5x slower (58 s vs 11 s measured). VITKIT_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("VITKIT_TEST_THREADS", "1")))
+
+
+# --------------------------------------------------------------------------------------------------- golden cases
+def golden_root_path() -> Path:
+    env = os.environ.get("VITKIT_GOLDEN")
+    return Path(env) if env else REPO.parent / "shared" / "golden"
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() == "true"
+
+
+def skip_or_fail(message: str) -> None:
+    """Skip locally; under CI=true a missing prerequisite is a failure, not a silent skip."""
+    if _in_ci():
+        pytest.fail(f"{message} (CI=true: required)", pytrace=False)
+    pytest.skip(message)
+
+
+@dataclass(frozen=True)
+class GoldenCase:
+    folder: Path
+    meta: dict[str, Any]
+
+    @property
+    def case_id(self) -> str:
+        return self.meta.get("case_id", self.folder.name)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / self.meta["checkpoint"]
+
+
+def find_golden_cases(root: Path, families: set[str] | None = None) -> list[GoldenCase]:
+    """Every folder holding a case.json (a case folder is a leaf, as in check.py), sorted; filtered by family."""
+    cases = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        if "case.json" in filenames:
+            dirnames[:] = []
+            meta = json.loads((Path(dirpath) / "case.json").read_text())
+            if families is None or meta.get("family") in families:
+                cases.append(GoldenCase(Path(dirpath), meta))
+    return cases
+
+
+@pytest.fixture(scope="session")
+def golden_root() -> Path:
+    root = golden_root_path()
+    if not root.is_dir():
+        skip_or_fail(f"golden cases not found at {root} (set VITKIT_GOLDEN to the folder holding them)")
+    return root
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "golden_case" not in metafunc.fixturenames:
+        return
+    families = getattr(metafunc.module, "GOLDEN_FAMILIES", None)
+    root = golden_root_path()
+    cases = find_golden_cases(root, families) if root.is_dir() else []
+    if cases:
+        metafunc.parametrize("golden_case", cases, ids=[c.case_id for c in cases])
+    else:  # the test body reports why (no root, or no case of these families)
+        metafunc.parametrize("golden_case", [None], ids=["no-golden-cases"])
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def tiny_overrides(name: str, **extra: Any) -> dict[str, Any]:
+    """Small, fast overrides for a registered ViT/DeiT variant: 1 block, width 48, a 2x2 patch grid."""
+    import vitkit
+    patch = vitkit.get_spec(name).config["patch_size"]
+    return {**dict(depth=1, embed_dim=48, num_heads=3, img_size=2 * patch), **extra}
+
+
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Overwrite every parameter with seeded values that keep activations O(1), as the golden cases do:
+    dense/conv kernels N(0, 1/fan_in), norm weights 1 + 0.1 N, biases 0.02 N, tokens and position embeddings
+    N(0, 0.02) (here 0.5 for tokens so they matter). Zero-initialised heads would make parity tests vacuous."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("bias"):
+                p.copy_(0.02 * noise)
+            elif p.ndim == 1:  # LayerNorm weight, LayerScale gamma
+                p.copy_(1 + 0.1 * noise)
+            elif name.endswith(("cls_token", "dist_token", "pos_embed", "distillation_token", "position_embeddings")):
+                p.copy_(0.5 * noise)
+            else:
+                fan_in = math.prod(p.shape[1:])
+                p.copy_(noise / math.sqrt(fan_in))
+    return model
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().float() - b.detach().float()).abs().max().item()

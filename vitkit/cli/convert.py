@@ -1,0 +1,187 @@
+"""`vitkit convert SRC DST`: a checkpoint in any supported format → vitkit's own folder (model.safetensors +
+config.json), read back and compared tensor by tensor before the command reports success."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+from typing import Any, Iterator
+
+HELP = "convert a checkpoint (timm, official, transformers, JAX .npz, vitkit) into a vitkit model folder"
+
+EPILOG = """examples:
+  vitkit convert hf_vit_folder/ out/                       transformers folder: the model is inferred
+  vitkit convert ViT-B_16.npz out/ --num-classes 10         JAX .npz: inferred too; new zero-initialised head
+  vitkit convert deit_small_patch16_224-cd65a155.pth out/ --model deit_small_patch16_224 --img-size 384
+  vitkit convert model.safetensors out/ --model vit_small_patch16_224 --set depth=6
+
+--model can be omitted for a vitkit folder, a transformers ViT/DeiT folder and a JAX .npz. A bare state dict
+(timm or official release) does not say which preprocessing its weights expect (ViT and DeiT differ) nor how many
+attention heads it has, so it needs --model. The load report (what was converted, resized, re-initialised or
+ignored) is printed; the written folder loads with vitkit.load_model(DST)."""
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument("src", help="checkpoint file or folder, in any format vitkit reads")
+    parser.add_argument("dst", help="output folder (created; must be empty or an earlier vitkit model folder)")
+    parser.add_argument("--model", help="registered variant name (`vitkit models`); inferred when omitted, if possible")
+    parser.add_argument("--num-classes", type=int, metavar="N", help="classifier size (a new zero-initialised head)")
+    parser.add_argument("--img-size", type=_img_size, metavar="S", help="input size, e.g. 384 or 224x160 "
+                                                                        "(position embeddings are resampled)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="architecture override, e.g. depth=6 or act_layer=gelu_tanh (repeatable)")
+
+
+def _img_size(text: str) -> int | tuple[int, int]:
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or HxW, got {text!r}") from None
+    if len(sizes) == 1:
+        return sizes[0]
+    if len(sizes) == 2:
+        return sizes[0], sizes[1]
+    raise argparse.ArgumentTypeError(f"expected an int or HxW, got {text!r}")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    from vitkit.config import ConfigError, parse_scalar
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = parse_scalar(value)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- model inference
+def _registered_name(family: str, width: int, patch: int, img: int) -> str:
+    """The registered variant closest to (width, patch, image size): the size whose width is nearest, then the
+    nearest patch and image size. The exact values reach the model as config hints and overrides."""
+    import vitkit
+    pattern = "vit_*" if family == "vit" else "deit_*_distilled_*"  # transformers' DeiTs all have a dist token
+    specs = [(name, vitkit.get_spec(name).config) for name in vitkit.list_models(pattern)]
+    if not specs:
+        raise ValueError(f"no registered {family} model")
+    nearest_width = min({cfg["embed_dim"] for _, cfg in specs}, key=lambda w: abs(w - width))
+    return min((abs(cfg["patch_size"] - patch), abs(cfg["img_size"] - img), name)
+               for name, cfg in specs if cfg["embed_dim"] == nearest_width)[-1]
+
+
+def infer_model(src: str) -> tuple[str, dict[str, Any]]:
+    """(variant name, overrides) for a checkpoint that describes its own architecture.
+
+    The architecture itself (width, depth, heads, MLP size, epsilon, activation) reaches ``create_model`` as the
+    checkpoint's config hints; the name only has to be a registered variant of the right family, and the image size
+    the checkpoint was made for is passed explicitly so no position embedding is resampled.
+    """
+    from vitkit.weights import jax_npz
+    from vitkit.weights.io import read_raw
+    from vitkit.weights.report import LoadReport
+    raw = read_raw(src)
+    config = raw.config or {}
+    if config.get("format") == "vitkit":
+        return config["model"], {}
+    model_type = config.get("model_type")
+    if model_type in ("vit", "deit"):
+        width, patch, img = config.get("hidden_size", 768), config.get("patch_size", 16), config.get("image_size", 224)
+        img = img if isinstance(img, int) else (int(img[0]), int(img[1]))  # transformers accepts (H, W) too
+        # transformers' DeiT models always carry the distillation token; DeiTForImageClassification has no
+        # distillation head, which the checkpoint's hints express (dist_head=False)
+        return _registered_name(model_type, width, patch, img if isinstance(img, int) else max(img)), \
+            {"img_size": img}
+    if model_type:
+        raise ValueError(f"{src}: transformers model_type {model_type!r} cannot be inferred yet; pass --model")
+    if raw.kind == "npz" or jax_npz.looks_like_jax(raw.tensors):
+        hints = jax_npz.config_hints("vit", raw.tensors)
+        state = jax_npz.vit_from_jax(raw.tensors, LoadReport(source=src))
+        n = state["pos_embed"].shape[1] - (1 if "cls_token" in state else 0)
+        side = math.isqrt(n)
+        img = side * hints["patch_size"] if side * side == n else 224
+        overrides = {"img_size": img} if side * side == n else {}
+        return _registered_name("vit", hints["embed_dim"], hints["patch_size"], img), overrides
+    raise ValueError(f"{src}: a bare state dict (timm or official release) does not say which variant it is "
+                     f"(preprocessing, number of heads); pass --model, e.g. --model vit_base_patch16_224")
+
+
+# ------------------------------------------------------------------------------------------------------- running
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """create_model logs the load report; this command prints it itself (once, on stdout)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_destination(src: str, dst: str) -> None:
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise ValueError(f"{dst} exists and is a file; DST must be a folder")
+    if os.path.isdir(dst) and os.listdir(dst):
+        if os.path.realpath(dst) == os.path.realpath(src):
+            raise ValueError(f"SRC and DST are the same folder ({dst}); write the conversion elsewhere")
+        if not os.path.isfile(os.path.join(dst, "config.json")) or _config_format(dst) != "vitkit":
+            raise ValueError(f"{dst} is not empty and not a vitkit model folder; refusing to write into it")
+
+
+def _config_format(folder: str) -> str | None:
+    import json
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return json.load(f).get("format")
+    except (OSError, ValueError):
+        return None
+
+
+def _architecture_changes(model) -> list[str]:
+    """Config fields that differ from the registered variant's (what the checkpoint or the flags changed)."""
+    import dataclasses
+
+    from vitkit.config import to_dict
+    from vitkit.registry import get_spec
+    spec = get_spec(model.variant_name)
+    default = to_dict(spec.model_cls.config_cls(**{**spec.config}))
+    actual = to_dict(model.cfg)
+    return [f"{f.name}={actual[f.name]!r}" for f in dataclasses.fields(model.cfg) if actual[f.name] != default[f.name]]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import vitkit
+    from vitkit.weights import CheckpointError
+    src, dst = os.fspath(args.src), os.fspath(args.dst)
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"checkpoint not found: {src}")
+    _check_destination(src, dst)
+    overrides = parse_overrides(args.overrides)
+    name, inferred = (args.model, {}) if args.model else infer_model(src)
+    kwargs = {**inferred, **overrides}
+    if args.img_size is not None:
+        kwargs["img_size"] = args.img_size
+    with _quiet("vitkit.registry"):
+        model = vitkit.create_model(name, pretrained=src, num_classes=args.num_classes, **kwargs)
+    report = model.load_report
+    print(report.summary())
+    vitkit.save_pretrained(model, dst)
+
+    with _quiet("vitkit.registry"):
+        written = vitkit.load_model(dst).state_dict()
+    expected = model.state_dict()
+    bad = sorted(k for k in expected if k not in written or not torch.equal(written[k], expected[k]))
+    if bad or set(written) != set(expected):
+        raise CheckpointError(f"{dst}: the written model does not read back identically ({', '.join(bad[:5])})")
+    n_params = sum(p.numel() for p in model.parameters())
+    changes = _architecture_changes(model)
+    print(f"wrote {dst}: {name}, {n_params / 1e6:.2f} M parameters"
+          + (f" ({', '.join(changes)})" if changes else ""))
+    print(f"  load it with vitkit.load_model({dst!r})")
+    return 0
