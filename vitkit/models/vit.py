@@ -200,16 +200,19 @@ class VisionTransformer(nn.Module):
     # ------------------------------------------------------------------------------------------ weight loading
     def load_pretrained_state(self, state: dict[str, Tensor], report) -> dict[str, Tensor]:
         """Adapt a vitkit-layout state dict to this model: resample the position embedding to this grid, drop a
-        representation layer the model does not have, and zero-initialise heads whose class count differs."""
-        from vitkit.weights.adapt import adapt_head, drop_keys, resample_pos_embed_state
+        representation layer the model does not have (and re-initialise the head it fed), and zero-initialise heads
+        whose class count differs."""
+        from vitkit.weights.adapt import adapt_head, drop_keys, reinit_head, resample_pos_embed_state
         state = resample_pos_embed_state(state, "pos_embed", self.pos_embed, self.num_prefix_tokens,
                                          self.patch_embed.grid_size, report)
-        if not self.cfg.representation_size:
+        if not self.cfg.representation_size and any(k.startswith("pre_logits.") for k in state):
             state = drop_keys(state, "pre_logits.", report,
                               "representation layer removed: transfer replaces the whole pre-training head "
                               "(paper App. B.1.1)")
-        for name, head in (("head", self.head), ("head_dist", getattr(self, "head_dist", None))):
-            state = adapt_head(state, name, head, report)
+            state = reinit_head(state, "head", self.head, report, "its input, the representation layer, was removed")
+        for name in ("head", "head_dist"):
+            if hasattr(self, name):  # a plain ViT keeps a checkpoint's head_dist for the mismatch error
+                state = adapt_head(state, name, getattr(self, name), report)
         return state
 
 
