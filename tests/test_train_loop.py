@@ -1,0 +1,217 @@
+"""The training loop in-process on tiny models: the run folder, learning on real data, gradient accumulation,
+clipping, a non-finite loss, the time budget, EMA, distillation and the resumable data order."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vitkit
+from vitkit.train import NonFiniteLossError, train
+from vitkit.train.distributed import StepBatchSampler, stream_seed
+from vitkit.train.report import COLUMNS
+from vitkit.train.tasks import ClassifyTask
+
+
+def recipe(**sections) -> dict:
+    base = {"model": {"name": "vit_tiny_patch16_224",
+                      "overrides": {"patch_size": 4, "depth": 1, "embed_dim": 24, "num_heads": 2}},
+            "data": {"name": "fake", "img_size": 16, "train_limit": 128, "test_limit": 32, "num_workers": 0,
+                     "val_fraction": 0.125},
+            "optim": {"lr": 1e-3, "warmup_steps": 2},
+            "train": {"steps": 6, "batch_size": 16, "eval_every": 3, "seed": 0, "deterministic": True,
+                      "threads": 1},
+            "log": {"progress": False, "plots": False, "tensorboard": False}}
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return base
+
+
+def weights(run: Path, which: str = "last") -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / which / "model.safetensors"))
+
+
+def test_run_folder_layout_and_reports(tmp_path):
+    run = tmp_path / "run"
+    result = train(recipe(log={"plots": True, "tensorboard": True}), run)
+    assert result.status == "completed" and result.step == 6
+    for f in ("config.yaml", "metrics.csv", "summary.json", "checkpoints/last/model.safetensors",
+              "checkpoints/last/config.json", "checkpoints/last/train_state.safetensors",
+              "checkpoints/last/train_state.json", "checkpoints/best/model.safetensors",
+              "checkpoints/best/config.json", "plots/loss.png", "plots/accuracy.png", "plots/lr.png",
+              "eval/test/metrics.json", "eval/test/confusion_matrix.csv"):
+        assert (run / f).is_file(), f
+    assert not (run / "checkpoints" / "best" / "train_state.json").exists()
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert list(rows[0]) == COLUMNS and [int(r["step"]) for r in rows] == [3, 6]
+    assert all(r["val_top1"] and r["lr"] and r["elapsed_s"] for r in rows)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test"]["num_samples"] == 32 and summary["environment"]["threads"] == 1
+    assert summary["environment"]["torch"] == torch.__version__
+    pytest.importorskip("tensorboard")
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_best_checkpoint_reproduces_the_reported_test_accuracy(tmp_path):
+    from vitkit.data import DataConfig, TransformDataset, build_eval_transform, build_splits, collate_skip_none
+    from vitkit.evaluate import evaluate
+    run = tmp_path / "run"
+    summary = train(recipe(), run).summary
+    model = vitkit.load_model(run / "checkpoints" / "best")
+    assert model.class_names == [f"class_{k}" for k in range(10)]
+    cfg = DataConfig(name="fake", img_size=16, train_limit=128, test_limit=32, val_fraction=0.125)
+    test = TransformDataset(build_splits(cfg).test, build_eval_transform(cfg, model.data_cfg.mean,
+                                                                           model.data_cfg.std))
+    loader = torch.utils.data.DataLoader(test, batch_size=7, collate_fn=collate_skip_none)
+    assert evaluate(model, loader, progress=False).top1 == pytest.approx(summary["test"]["top1"])
+
+
+def test_training_learns_digits(tmp_path):
+    r = recipe(model={"overrides": {"patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 3,
+                                    "global_pool": "avg"}},
+               data={"name": "digits", "train_limit": None, "test_limit": None, "val_fraction": 0.1,
+                     "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3},
+               augment={"crop_padding": 0, "hflip": 0.0},
+               optim={"lr": 3e-3, "warmup_steps": 10}, train={"steps": 120, "batch_size": 64, "eval_every": 60})
+    summary = train(r, tmp_path / "run").summary
+    assert summary["test"]["top1"] > 0.5  # chance is 0.1; ~0.6 after these 120 steps, ~0.98 in the demo
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    train(recipe(), tmp_path / "a")
+    train(recipe(train={"accum_steps": 4}), tmp_path / "b")
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_clipping_bounds_the_update(tmp_path):
+    run = tmp_path / "run"
+    r = recipe(optim={"name": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0, "warmup_steps": 0,
+                      "clip_grad": 1e-3, "schedule": "constant"},
+               train={"steps": 1, "eval_every": 1})
+    train(r, run)
+    torch.manual_seed(stream_seed(0, "init"))  # the loop's initial weights depend on the seed only
+    init = vitkit.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1, embed_dim=24,
+                               num_heads=2, num_classes=10)
+    after = weights(run)
+    delta = torch.cat([(after[k] - v).flatten() for k, v in init.state_dict().items()])
+    assert delta.norm().item() == pytest.approx(1e-3, rel=1e-3)  # SGD lr 1: the update is the clipped gradient
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    calls = {"n": 0}
+    real = ClassifyTask.criterion
+
+    def nan_from_step_7(self, logits, targets):
+        calls["n"] += 1
+        loss = real(self, logits, targets)
+        return loss * float("nan") if calls["n"] >= 7 else loss
+
+    monkeypatch.setattr(ClassifyTask, "criterion", nan_from_step_7)
+    with pytest.raises(NonFiniteLossError, match=r"step 7 .*left untouched"):
+        train(recipe(train={"steps": 10, "eval_every": 100, "checkpoint_every_steps": 5}), run)
+    state = json.loads((run / "checkpoints" / "last" / "train_state.json").read_text())
+    assert state["state"]["step"] == 5
+    assert all(torch.isfinite(v).all() for v in weights(run).values())
+
+
+def test_time_budget_lays_out_the_schedule(tmp_path):
+    run = tmp_path / "run"
+    r = recipe(train={"steps": None, "time_budget_minutes": 0.2, "budget_calibration_steps": 5,
+                      "eval_every": 50, "checkpoint_every_steps": 0})
+    result = train(r, run)
+    s = result.summary
+    assert result.status == "completed" and s["planned_steps"] is not None
+    assert 8 <= s["steps"] <= s["planned_steps"]
+    assert s["wall_time_s"] <= 0.2 * 60 + 10  # the budget, plus slack for the final test on a loaded machine
+    state = json.loads((run / "checkpoints" / "last" / "train_state.json").read_text())
+    assert state["schedule"]["total_steps"] == s["planned_steps"] and state["state"]["planned"]
+
+
+def test_ema_weights_are_saved_and_evaluated(tmp_path):
+    run = tmp_path / "run"
+    train(recipe(train={"ema": True, "ema_decay": 0.5, "ema_warmup": False}), run)
+    state = load_file(str(run / "checkpoints" / "last" / "train_state.safetensors"))
+    ema = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
+    raw = weights(run, "last")
+    assert ema.keys() == raw.keys() and any(not torch.equal(ema[k], raw[k]) for k in raw)
+    best_step = json.loads((run / "checkpoints" / "last" / "train_state.json").read_text())["state"]["best_step"]
+    if best_step == 6:  # best/ holds the EMA weights of the step it was selected at
+        assert all(torch.equal(v, ema[k]) for k, v in weights(run, "best").items())
+
+
+def test_distillation_task_trains_a_distilled_deit(tmp_path):
+    teacher = vitkit.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1, embed_dim=24,
+                                  num_heads=2, num_classes=10)
+    vitkit.save_pretrained(teacher, tmp_path / "teacher")
+    r = recipe(model={"name": "deit_tiny_distilled_patch16_224"},
+               train={"task": "distill", "distillation": {"teacher": str(tmp_path / "teacher"), "type": "soft",
+                                                          "tau": 2.0, "alpha": 0.5}})
+    result = train(r, tmp_path / "run")
+    assert result.status == "completed"
+    student = vitkit.load_model(tmp_path / "run" / "checkpoints" / "last")
+    assert student.head_dist.weight.abs().sum() > 0  # the distillation head was trained
+
+
+def test_data_order_is_global_and_resumable():
+    n, B = 50, 8
+    one = StepBatchSampler(n, B, accum_steps=2, seed=3)
+    two = [StepBatchSampler(n, B, accum_steps=2, rank=r, world_size=2, seed=3) for r in range(2)]
+    for s in (one, *two):
+        s.set_position(epoch=1)
+    single = list(one)  # micro-batches of 4
+    ranks = [list(s) for s in two]  # micro-batches of 2 per rank
+    assert len(single) == 2 * (n // B)
+    for j, micro in enumerate(single):  # the two ranks together see exactly the one-process micro-batch
+        assert sorted(ranks[0][j] + ranks[1][j]) == sorted(micro)
+    flat = [i for micro in single for i, _ in micro]
+    assert len(set(flat)) == len(flat) and all(e == 1 for micro in single for _, e in micro)
+    one.set_position(epoch=1, start_step=3)  # resuming at step 3 replays the rest of the epoch exactly
+    assert list(one) == single[3 * 2:]
+    one.set_position(epoch=2)
+    assert list(one) != single  # a new permutation each epoch
+
+
+def test_bf16_autocast_trains_with_float32_weights(tmp_path):
+    result = train(recipe(train={"amp": "bf16", "deterministic": False}), tmp_path / "run")
+    assert result.status == "completed"
+    w = weights(tmp_path / "run")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in w.values())
+    assert float(result.summary["val"]["loss"]) < 10
+
+
+def test_fine_tuning_starts_from_pretrained_weights_with_a_zero_head(tmp_path):
+    """The pretrain -> fine-tune path with the genuinely trained DeiT-Tiny in ../shared/weights: the trunk starts
+    from the file (position embeddings resampled to the new grid), the new 10-class head starts at zero."""
+    from conftest import REPO, skip_or_fail
+    path = REPO.parent / "shared" / "weights" / "deit_tiny_patch16_224_in1k_fp16.safetensors"
+    if not path.is_file():
+        skip_or_fail(f"shared DeiT-Tiny weights not found at {path}")
+    r = recipe(model={"name": "deit_tiny_patch16_224", "pretrained": str(path), "overrides": {}},
+               data={"img_size": 32},
+               optim={"name": "sgd", "lr": 1e-12, "momentum": 0.0, "weight_decay": 0.0, "warmup_steps": 0},
+               train={"steps": 1, "eval_every": 1})
+    train(r, tmp_path / "run")
+    after = weights(tmp_path / "run")
+    source = load_file(str(path))
+    assert torch.equal(after["blocks.5.mlp.fc1.weight"], source["blocks.5.mlp.fc1.weight"].float())
+    assert after["pos_embed"].shape == (1, 1 + 2 * 2, 192)  # 14x14 grid resampled to 2x2
+    assert after["head.weight"].shape == (10, 192) and after["head.weight"].abs().max() < 1e-9
+
+
+def test_resume_keeps_the_recipe_but_allows_paths_and_logging(tmp_path):
+    from vitkit.config import ConfigError
+    from vitkit.train import resume
+    run = tmp_path / "run"
+    train(recipe(train={"steps": 2, "eval_every": 2}), run)
+    with pytest.raises(ConfigError, match="optim.lr"):
+        resume(run, ["optim.lr=1.0"])
+    result = resume(run, ["log.plots=true", "data.num_workers=0"])  # a finished run only re-reports
+    assert result.status == "completed" and result.step == 2
+    assert (run / "plots" / "loss.png").is_file()

@@ -1,0 +1,83 @@
+"""`vitkit train RECIPE.yaml [--set section.key=value ...] [--out RUN_DIR]` and `vitkit train --resume RUN_DIR`:
+a thin front-end over ``vitkit.train.train`` / ``resume``. Works the same under ``torchrun --nproc_per_node=N``."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+HELP = "train a model from a YAML recipe, or resume an interrupted run"
+
+EPILOG = """examples:
+  vitkit train configs/digits_demo.yaml
+  vitkit train configs/cifar10_vit_scratch_30min.yaml --set data.root=../shared/data --out runs/c10
+  vitkit train --resume runs/c10
+  torchrun --nproc_per_node=2 -m vitkit train configs/cifar10_deit_scratch.yaml --set data.root=DIR
+
+exit status: 0 finished, 2 bad recipe or arguments, 1 the run failed (e.g. non-finite loss),
+128+N stopped by signal N (SIGINT 130, SIGTERM 143) after saving a checkpoint."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument("recipe", nargs="?", help="recipe YAML (sections: model, data, augment, optim, train, log)")
+    parser.add_argument("--set", dest="sets", action="extend", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override recipe values (several per --set, and repeatable); values are parsed as YAML")
+    parser.add_argument("--out", metavar="RUN_DIR", help="run folder (default: runs/<recipe name>)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+
+
+def _default_out(recipe: str) -> str:
+    return os.path.join("runs", Path(recipe).stem)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def _print_result(result) -> None:
+    s = result.summary or {}
+    test, val = s.get("test") or {}, s.get("val") or {}
+    print(f"\nrun finished: {result.step} steps in {_duration(s.get('wall_time_s', 0))} "
+          f"({s.get('images_per_s') or 0:.0f} training images/s)")
+    if val:
+        print(f"  validation top-1 {val.get('top1', float('nan')):.4f} (final weights)")
+    if test:
+        print(f"  test top-1 {test['top1']:.4f}" + (f", top-5 {test['top5']:.4f}" if test.get("top5") else "") +
+              f" on {test['num_samples']} images, {test['weights']} weights")
+    d = result.run_dir
+    model = d / "checkpoints" / ("best" if (d / "checkpoints" / "best").is_dir() else "last")
+    print(f"  run folder      {d}\n  model           {model} (vitkit.load_model)\n"
+          f"  metrics         {d / 'metrics.csv'}, {d / 'summary.json'}\n  plots           {d / 'plots'}\n"
+          f"  test report     {d / 'eval' / 'test'}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitkit.train import NonFiniteLossError, resume, train
+    stray = [s for s in args.sets if "=" not in s]  # `--set a=1 recipe.yaml`: the recipe was taken as a value
+    if stray and not args.recipe and len(stray) == 1:
+        args.recipe, args.sets = stray[0], [s for s in args.sets if "=" in s]
+    if bool(args.recipe) == bool(args.resume):
+        print("vitkit train: error: give a RECIPE or --resume RUN_DIR (not both)", file=sys.stderr)
+        return 2
+    try:
+        if args.resume:
+            result = resume(args.resume, args.sets)
+        else:
+            result = train(args.recipe, args.out or _default_out(args.recipe), args.sets)
+    except FileExistsError as e:
+        print(f"vitkit train: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"vitkit train: run failed: {e}", file=sys.stderr)
+        return 1
+    if result.status == "interrupted":
+        print(f"stopped by {result.signal} at step {result.step} of {result.total_steps}; resume with: "
+              f"vitkit train --resume {result.run_dir}", file=sys.stderr)
+        return 128 + int(getattr(signal.Signals, result.signal, signal.SIGTERM))
+    if result.summary is not None:
+        _print_result(result)
+    return 0

@@ -1,0 +1,122 @@
+"""Recipe → the objects a run is made of: model, data loaders, task, optimiser, schedule. Each builder takes only the
+config sections it uses."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import vitkit
+from vitkit.data import (AugmentConfig, DataConfig, MixupCutmix, Splits, TransformDataset, build_eval_transform,
+                         build_splits, build_train_transform, collate_skip_none)
+from vitkit.train.config import OptimConfig, RecipeConfig, TrainSection
+from vitkit.train.distributed import DistInfo, StepBatchSampler
+from vitkit.train.runtime import ignore_signals_in_worker
+from vitkit.train.schedule import WarmupSchedule
+from vitkit.train.tasks import ClassifyTask, DistillTask, TeacherInput, load_teacher
+
+__all__ = ["Data", "build_model", "build_data", "build_splits", "build_task", "build_schedule", "peak_lr",
+           "eval_loader",
+           "total_steps"]
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: RecipeConfig, num_classes: int) -> nn.Module:
+    """``create_model`` from the recipe's model section; preprocessing in ``model.data_cfg`` becomes what training
+    used (so a saved model is evaluated and predicted as it was trained)."""
+    m = cfg.model
+    model = vitkit.create_model(m.name, pretrained=m.pretrained, num_classes=m.num_classes or num_classes,
+                                img_size=cfg.data.img_size, **m.overrides)
+    mean, std = data_stats(cfg.data, model)
+    model.data_cfg = dataclasses.replace(model.data_cfg, mean=mean, std=std, interpolation=cfg.data.interpolation,
+                                         crop_pct=cfg.data.crop_pct, label_set=None)
+    return model
+
+
+def data_stats(data: DataConfig, model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation: the recipe's ``data.mean/std``, else the model's own (e.g. 0.5/0.5 for Google's ViTs)."""
+    return tuple(data.mean or model.data_cfg.mean), tuple(data.std or model.data_cfg.std)
+
+
+@dataclass
+class Data:
+    splits: Splits
+    train: TransformDataset
+    val: TransformDataset | None
+    test: TransformDataset | None
+    sampler: StepBatchSampler
+    loader: DataLoader
+
+    @property
+    def classes(self) -> list[str]:
+        return self.splits.classes
+
+
+def build_data(cfg: RecipeConfig, splits: Splits, model: nn.Module, info: DistInfo, pin_memory: bool = False
+               ) -> Data:
+    """Transforms from ``model.data_cfg`` (set by ``build_model``), the resumable sampler and the train loader."""
+    mean, std = model.data_cfg.mean, model.data_cfg.std
+    seed = cfg.train.seed
+    train = TransformDataset(splits.train, build_train_transform(cfg.augment, cfg.data, mean, std), seed)
+    eval_tf = build_eval_transform(cfg.data, mean, std)
+    val = TransformDataset(splits.val, eval_tf, seed) if splits.val is not None and len(splits.val) else None
+    test = TransformDataset(splits.test, eval_tf, seed) if splits.test is not None and len(splits.test) else None
+    sampler = StepBatchSampler(len(train), cfg.train.batch_size, cfg.train.accum_steps, info.rank,
+                               info.world_size, seed)
+    workers = cfg.data.num_workers
+    loader = DataLoader(train, batch_sampler=sampler, num_workers=workers, collate_fn=collate_skip_none,
+                        pin_memory=pin_memory, worker_init_fn=ignore_signals_in_worker if workers else None,
+                        generator=torch.Generator().manual_seed(seed))  # workers' base seed: not the global RNG
+    return Data(splits, train, val, test, sampler, loader)
+
+
+def eval_loader(dataset, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=collate_skip_none, worker_init_fn=ignore_signals_in_worker if num_workers else None)
+
+
+def _mixup(aug: AugmentConfig, num_classes: int) -> MixupCutmix | None:
+    if not aug.mixup_active:
+        return None
+    return MixupCutmix(aug.mixup, aug.cutmix, aug.mixup_prob, aug.mixup_switch_prob, aug.label_smoothing,
+                       num_classes)
+
+
+def build_task(cfg: RecipeConfig, model: nn.Module, device: torch.device):
+    classify = ClassifyTask(model.num_classes, _mixup(cfg.augment, model.num_classes), cfg.augment.label_smoothing)
+    if cfg.train.task == "classify":
+        return classify
+    d = cfg.train.distillation
+    teacher = load_teacher(d.teacher, d.teacher_pretrained).to(device)
+    if teacher.num_classes != model.num_classes:
+        raise ValueError(f"train.distillation.teacher has {teacher.num_classes} classes, the student "
+                         f"{model.num_classes}")
+    t_cfg = teacher.data_cfg
+    adapt = TeacherInput(tuple(model.data_cfg.mean), tuple(model.data_cfg.std), tuple(t_cfg.mean),
+                         tuple(t_cfg.std), tuple(t_cfg.input_size[1:]))
+    return DistillTask(classify, teacher, d.type, d.alpha, d.tau, adapt)
+
+
+def peak_lr(optim: OptimConfig, batch_size: int) -> float:
+    """The recipe's ``lr``, linearly scaled by ``batch_size / lr_base_batch`` when that is set (DeiT: 5e-4 · B/512)."""
+    return optim.lr * batch_size / optim.lr_base_batch if optim.lr_base_batch else optim.lr
+
+
+def total_steps(train: TrainSection, steps_per_epoch: int) -> int | None:
+    """Optimiser steps from ``steps`` or ``epochs``; None when only a time budget bounds the run."""
+    if train.steps is not None:
+        return train.steps
+    if train.epochs is not None:
+        return max(1, math.ceil(train.epochs * steps_per_epoch))
+    return None
+
+
+def build_schedule(optim: OptimConfig, lr: float, total: int, steps_per_epoch: int) -> WarmupSchedule:
+    warmup = optim.warmup_steps or round(optim.warmup_epochs * steps_per_epoch)
+    return WarmupSchedule(lr, total, min(warmup, total), optim.min_lr, optim.schedule)

@@ -1,0 +1,203 @@
+"""Checkpoints in safetensors + JSON only (no pickle), written atomically, with everything exact resume needs.
+
+Layout (``DESIGN.md``): ``RUN_DIR/checkpoints/{last,best}/`` each hold ``model.safetensors`` + ``config.json``
+(``vitkit.save_pretrained``, so ``vitkit.load_model(folder)`` works); ``last/`` also holds
+``train_state.safetensors`` (optimizer state, EMA weights, RNG states as tensors) and ``train_state.json`` (step,
+data position, best metric, optimizer hyper-parameters, scaler, scalar RNG state, time used).
+
+Atomicity: a checkpoint is written into ``.<name>.tmp-<pid>/``, every file and the folder are fsync'ed, then the
+current ``<name>/`` is renamed to ``<name>.prev/``, the new folder renamed to ``<name>/``, and ``<name>.prev/``
+removed. A process that dies at any moment leaves either ``<name>/`` or ``<name>.prev/`` complete; ``find_checkpoint``
+falls back to ``.prev`` when ``<name>/`` is missing.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["atomic_dir", "save_checkpoint", "find_checkpoint", "read_train_state", "load_model_weights",
+           "rebuild_model",
+           "capture_rng", "restore_rng", "optimizer_state", "load_optimizer_state", "TRAIN_STATE_FORMAT"]
+
+log = logging.getLogger(__name__)
+
+TRAIN_STATE_FORMAT = 1
+_STATE_TENSORS, _STATE_JSON = "train_state.safetensors", "train_state.json"
+
+
+# --------------------------------------------------------------------------------------------------- atomic io
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.iterdir():
+        if p.is_file():
+            _fsync_path(p)
+    _fsync_path(folder)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder; on normal exit it replaces ``final`` atomically (see the module docstring). On an
+    exception the temporary folder is removed and ``final`` is untouched."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp, prev = final.parent / f".{final.name}.tmp-{os.getpid()}", final.parent / f"{final.name}.prev"
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed process (one writer per run)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(prev, ignore_errors=True)  # a stale .prev: final is newer and complete
+        os.rename(final, prev)
+    os.rename(tmp, final)
+    _fsync_path(final.parent)
+    shutil.rmtree(prev, ignore_errors=True)
+
+
+def find_checkpoint(run_dir: str | os.PathLike, name: str = "last") -> Path | None:
+    """``checkpoints/<name>``, or its ``.prev`` left by a process killed between the two renames."""
+    base = Path(run_dir) / "checkpoints"
+    for folder in (base / name, base / f"{name}.prev"):
+        if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+            if folder.name.endswith(".prev"):
+                log.warning("using %s: the newer checkpoint was interrupted while being renamed", folder)
+            return folder
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------ write
+def save_checkpoint(folder: str | os.PathLike, model: nn.Module, class_names: list[str] | None = None,
+                    tensors: dict[str, Tensor] | None = None, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (vitkit format) and, if given, the training state, atomically into ``folder``."""
+    from safetensors.torch import save_file
+
+    import vitkit
+    with atomic_dir(folder) as tmp:
+        vitkit.save_pretrained(model, tmp, class_names=class_names)
+        if meta is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()},
+                      str(tmp / _STATE_TENSORS), metadata={"format": "vitkit-train-state"})
+            (tmp / _STATE_JSON).write_text(json.dumps({"format": TRAIN_STATE_FORMAT, **meta}, indent=1))
+    return Path(folder)
+
+
+# ------------------------------------------------------------------------------------------------------- read
+def read_train_state(folder: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    if not (folder / _STATE_JSON).is_file():
+        raise FileNotFoundError(f"{folder} has no {_STATE_JSON}: it is a model folder, not a resumable checkpoint")
+    meta = json.loads((folder / _STATE_JSON).read_text())
+    if meta.get("format") != TRAIN_STATE_FORMAT:
+        raise ValueError(f"{folder}: train state format {meta.get('format')} is not {TRAIN_STATE_FORMAT}")
+    return load_file(str(folder / _STATE_TENSORS)), meta
+
+
+def rebuild_model(folder: str | os.PathLike) -> nn.Module:
+    """The model saved in ``folder``, rebuilt from the full architecture in its ``config.json`` (no pretrained file
+    is read again) with its weights loaded exactly; preprocessing and class names as saved."""
+    import dataclasses
+
+    import vitkit
+    saved = json.loads((Path(folder) / "config.json").read_text())
+    model = vitkit.create_model(saved["model"], **saved["config"])
+    data_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.get("data_cfg", {}).items()}
+    model.data_cfg = dataclasses.replace(model.data_cfg, **data_cfg)
+    model.class_names = saved.get("class_names")
+    load_model_weights(model, folder)
+    return model
+
+
+def load_model_weights(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Load ``folder/model.safetensors`` into ``model`` exactly (strict: every key, every shape)."""
+    from safetensors.torch import load_file
+    state = load_file(str(Path(folder) / "model.safetensors"))
+    model.load_state_dict(state, strict=True)
+
+
+# ------------------------------------------------------------------------------------------------- RNG streams
+def capture_rng(generators: dict[str, torch.Generator] | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """torch CPU / CUDA, NumPy and Python ``random`` states (and named generators) as tensors + JSON scalars."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss_next = random.getstate()
+    tensors["rng.python"] = torch.tensor(internal, dtype=torch.int64)
+    for name, g in (generators or {}).items():
+        tensors[f"rng.gen.{name}"] = g.get_state()
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": [version, gauss_next]}
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, Tensor], meta: dict[str, Any],
+                generators: dict[str, torch.Generator] | None = None) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, gauss_next = meta["python"]
+    random.setstate((version, tuple(int(v) for v in tensors["rng.python"].tolist()), gauss_next))
+    for name, g in (generators or {}).items():
+        g.set_state(tensors[f"rng.gen.{name}"])
+
+
+# -------------------------------------------------------------------------------------------------- optimizer
+def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``opt.state_dict()`` split into tensors (``optimizer.<param>.<key>``) and JSON (hyper-parameters, scalars)."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, entry in sd["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.{pid}.{key}"] = value.detach().clone().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars, "num_params": len(sd["state"])}
+
+
+def _tuples(group: dict[str, Any]) -> dict[str, Any]:
+    """JSON turned tuples (``betas``) into lists; give them back as tuples, as the optimizer built them."""
+    return {k: tuple(v) if isinstance(v, list) and k != "params" and k != "param_names" else v
+            for k, v in group.items()}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for pid, entry in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(entry)
+    groups = [_tuples(g) for g in meta["param_groups"]]
+    if len(groups) != len(opt.param_groups) or any(len(a["params"]) != len(b["params"])
+                                                    for a, b in zip(groups, opt.param_groups)):
+        raise ValueError("the checkpoint's optimizer parameter groups do not match this model and recipe")
+    opt.load_state_dict({"state": state, "param_groups": groups})

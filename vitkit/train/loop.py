@@ -1,0 +1,526 @@
+"""The one training loop: any task (classification, DeiT distillation, later masked-image modelling), one process or
+many (DistributedDataParallel), stopped and resumed at any step boundary with bitwise-identical results on CPU in
+deterministic mode.
+
+Per optimiser step ``s`` (global, 0-based): reseed torch's global RNG (dropout, drop-path) and a mixing generator from
+``(seed, s, rank)``; set the learning rate ``schedule(s)``; for each accumulation micro-batch run the task under
+autocast and backpropagate ``loss / accum_steps`` (DDP all-reduces gradients on the last one only); all-reduce the
+step's loss sums and stop flags; refuse a non-finite loss before touching the weights; unscale (fp16), clip the
+global gradient norm, step, update the EMA. Because every random stream and the data order are functions of the step
+counter, resuming needs only the step, the weights and the optimizer/EMA/scaler state; the RNG states are saved too,
+for code that draws from them outside the loop.
+
+Validation, test and every file in the run folder are rank 0's; the other processes wait at a barrier. A wall-clock
+budget (``train.time_budget_minutes``) times ``budget_calibration_steps`` steps and one evaluation batch, lays the
+schedule out over the steps that fit (the plan is saved, so a resumed run keeps it) and stops at the budget in any
+case; a budgeted run is reproducible only in what the plan fixed, not in when the clock ran out.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from vitkit.train import checkpoint as ckpt
+from vitkit.train.build import (build_data, build_model, build_schedule, build_splits, build_task, eval_loader,
+                                peak_lr, total_steps)
+from vitkit.train.config import RecipeConfig
+from vitkit.train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_float, stream_seed
+from vitkit.train.ema import ModelEma
+from vitkit.train.optim import build_optimizer
+from vitkit.train.report import MetricsLog, TensorBoard, environment, write_plots
+from vitkit.train.runtime import StopFlag, amp_dtype, autocast
+from vitkit.train.schedule import set_lr
+
+__all__ = ["Trainer", "RunState", "RunResult", "NonFiniteLossError"]
+
+log = logging.getLogger(__name__)
+
+_WARMUP_STEPS = 3  # steps excluded from time-budget calibration (allocator and kernel warm-up)
+_UNPLANNED = 10**9  # schedule length while a time-budgeted run is still calibrating (cosine factor ~1)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) became NaN/inf; the run stopped before the weights were updated."""
+
+
+@dataclass
+class RunState:
+    """Counters and bookkeeping saved in ``train_state.json``."""
+
+    step: int = 0  # optimiser steps done
+    epoch: int = 0
+    step_in_epoch: int = 0  # data position: next step of ``epoch``
+    total_steps: int = 0
+    planned: bool = False  # total_steps was fixed from the time budget
+    best_metric: float | None = None
+    best_step: int | None = None
+    elapsed_s: float = 0.0  # wall-clock seconds of earlier sessions
+    train_s: float = 0.0  # seconds inside training steps (images/s excludes evaluation)
+    images: int = 0
+    last_eval: dict[str, Any] = field(default_factory=dict)
+    window: dict[str, float] = field(default_factory=dict)  # training sums since the last metrics row
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # completed | interrupted
+    step: int
+    total_steps: int
+    summary: dict[str, Any] | None = None
+    signal: str | None = None
+
+
+@dataclass
+class _Window:
+    """Training sums since the last log line / metrics row."""
+
+    loss: float = 0.0
+    correct: float = 0.0
+    count: float = 0.0
+    seconds: float = 0.0
+    images: int = 0
+
+    def add(self, m: dict[str, float], seconds: float, images: int) -> None:
+        self.loss += m["loss_sum"]
+        self.correct += m["correct"]
+        self.count += m["count"]
+        self.seconds += seconds
+        self.images += images
+
+    def means(self) -> dict[str, float | None]:
+        n = max(self.count, 1.0)
+        return {"train_loss": self.loss / n if self.count else None,
+                "train_acc": self.correct / n if self.count else None,
+                "images_per_s": self.images / self.seconds if self.seconds else None}
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    return batch
+
+
+class Trainer:
+    def __init__(self, cfg: RecipeConfig, run_dir: str | os.PathLike, info: DistInfo, device: torch.device,
+                 threads: int, resume_from: Path | None = None):
+        self.cfg, self.run_dir, self.info, self.device, self.threads = cfg, Path(run_dir), info, device, threads
+        self.amp = amp_dtype(cfg.train.amp)
+        splits = build_splits(cfg.data)
+        self.model = self._build_model(len(splits.classes), resume_from).to(device)
+        self.model.class_names = list(splits.classes)
+        self.data = build_data(cfg, splits, self.model, info, pin_memory=device.type == "cuda")
+        self.task = build_task(cfg, self.model, device)
+        self.task.prepare(self.model)
+        self.lr = peak_lr(cfg.optim, cfg.train.batch_size)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.lr)
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
+        self.ema = ModelEma(self.model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema else None
+        configured = total_steps(cfg.train, self.data.sampler.steps_per_epoch)
+        self.state = RunState(total_steps=configured or _UNPLANNED)
+        self.window, self.log_window = _Window(), _Window()
+        self.max_steps = configured or _UNPLANNED
+        if resume_from is not None:
+            self._restore(resume_from)
+        self.schedule = build_schedule(cfg.optim, self.lr, self.state.total_steps, self.data.sampler.steps_per_epoch)
+        self.net = self._wrap(self.model)
+        self.reporting = info.is_main
+        resumed_step = self.state.step if resume_from is not None else None
+        if self.reporting:
+            self.metrics = MetricsLog(self.run_dir / "metrics.csv", resumed_step)
+            self.tb = TensorBoard(self.run_dir / "tensorboard", cfg.log.tensorboard,
+                                  purge_step=resumed_step + 1 if resumed_step is not None else None)
+        self._step_times: list[float] = []
+        self._eval_s_per_image: float | None = None
+
+    # ------------------------------------------------------------------------------------------------ building
+    def _build_model(self, num_classes: int, resume_from: Path | None) -> nn.Module:
+        seed = self.cfg.train.seed
+        torch.manual_seed(stream_seed(seed, "init"))  # initial weights depend on the seed only, on every rank
+        random.seed(stream_seed(seed, "python", self.info.rank))  # for user code: the loop draws from neither
+        np.random.seed(stream_seed(seed, "numpy", self.info.rank) % 2**32)
+        if resume_from is None:
+            return build_model(self.cfg, num_classes)
+        return ckpt.rebuild_model(resume_from)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        net = model
+        if self.info.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.ddp = net if self.info.enabled else None
+        if self.cfg.train.compile:
+            net = torch.compile(net)
+        return net
+
+    def eval_model(self) -> nn.Module:
+        """The weights that are validated, tested and saved as best/: the EMA when enabled."""
+        return self.ema.module if self.ema is not None else self.model
+
+    # ------------------------------------------------------------------------------------------- one step
+    def _forward_backward(self, batch: Any, g: torch.Generator) -> dict[str, float]:
+        images, labels = _to_device(batch, self.device)
+        if labels.numel() == 0:  # every item of this micro-batch was unreadable: a zero loss keeps DDP in step
+            out = {"loss": sum(p.sum() for p in self.net.parameters()) * 0.0, "correct": 0, "count": 0}
+        else:
+            with autocast(self.device, self.amp):
+                out = self.task(self.net, (images, labels), g)
+        loss = out["loss"] / self.cfg.train.accum_steps
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        value = float(out["loss"].detach())
+        return {"loss_sum": value * int(out["count"]), "correct": float(out["correct"]),
+                "count": float(out["count"]), "nonfinite": float(not math.isfinite(value))}
+
+    def _micro_context(self, last: bool):
+        """DDP all-reduces gradients on the last micro-batch of a step only."""
+        return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+
+    def _train_step(self, micro_batches: list, stop_requested: bool, over_budget: bool) -> dict[str, float]:
+        t, step = self.cfg.train, self.state.step
+        torch.manual_seed(stream_seed(t.seed, "step", step, self.info.rank))  # dropout / drop-path
+        g = torch.Generator().manual_seed(stream_seed(t.seed, "mix", step, self.info.rank))  # mixup / cutmix
+        lr = self.schedule(step)
+        set_lr(self.optimizer, lr)
+        sums = torch.zeros(6, dtype=torch.float64)  # loss_sum, correct, count, nonfinite, stop, budget
+        for j, batch in enumerate(micro_batches):
+            with self._micro_context(j == len(micro_batches) - 1):
+                m = self._forward_backward(batch, g)
+            sums[:4] += torch.tensor([m["loss_sum"], m["correct"], m["count"], m["nonfinite"]], dtype=torch.float64)
+        sums[4], sums[5] = float(stop_requested), float(over_budget and self.info.is_main)
+        sums = all_reduce_sum(sums.to(self.device), self.info).cpu()
+        if sums[3] > 0:
+            self._fail(f"the loss is not finite at step {step + 1} (epoch {self.state.epoch})")
+        self._optimizer_step(step)
+        keys = ("loss_sum", "correct", "count", "nonfinite", "stop", "budget")
+        return {**dict(zip(keys, sums.tolist())), "lr": lr}
+
+    def _optimizer_step(self, step: int) -> None:
+        clip = self.cfg.optim.clip_grad
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+            if self.scaler is None and not torch.isfinite(norm):
+                self._fail(f"the gradient norm is not finite at step {step + 1} (epoch {self.state.epoch})")
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the update when fp16 gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def _fail(self, what: str) -> None:
+        last = ckpt.find_checkpoint(self.run_dir)
+        kept = f"the last good checkpoint {last} was left untouched" if last else "no checkpoint had been written"
+        raise NonFiniteLossError(f"{what}: stopping the run before updating the weights; {kept}. Lower optim.lr, "
+                                 f"set optim.clip_grad, or use train.amp: bf16 instead of fp16.")
+
+    # ----------------------------------------------------------------------------------------------- the loop
+    def elapsed(self) -> float:
+        return self.state.elapsed_s + (time.perf_counter() - self._session_start)
+
+    def fit(self) -> RunResult:
+        self._session_start = self._tick = time.perf_counter()
+        self.model.train()
+        self._signalled = False
+        with StopFlag() as self.stop, self._progress() as self.bar:
+            stopped = False
+            while self.state.step < self.state.total_steps and not stopped:
+                stopped = self._run_epoch()
+        if self._signalled:
+            return self._interrupted()
+        return self._finish()
+
+    def _run_epoch(self) -> bool:
+        """Train from the saved data position to the end of the epoch; True when the run must stop early."""
+        s, accum = self.state, self.cfg.train.accum_steps
+        self.data.sampler.set_position(s.epoch, s.step_in_epoch)
+        micro: list = []
+        for batch in self.data.loader:
+            micro.append(batch)
+            if len(micro) < accum:
+                continue
+            m = self._train_step(micro, self.stop.signum is not None, self._over_budget())
+            micro = []
+            self._signalled = bool(m["stop"])  # on any process: all stop at this step
+            if self._after_step(m) or s.step >= s.total_steps:
+                return bool(m["stop"] or m["budget"])
+        return False
+
+    def _advance(self, m: dict[str, float], seconds: float) -> bool:
+        """Count the finished step and move the data position; True when it ended an epoch."""
+        s = self.state
+        s.step, s.step_in_epoch = s.step + 1, s.step_in_epoch + 1
+        s.train_s, s.images = s.train_s + seconds, s.images + self.cfg.train.batch_size
+        self.window.add(m, seconds, self.cfg.train.batch_size)
+        self.log_window.add(m, seconds, self.cfg.train.batch_size)
+        if s.step_in_epoch < self.data.sampler.steps_per_epoch:
+            return False
+        s.epoch, s.step_in_epoch = s.epoch + 1, 0
+        return True
+
+    def _eval_due(self, epoch_end: bool, final: bool) -> bool:
+        every = self.cfg.train.eval_every
+        return final or (every > 0 and self.state.step % every == 0) or (every == 0 and epoch_end)
+
+    def _after_step(self, m: dict[str, float]) -> bool:
+        """Bookkeeping, validation and checkpoints after a step; True when the run must stop here."""
+        every = self.cfg.train.checkpoint_every_steps
+        seconds = time.perf_counter() - self._tick
+        epoch_end = self._advance(m, seconds)
+        self._calibrate(seconds)
+        self._log_step(m)
+        stop = bool(m["stop"] or m["budget"])
+        final = stop or self.state.step >= self.state.total_steps
+        if not m["stop"] and self._eval_due(epoch_end, final):  # a signal: checkpoint now, validate later
+            self._validate(m["lr"])
+            self._save_last()
+        elif final or (every > 0 and self.state.step % every == 0):
+            self._save_last()
+        self._tick = time.perf_counter()  # evaluation and checkpoint time is not step time
+        return stop
+
+    # ----------------------------------------------------------------------------------- logging, progress
+    @contextlib.contextmanager
+    def _progress(self):
+        from tqdm.auto import tqdm
+        self.show_bar = self.cfg.log.progress and self.reporting and sys.stderr.isatty()  # log lines otherwise
+        total = None if self.state.total_steps == _UNPLANNED else self.state.total_steps
+        bar = tqdm(total=total, initial=self.state.step, unit="step", desc="train", disable=not self.show_bar,
+                   dynamic_ncols=True)
+        try:
+            yield bar
+        finally:
+            bar.close()
+
+    def _log_step(self, m: dict[str, float]) -> None:
+        self.bar.update(1)
+        if not self.reporting or self.state.step % self.cfg.log.every_steps:
+            return
+        w = self.log_window.means()
+        self.log_window = _Window()
+        self.tb.scalars({"train/loss": w["train_loss"], "train/acc": w["train_acc"], "train/lr": m["lr"],
+                         "train/images_per_s": w["images_per_s"]}, self.state.step)
+        fmt = {k: v for k, v in w.items() if v is not None}
+        self.bar.set_postfix(loss=f"{fmt.get('train_loss', 0):.4f}", acc=f"{fmt.get('train_acc', 0):.3f}",
+                             img_s=f"{fmt.get('images_per_s', 0):.0f}", lr=f"{m['lr']:.2e}", refresh=False)
+        if not self.show_bar:
+            log.info("step %d/%d  loss %.4f  acc %.3f  %.0f img/s  lr %.3g", self.state.step,
+                     self.state.total_steps, fmt.get("train_loss", math.nan), fmt.get("train_acc", math.nan),
+                     fmt.get("images_per_s", 0.0), m["lr"])
+
+    # --------------------------------------------------------------------------------------- evaluation
+    def _eval_batch_size(self) -> int:
+        return max(1, min(256, self.cfg.train.batch_size // self.cfg.train.accum_steps))
+
+    def _evaluate(self, dataset, model: nn.Module | None = None):
+        loader = eval_loader(dataset, self._eval_batch_size(), self.cfg.data.num_workers)
+        return self.task.evaluate(model or self.eval_model(), loader, self.device, self.amp, self.data.classes)
+
+    def _validate(self, lr: float) -> None:
+        if self.reporting:
+            self._validate_main(lr)
+        barrier(self.info)
+
+    def _validate_main(self, lr: float) -> None:
+        s = self.state
+        row: dict[str, Any] = {"epoch": s.epoch, "step": s.step, "lr": lr, **self.window.means()}
+        self.window = _Window()
+        if self.data.val is not None:
+            val = self._evaluate(self.data.val)
+            row.update({f"val_{k}": v for k, v in val.metrics.items() if f"val_{k}" in _ROW_KEYS})
+            s.last_eval = dict(val.metrics)
+            self._update_best(val.metrics[self.task.metric])
+        if self.cfg.log.test_curve and self.data.test is not None:
+            test = self._evaluate(self.data.test)  # for accuracy-vs-time plots only: never used for any decision
+            row.update({f"test_{k}": v for k, v in test.metrics.items() if f"test_{k}" in _ROW_KEYS})
+        row["elapsed_s"] = self.elapsed()
+        self.metrics.append(row)
+        self.tb.scalars({f"eval/{k}": v for k, v in row.items() if k.startswith(("val_", "test_"))}, s.step)
+        self._log_eval(row)
+
+    def _log_eval(self, row: dict[str, Any]) -> None:
+        parts = [f"{k} {row[k]:.4f}" for k in ("train_loss", "val_loss", "val_top1", "test_top1")
+                 if row.get(k) is not None]
+        msg = f"step {row['step']} (epoch {row['epoch']}): " + "  ".join(parts)
+        self.bar.write(msg) if self.show_bar else log.info("%s", msg)
+
+    def _update_best(self, value: float) -> None:
+        s = self.state
+        better = s.best_metric is None or (value > s.best_metric if self.task.higher_is_better
+                                           else value < s.best_metric)
+        if better:
+            s.best_metric, s.best_step = float(value), s.step
+            ckpt.save_checkpoint(self.run_dir / "checkpoints" / "best", self.eval_model(), self.data.classes)
+
+    # ------------------------------------------------------------------------------------------ time budget
+    def _calibrate(self, seconds: float) -> None:
+        """Once ``budget_calibration_steps`` steps are timed, fit the schedule to the steps the budget allows."""
+        t, s = self.cfg.train, self.state
+        if t.time_budget_minutes is None or s.planned:
+            return
+        self._step_times.append(seconds)
+        if len(self._step_times) < _WARMUP_STEPS + t.budget_calibration_steps:
+            return
+        planned = self._plan(sum(self._step_times[_WARMUP_STEPS:]) / t.budget_calibration_steps)
+        s.total_steps = int(broadcast_float(planned, self.info, self.device))
+        s.planned = True
+        self.schedule = build_schedule(self.cfg.optim, self.lr, s.total_steps, self.data.sampler.steps_per_epoch)
+        self.bar.total = s.total_steps
+        self.bar.refresh()
+        log.info("time budget %.1f min: %.3f s/step measured, schedule laid out over %d steps",
+                 t.time_budget_minutes, sum(self._step_times[_WARMUP_STEPS:]) / t.budget_calibration_steps,
+                 s.total_steps)
+
+    def _eval_seconds_per_image(self) -> float:
+        """Time one eval batch (after one warm-up batch) of the validation or test split."""
+        dataset = self.data.val or self.data.test
+        if dataset is None:
+            return 0.0
+        images, _ = next(iter(eval_loader(dataset, self._eval_batch_size(), 0)))
+        model, x = self.eval_model(), images.to(self.device)
+        model.eval()
+        with torch.inference_mode(), autocast(self.device, self.amp):
+            model(x)
+            start = time.perf_counter()
+            model(x)
+            seconds = time.perf_counter() - start
+        self.model.train()
+        return seconds / len(x)
+
+    def _plan(self, step_s: float) -> int:
+        """Steps that fit: remaining budget minus the final evaluation, over step time plus amortised evaluation."""
+        t, s = self.cfg.train, self.state
+        per_img = self._eval_s_per_image = self._eval_seconds_per_image()
+        n_val = len(self.data.val) if self.data.val is not None else 0
+        n_test = len(self.data.test) if self.data.test is not None else 0
+        per_eval = per_img * (n_val + (n_test if self.cfg.log.test_curve else 0))
+        interval = t.eval_every or self.data.sampler.steps_per_epoch
+        final = per_img * (n_val + n_test) * 1.5 + 5.0  # final val + test, artifacts and plots
+        remaining = 0.97 * t.time_budget_minutes * 60.0 - self.elapsed() - final
+        fit = int(max(0.0, remaining) / (step_s + per_eval / interval))
+        return max(s.step + 1, min(self.max_steps, s.step + fit))
+
+    def _over_budget(self) -> bool:
+        t = self.cfg.train
+        if t.time_budget_minutes is None:
+            return False
+        n = sum(len(d) for d in (self.data.val, self.data.test) if d is not None)
+        reserve = (self._eval_s_per_image or 0.0) * n * 1.5
+        return self.elapsed() + reserve >= t.time_budget_minutes * 60.0
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def _train_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors, opt_meta = ckpt.optimizer_state(self.optimizer)
+        rng_tensors, rng_meta = ckpt.capture_rng()
+        tensors.update(rng_tensors)
+        if self.ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in self.ema.state_tensors().items()})
+        state = dataclasses.replace(self.state, elapsed_s=self.elapsed(), window=dataclasses.asdict(self.window))
+        meta = {"state": dataclasses.asdict(state), "optimizer": opt_meta, "rng": rng_meta,
+                "ema_updates": self.ema.updates if self.ema is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "data_order": {"seed": self.cfg.train.seed, "epoch": state.epoch,
+                               "step_in_epoch": state.step_in_epoch, "batch_size": self.cfg.train.batch_size,
+                               "world_size": self.info.world_size},
+                "schedule": dataclasses.asdict(self.schedule)}
+        return tensors, meta
+
+    def _save_last(self) -> None:
+        if self.reporting:
+            tensors, meta = self._train_state()
+            ckpt.save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, self.data.classes, tensors, meta)
+        barrier(self.info)
+
+    def _restore(self, folder: Path) -> None:
+        tensors, meta = ckpt.read_train_state(folder)
+        ckpt.load_optimizer_state(self.optimizer, tensors, meta["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_tensors({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")},
+                                        meta["ema_updates"])
+        if self.scaler is not None and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        ckpt.restore_rng(tensors, meta["rng"])
+        self.state = RunState(**meta["state"])
+        self.window = _Window(**self.state.window)
+        saved_world = meta["data_order"]["world_size"]
+        if saved_world != self.info.world_size:
+            log.warning("resuming a %d-process run with %d processes: the data order is the same, dropout and "
+                        "drop-path streams differ", saved_world, self.info.world_size)
+        log.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", folder, self.state.step,
+                 self.state.epoch, self.state.step_in_epoch)
+
+    # ----------------------------------------------------------------------------------------------- endings
+    def _interrupted(self) -> RunResult:
+        s = self.state
+        if self.reporting:
+            self._plots()
+            log.warning("stopped by %s at step %d of %d; checkpoint saved in %s. Continue with: "
+                        "vitkit train --resume %s", self.stop.name, s.step, s.total_steps,
+                        self.run_dir / "checkpoints" / "last", self.run_dir)
+        return RunResult(self.run_dir, "interrupted", s.step, s.total_steps, None, self.stop.name or "SIGTERM")
+
+    def _finish(self) -> RunResult:
+        summary = self._final_report() if self.reporting else None
+        barrier(self.info)
+        return RunResult(self.run_dir, "completed", self.state.step, self.state.total_steps, summary)
+
+    def _test_model(self) -> tuple[nn.Module, str]:
+        best = ckpt.find_checkpoint(self.run_dir, "best")
+        if best is not None and self.state.best_step is not None:
+            model = copy.deepcopy(self.eval_model())
+            ckpt.load_model_weights(model, best)
+            return model, f"best (step {self.state.best_step}, selected on val)"
+        return self.eval_model(), f"final (step {self.state.step})"
+
+    def _final_report(self) -> dict[str, Any]:
+        from vitkit.evaluate import save_eval_artifacts
+        test, weights = None, None
+        if self.data.test is not None:
+            model, weights = self._test_model()
+            test = self._evaluate(self.data.test, model)
+            save_eval_artifacts(test.details, self.run_dir / "eval" / "test", self.data.classes)
+        summary = self._summary(test, weights)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self._plots()
+        self.tb.close()
+        return summary
+
+    def _summary(self, test, weights: str | None) -> dict[str, Any]:
+        s, t = self.state, self.cfg.train
+        return {"status": "completed", "steps": s.step, "epochs": s.epoch + s.step_in_epoch /
+                self.data.sampler.steps_per_epoch, "val": s.last_eval or None,
+                "best": {"step": s.best_step, self.task.metric: s.best_metric} if s.best_step else None,
+                "test": {**test.metrics, "num_samples": test.num_samples, "weights": weights} if test else None,
+                "wall_time_s": self.elapsed(), "train_time_s": s.train_s,
+                "images_per_s": s.images / s.train_s if s.train_s else None,
+                "time_budget_minutes": t.time_budget_minutes, "planned_steps": s.total_steps if s.planned else None,
+                "data": {"train": len(self.data.train), "val": len(self.data.val) if self.data.val else 0,
+                         "test": len(self.data.test) if self.data.test else 0, "classes": len(self.data.classes)},
+                "environment": environment(self.device, self.threads, self.info.world_size)}
+
+    def _plots(self) -> None:
+        if self.cfg.log.plots:
+            write_plots(self.run_dir / "metrics.csv", self.run_dir / "plots", self.schedule, self.state.total_steps)
+
+
+_ROW_KEYS = {"val_loss", "val_top1", "val_top5", "test_loss", "test_top1", "test_top5"}
