@@ -226,6 +226,11 @@ def test_jax_npz_with_pre_logits_representation_layer(tmp_path):
                                 num_classes=10)
     assert any("pre_logits.fc.weight" in item for item in plain.load_report.ignored)
     assert plain.head.in_features == 48 and not plain.head.weight.any()
+    # a new class count alone is a transfer too: the pre-training head (representation layer included) goes
+    moved = vitkit.create_model("vit_tiny_patch16_224", pretrained=path, img_size=32, num_classes=10)
+    assert moved.cfg.representation_size is None and moved.head.in_features == 48
+    same = vitkit.create_model("vit_tiny_patch16_224", pretrained=path, img_size=32, num_classes=source.num_classes)
+    assert same.cfg.representation_size == 24
 
 
 @pytest.mark.parametrize("pool", ["tok", "gap"])

@@ -147,6 +147,8 @@ def create_model(name: str, pretrained: str | bool | None = None, num_classes: i
         from vitkit.weights import read_checkpoint
         loaded = read_checkpoint(pretrained, spec)
     hints = {k: v for k, v in (loaded.config_hints if loaded else {}).items() if k not in explicit}
+    if "num_classes" in explicit and loaded and loaded.config_hints.get("num_classes") != explicit["num_classes"]:
+        hints.pop("representation_size", None)  # a new task replaces the whole pre-training head (App. B.1.1)
     cfg = from_dict(spec.model_cls.config_cls, {**spec.config, **hints, **explicit}, where=name)
     model = spec.model_cls(cfg)
     model.variant_name = name
