@@ -131,9 +131,6 @@ def test_record_attention_is_restored_after_an_exception():
     assert model.blocks[0].attn.attn_recorder is None
 
 
-@pytest.mark.xfail(strict=True, reason="attention.py record_attention resets every recorder to None on exit "
-                   "instead of restoring the previous one, so an enclosing context stops recording (reported; "
-                   "attention.py is being optimised by another engineer)")
 def test_nested_record_attention_keeps_the_outer_recorder():
     model = vitkit.create_model("vit_tiny_patch16_224", **tiny_overrides("vit_tiny_patch16_224")).eval()
     x = torch.randn(1, 3, 32, 32)

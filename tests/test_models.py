@@ -172,9 +172,6 @@ def test_forward_intermediates_match_block_hooks(name, img):
             torch.testing.assert_close(fmap[:, :, r, c], outputs[1][:, prefix + r * w + c])
 
 
-@pytest.mark.xfail(strict=True, reason="vit.py forward_intermediates wraps out-of-range indices (i % depth) and "
-                   "accepts n > depth / n = 0 (IndexError); it should raise ValueError naming the valid range "
-                   "(reported; the ViT forward is being optimised by another engineer)")
 @pytest.mark.parametrize("indices", [[5], 5, 0], ids=["index-5-of-3", "last-5-of-3", "zero"])
 def test_forward_intermediates_rejects_out_of_range_indices(indices):
     model = _tiny(depth=3).eval()

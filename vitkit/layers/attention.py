@@ -78,10 +78,11 @@ def record_attention(model: nn.Module, detach: bool = True) -> Iterator[dict[str
             maps[name] = attn.detach() if detach else attn
         return store
 
+    previous = [(module, module.attn_recorder) for _, module in layers]
     for name, module in layers:
         module.attn_recorder = recorder(name)
     try:
         yield maps
     finally:
-        for _, module in layers:
-            module.attn_recorder = None
+        for module, before in previous:  # an enclosing context keeps recording after a nested one closes
+            module.attn_recorder = before

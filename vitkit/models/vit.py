@@ -181,9 +181,7 @@ class VisionTransformer(nn.Module):
         Each is (B, prefix + N, D), or with ``reshape=True`` the patch tokens as a (B, D, H/P, W/P) map; ``norm``
         applies the final LayerNorm to each.
         """
-        depth = len(self.blocks)
-        wanted = range(depth - indices, depth) if isinstance(indices, int) else [i % depth for i in indices]
-        wanted = sorted(set(wanted))
+        wanted = self._block_indices(indices)
         B, _, H, W = x.shape
         P = self.patch_embed.patch_size
         x = self.embed(x)
@@ -196,6 +194,17 @@ class VisionTransformer(nn.Module):
                     y = y[:, self.num_prefix_tokens:].transpose(1, 2).reshape(B, -1, H // P[0], W // P[1])  # (B, D, h, w)
                 outs.append(y)
         return outs
+
+    def _block_indices(self, indices: int | Sequence[int]) -> list[int]:
+        depth = len(self.blocks)
+        if isinstance(indices, int):
+            if not 1 <= indices <= depth:
+                raise ValueError(f"indices={indices}: ask for the last 1..{depth} blocks")
+            return list(range(depth - indices, depth))
+        bad = [i for i in indices if not -depth <= i < depth]
+        if bad or not indices:
+            raise ValueError(f"block indices {bad or indices} out of range for depth {depth} (-{depth}..{depth - 1})")
+        return sorted({i % depth for i in indices})
 
     # ------------------------------------------------------------------------------------------ weight loading
     def load_pretrained_state(self, state: dict[str, Tensor], report) -> dict[str, Tensor]:
