@@ -215,3 +215,18 @@ def test_resume_keeps_the_recipe_but_allows_paths_and_logging(tmp_path):
     result = resume(run, ["log.plots=true", "data.num_workers=0"])  # a finished run only re-reports
     assert result.status == "completed" and result.step == 2
     assert (run / "plots" / "loss.png").is_file()
+
+
+def test_plot_accuracy_vs_minutes(tmp_path):
+    from vitkit.train.report import plot_accuracy_vs_minutes
+    for name, accs in (("a", "0.5,0.7"), ("b", "0.2,0.3")):
+        (tmp_path / name).mkdir()
+        rows = [f"1,{100 * i},{60.0 * (i + 1)},{acc}" for i, acc in enumerate(accs.split(","))]
+        (tmp_path / name / "metrics.csv").write_text("epoch,step,elapsed_s,test_top1\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "plot.png"
+    plot_accuracy_vs_minutes({"pre-trained": tmp_path / "a", "scratch": tmp_path / "b"}, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "metrics.csv").write_text("epoch,step,elapsed_s,test_top1\n1,10,5,\n")
+    with pytest.raises(ValueError, match="no test_top1"):
+        plot_accuracy_vs_minutes({"empty": tmp_path / "c"}, out)

@@ -179,3 +179,26 @@ def environment(device: torch.device, threads: int, world_size: int) -> dict[str
     return {"vitkit": vitkit.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "device": str(device), "threads": threads, "world_size": world_size,
             "cpu_count": os.cpu_count(), "git_commit": _git_commit()}
+
+
+def plot_accuracy_vs_minutes(runs: dict[str, str | os.PathLike], path: str | os.PathLike,
+                             key: str = "test_top1") -> None:
+    """One curve per run: ``key`` from each run's metrics.csv against wall-clock minutes (e.g. pre-trained vs scratch).
+
+    Needs runs that recorded the test split at each validation (``log.test_curve: true``)."""
+    import csv
+    fig, ax = _figure()
+    for label, run_dir in runs.items():
+        with open(Path(run_dir) / "metrics.csv") as f:
+            pts = [(float(r["elapsed_s"]) / 60.0, 100.0 * float(r[key])) for r in csv.DictReader(f) if r.get(key)]
+        if not pts:
+            raise ValueError(f"{run_dir}/metrics.csv has no {key} values (was log.test_curve on?)")
+        ax.plot([0.0] + [p[0] for p in pts], [10.0] + [p[1] for p in pts], marker="o", markersize=3,
+                label=f"{label} ({pts[-1][1]:.1f}%)")  # 10% = chance at minute 0
+    ax.set_xlabel("wall-clock minutes (2-core CPU)")
+    ax.set_ylabel(f"{key.replace('_top1', '')} top-1 accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
