@@ -1,0 +1,170 @@
+"""The benchmark machinery on tiny models and few iterations: sane numbers, a real training step, an exact
+transformers twin, parseable JSON. (Speed itself is measured by commands, see vitkit/bench/README.md.)"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import vitkit
+from vitkit.bench.compare import (compare_to_transformers, randomize_heads_, to_transformers,
+                                  transformers_state_dict)
+from vitkit.bench.machine import GemmProbe, copy_bandwidth
+from vitkit.bench.runner import BenchSettings, benchmark, make_step, summarize
+from vitkit.cli.main import main
+from vitkit.weights.hf import vit_from_hf
+from vitkit.weights.report import LoadReport
+
+from conftest import randomize_
+
+pytest.importorskip("transformers")
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+FAST = BenchSettings(batch_size=2, warmup=1, iters=3, probes=1, probe_size=128)
+
+
+def _tiny(name: str = "vit_tiny_patch16_224", **kw) -> torch.nn.Module:
+    return randomize_(vitkit.create_model(name, **{**TINY, **kw}))
+
+
+def test_benchmark_inference_gives_sane_numbers():
+    res = benchmark(_tiny(), FAST)
+    assert res.images_per_s > 0 and res.latency_ms_median > 0
+    assert res.latency_ms_min <= res.latency_ms_median <= res.latency_ms_p90
+    assert res.images_per_s == pytest.approx(2 / (res.latency_ms_median / 1e3))
+    assert len(res.times_ms) == 3 and res.first_step_s > 0
+    assert res.peak_mem_mb is None or res.peak_mem_mb >= 0
+    assert res.step_gflops_per_image == pytest.approx(2 * vitkit.bench.count_macs(_tiny()) / 1e9)
+    assert res.peak_gflops > 0 and res.peak_fraction > 0
+    assert res.achieved_gflops == pytest.approx(res.step_gflops_per_image * res.images_per_s)
+
+
+def test_training_step_updates_the_weights_and_counts_backward_flops():
+    model = _tiny()
+    before = model.blocks[0].mlp.fc1.weight.detach().clone()
+    res = benchmark(model, BenchSettings(batch_size=2, warmup=1, iters=2, probes=0, mode="train"))
+    assert model.training and not torch.equal(before, model.blocks[0].mlp.fc1.weight)
+    fwd = 2 * vitkit.bench.count_macs(_tiny()) / 1e9
+    assert 2.5 * fwd < res.step_gflops_per_image <= 3 * fwd
+    assert res.images_per_s > 0 and res.peak_fraction is None  # no probe asked for
+
+
+def test_bf16_autocast_steps_run():
+    model = _tiny()
+    x = torch.randn(2, 3, 32, 32)
+    for mode in ("infer", "train"):
+        make_step(model, x, BenchSettings(dtype="bf16", mode=mode), num_classes=10)()
+
+
+def test_summarize_statistics():
+    res = summarize("m", [0.1, 0.2, 0.3, 0.4, 1.0], batch_size=4)
+    assert res.latency_ms_median == pytest.approx(300) and res.latency_ms_p90 == pytest.approx(1000)
+    assert res.images_per_s == pytest.approx(4 / 0.3)
+
+
+def test_machine_probes_are_positive():
+    assert GemmProbe(64).sample() > 0
+    bw = copy_bandwidth(mbytes=4, repeats=2)
+    assert bw["best"] >= bw["median"] > 0
+
+
+# ------------------------------------------------------------------------------------------- vs transformers
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_transformers_twin_computes_the_same_logits(name):
+    model = _tiny(name, act_layer="gelu_tanh", norm_eps=1e-12, qkv_bias=False).eval()
+    hf = to_transformers(model)
+    assert type(hf).__name__ == ("DeiTForImageClassificationWithTeacher" if "distilled" in name
+                                 else "ViTForImageClassification")
+    assert hf.config.layer_norm_eps == 1e-12 and hf.config.hidden_act == "gelu_pytorch_tanh"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours, theirs = model(x), hf(pixel_values=x).logits
+    assert ours.abs().max() > 0.1  # not a vacuous comparison
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_transformers_state_dict_round_trips_through_the_importer():
+    model = _tiny("deit_tiny_distilled_patch16_224")
+    back = vit_from_hf(transformers_state_dict(model), LoadReport("roundtrip"))
+    ours = model.state_dict()
+    assert sorted(back) == sorted(ours)
+    assert all(torch.equal(back[k], ours[k]) for k in ours)
+    q = transformers_state_dict(model)["deit.layers.0.attention.q_proj.weight"]
+    assert q.data_ptr() != model.blocks[0].attn.qkv.weight.data_ptr()  # copies, never shared storage
+
+
+def test_comparison_reports_both_sides_and_equal_outputs():
+    cmp = compare_to_transformers(_tiny(), FAST)
+    assert cmp.max_abs_diff < 1e-4
+    assert cmp.ours.images_per_s > 0 and cmp.theirs.images_per_s > 0
+    assert cmp.speed_ratio == pytest.approx(cmp.ours.images_per_s / cmp.theirs.images_per_s)
+    assert cmp.ours.peak_fraction > 0 and cmp.theirs.peak_fraction > 0
+    assert cmp.ours.step_gflops_per_image == cmp.theirs.step_gflops_per_image
+    assert cmp.attn_implementation == "sdpa"
+
+
+def test_unsupported_architecture_is_refused_by_name():
+    with pytest.raises(ValueError, match="global_pool"):
+        to_transformers(_tiny(global_pool="avg"))
+
+
+def test_randomize_heads_only_touches_zero_heads():
+    model = vitkit.create_model("vit_tiny_patch16_224", **TINY)
+    assert not model.head.weight.any()
+    randomize_heads_(model)
+    w = model.head.weight.detach().clone()
+    assert w.any()
+    randomize_heads_(model, seed=1)
+    assert torch.equal(w, model.head.weight)
+
+
+# ---------------------------------------------------------------------------------------------------- the CLI
+def _cli(*extra: str) -> list[str]:
+    return ["bench", "vit_tiny_patch16_224", "--img-size", "32", "--set", "patch_size=8", "--set", "embed_dim=32",
+            "--set", "depth=2", "--set", "num_heads=2", "--set", "num_classes=10", "--batch-size", "2",
+            "--warmup", "1", "--iters", "2", "--probes", "1", "--probe-size", "128", *extra]
+
+
+def test_bench_cli_compare_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(_cli("--compare", "transformers", "--json", str(out))) == 0
+    printed = capsys.readouterr().out
+    assert "vitkit / transformers" in printed and "load average" in printed
+    report = json.loads(out.read_text())
+    cmp = report["comparison"]
+    assert cmp["max_abs_diff"] < 1e-4 and cmp["ours"]["images_per_s"] > 0 and cmp["theirs"]["images_per_s"] > 0
+    assert report["input_size"] == [3, 32, 32] and report["overrides"]["patch_size"] == 8
+    assert report["settings"]["mode"] == "infer" and report["env"]["loadavg_end"] is not None
+
+
+def test_bench_cli_train_mode(tmp_path):
+    out = tmp_path / "train.json"
+    assert main(_cli("--mode", "train", "--json", str(out))) == 0
+    res = json.loads(out.read_text())["result"]
+    assert res["images_per_s"] > 0 and res["step_gflops_per_image"] > 0
+
+
+def test_bench_cli_errors_name_the_problem(capsys):
+    assert main(["bench", "vit_tiny_patch16_224", "--set", "depht=2"]) == 2
+    assert "depht" in capsys.readouterr().err
+    assert main(["bench"]) == 2
+
+
+def test_quiet_mode_terminates_and_keeps_every_round_after_the_deadline():
+    from vitkit.bench.runner import interleave
+    calls = []
+    timed = interleave({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, "cpu",
+                       quiet=-1.0, max_wait=0.2)  # never quiet enough: waits out the deadline, then counts all
+    assert len(timed.times["a"]) == len(timed.times["b"]) == 3
+    assert calls[:2] in (["a", "b"], ["b", "a"]) and len(calls) == 6 + 2 * timed.discarded_rounds
+
+
+def test_cpu_monitor_counts_page_faults_of_fresh_memory():
+    from vitkit.bench.machine import CpuMonitor
+    with CpuMonitor() as mon:
+        torch.ones(8 * 2 ** 20 // 4)  # 8 MiB of freshly mapped memory (above glibc's mmap threshold)
+    if mon.minor_faults is None:
+        pytest.skip("no getrusage on this platform")
+    assert mon.minor_faults > 100
+    assert mon.foreign_cores is None or mon.foreign_cores >= 0

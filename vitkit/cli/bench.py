@@ -1,0 +1,166 @@
+"""`vitkit bench MODEL`: images/s, latency (median, p90), peak memory and fraction of the GEMM peak of one step.
+
+Examples:
+    vitkit bench vit_base_patch16_224 --batch-size 8 --compare transformers
+    vitkit bench vit_base_patch16_224 --img-size 32 --set patch_size=4 --set embed_dim=256 --set depth=7 \\
+        --set num_heads=4 --set mlp_ratio=2 --set num_classes=10 --mode train --compare transformers
+    vitkit bench --machine --json machine.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import time
+from typing import Any
+
+HELP = "benchmark a model (throughput, latency, memory, % of GEMM peak), optionally against transformers"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", help="a registered variant name (see `vitkit models`)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--img-size", type=int, help="input resolution (default: the variant's)")
+    parser.add_argument("--set", "--override", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="architecture override passed to create_model, e.g. --set depth=7 (repeatable)")
+    parser.add_argument("--pretrained", help="checkpoint to load (default: random weights)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast, fp32 weights")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (compile time excluded)")
+    parser.add_argument("--mode", choices=("infer", "train"), default="infer",
+                        help="infer: forward under inference_mode; train: forward + backward + AdamW step")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
+    parser.add_argument("--iters", type=int, default=10, help="timed steps per model")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--probes", type=int, default=10, help="GEMM-peak samples taken between rounds (0 = none)")
+    parser.add_argument("--probe-size", type=int, default=2048, help="n of the n×n GEMM probe")
+    parser.add_argument("--quiet", type=float, metavar="CORES",
+                        help="shared machine: before each round wait until other processes use at most CORES "
+                             "cores, and repeat rounds (and GEMM probes) they disturbed")
+    parser.add_argument("--max-wait", type=float, default=600.0,
+                        help="seconds after which --quiet accepts every round (default 600)")
+    parser.add_argument("--compare", choices=("transformers",), help="also run the same model in this library")
+    parser.add_argument("--machine", action="store_true", help="measure the machine's GEMM peak and copy bandwidth")
+    parser.add_argument("--json", metavar="OUT", help="write every number (and the settings) to this JSON file")
+
+
+def _overrides(items: list[str]) -> dict[str, Any]:
+    from vitkit.config import parse_scalar
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = parse_scalar(value)
+    return out
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [float(v) for v in open("/proc/loadavg").read().split()[:3]]
+    except OSError:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    import torch
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
+            "python": platform.python_version(), "loadavg_start": _loadavg()}
+
+
+def build_model(args: argparse.Namespace):
+    import vitkit
+    from vitkit.bench.compare import randomize_heads_
+    overrides = _overrides(args.overrides)
+    model = vitkit.create_model(args.model, pretrained=args.pretrained, img_size=args.img_size, **overrides)
+    if not args.pretrained:
+        randomize_heads_(model)  # a fresh head is zero: logits would all be 0 and comparisons vacuous
+    return model
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def result_lines(results: list) -> list[str]:
+    header = ("", "images/s", "median ms", "p90 ms", "min ms", "peak MiB", "GFLOP/s", "% GEMM peak",
+              "page faults", "other load")
+    rows = [(r.label, f"{r.images_per_s:.2f}", f"{r.latency_ms_median:.1f}", f"{r.latency_ms_p90:.1f}",
+             f"{r.latency_ms_min:.1f}", _fmt(r.peak_mem_mb, ".0f"), _fmt(r.achieved_gflops, ".1f"),
+             _fmt(r.peak_fraction and 100 * r.peak_fraction, ".1f"), _fmt(r.minor_faults, ".0f"),
+             _fmt(r.foreign_cores, ".2f"))
+            for r in results]
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    return ["  ".join(f"{v:>{w}}" if i else f"{v:<{w}}" for i, (v, w) in enumerate(zip(line, widths)))
+            for line in [header, *rows]]
+
+
+def _run_machine(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    import torch
+    from vitkit.bench.machine import machine_limits
+    threads = (args.threads,) if args.threads else tuple(sorted({1, torch.get_num_threads()}))
+    limits = machine_limits(threads, device=args.device, quiet=args.quiet, max_wait=args.max_wait)
+    report["machine"] = limits
+    for t, v in limits["by_threads"].items():
+        print(f"threads={t}: fp32 GEMM {v['gemm_fp32_gflops']['median']:.1f} GFLOP/s "
+              f"(best {v['gemm_fp32_gflops']['best']:.1f}), bf16 GEMM {v['gemm_bf16_gflops']['median']:.1f} "
+              f"(best {v['gemm_bf16_gflops']['best']:.1f}), copy {v['copy_gbps']['median']:.1f} GB/s "
+              f"(best {v['copy_gbps']['best']:.1f})")
+
+
+def _run_model(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    from vitkit.bench.compare import compare_to_transformers
+    from vitkit.bench.runner import BenchSettings, benchmark
+    settings = BenchSettings(batch_size=args.batch_size, dtype=args.dtype, compile=args.compile, mode=args.mode,
+                             warmup=args.warmup, iters=args.iters, device=args.device, probes=args.probes,
+                             probe_size=args.probe_size, quiet=args.quiet, max_wait=args.max_wait)
+    model = build_model(args)
+    input_size = tuple(model.data_cfg.input_size)
+    report.update(model=args.model, overrides=_overrides(args.overrides), input_size=list(input_size),
+                  settings=dataclasses.asdict(settings))
+    print(f"{args.model} {'x'.join(map(str, input_size))}, batch {args.batch_size}, {args.dtype}, "
+          f"{'compiled' if args.compile else 'eager'}, {args.mode}, {report['env']['threads']} threads")
+    if args.compare:
+        cmp = compare_to_transformers(model, settings, input_size)
+        report["comparison"] = cmp.as_dict()
+        results = [cmp.ours, cmp.theirs]
+        peak = cmp.peak_gflops_median
+    else:
+        res = benchmark(model, settings, input_size)
+        report["result"] = res.as_dict()
+        results, peak = [res], res.peak_gflops
+    print("\n".join(result_lines(results)))
+    if results[0].discarded_rounds:
+        print(f"{results[0].discarded_rounds} rounds were repeated because other processes used > {args.quiet} cores")
+    if args.quiet is not None and any((r.foreign_cores or 0) > args.quiet for r in results):
+        print(f"warning: the machine did not become quiet within --max-wait {args.max_wait:.0f} s; "
+              f"these numbers include steps disturbed by other processes (see 'other load')")
+    if peak:
+        print(f"GEMM peak ({args.dtype}, {args.device}, same run): {peak:.1f} GFLOP/s median")
+    if args.compare:
+        print(f"vitkit / transformers images/s: {cmp.speed_ratio:.3f}   max |logits diff|: {cmp.max_abs_diff:.2e}   "
+              f"(transformers attention: {cmp.attn_implementation})")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.model and not args.machine:
+        raise ValueError("give a MODEL to benchmark, or --machine")
+    report: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                              "env": environment(),
+                              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if args.machine:
+        _run_machine(args, report)
+    if args.model:
+        _run_model(args, report)
+    report["env"]["loadavg_end"] = _loadavg()
+    print(f"load average: start {report['env']['loadavg_start']}, end {report['env']['loadavg_end']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    return 0

@@ -1,0 +1,58 @@
+"""`vitkit models [PATTERN]`: registered variants with family, input size, parameters and GFLOPs.
+
+GFLOPs follow the papers: multiply-accumulates of one image's forward pass at the native resolution, attention
+products included (``vitkit.bench.flops``). Counted on the meta device, so nothing is allocated or computed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+
+HELP = "list registered models with parameters (M) and GFLOPs (MACs, as the papers count them)"
+
+COLUMNS = ("name", "family", "input_size", "params_m", "gflops")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'deit*' (default: all)")
+    parser.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
+
+
+def rows(pattern: str = "*") -> list[dict]:
+    import vitkit
+    from vitkit.bench.flops import model_stats
+    names = vitkit.list_models(pattern)
+    if not names:
+        raise ValueError(f"no model matches {pattern!r}")
+    return [model_stats(name).as_dict() for name in names]
+
+
+def _size(row: dict) -> str:
+    c, h, w = row["input_size"]
+    return f"{h}x{w}"
+
+
+def format_table(table: list[dict]) -> str:
+    header = ("model", "family", "input", "params (M)", "GFLOPs")
+    body = [(r["name"], r["family"], _size(r), f"{r['params_m']:.2f}", f"{r['gflops']:.2f}") for r in table]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    align = ("<", "<", "<", ">", ">")
+    lines = ["  ".join(f"{v:{a}{w}}" for v, a, w in zip(line, align, widths)) for line in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    table = rows(args.pattern)
+    if args.format == "json":
+        json.dump(table, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    elif args.format == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(("name", "family", "input", "params_m", "gflops"))
+        writer.writerows((r["name"], r["family"], _size(r), r["params_m"], r["gflops"]) for r in table)
+    else:
+        print(format_table(table))
+    return 0
