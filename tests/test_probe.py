@@ -78,6 +78,17 @@ def test_extract_features_are_pre_logits():
     assert feats.y.tolist() == [0, 1, 2, 2, 1] and feats.images_per_second > 0
 
 
+def test_extract_features_autocast_is_applied():
+    """bf16 extraction is close to float32 but not identical: the dtype reaches the forward pass."""
+    model = vitkit.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2,
+                                num_classes=3).eval()
+    loader = [(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))]
+    fp32 = extract_features(model, loader, progress=False).x
+    bf16 = extract_features(model, loader, amp_dtype=torch.bfloat16, progress=False).x
+    assert bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)
+    torch.testing.assert_close(bf16, fp32, atol=0.1, rtol=0.05)
+
+
 def test_eval_cli_probes_on_a_foreign_head(tmp_path, capsys):
     """An ImageNet-style head probed on another dataset: probes run, the classification report is skipped."""
     from vitkit.cli.main import main
@@ -86,7 +97,7 @@ def test_eval_cli_probes_on_a_foreign_head(tmp_path, capsys):
                                 num_classes=7)
     vitkit.save_pretrained(model, folder)
     code = main(["eval", str(folder), "--set", "data.name=digits", "data.val_fraction=0.1", "data.train_limit=300", "data.test_limit=200", "--few-shot", "1,5",
-                 "--draws", "2", "--linear-probe", "--out", str(tmp_path / "ev")])
+                 "--draws", "2", "--linear-probe", "--amp", "bf16", "--out", str(tmp_path / "ev")])
     out = capsys.readouterr().out
     assert code == 0 and "5-shot linear" in out and "linear probe: test" in out
     import json

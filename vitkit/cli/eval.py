@@ -76,7 +76,7 @@ def run_probes(model: nn.Module, data_cfg, args: argparse.Namespace, device: tor
     from vitkit.evaluate.probe import run_probes as probe
     report = probe(model, build_splits(data_cfg), dataset_transform(data_cfg, model), args.few_shot,
                    args.linear_probe, args.draws, args.l2, args.probe_seed, args.batch_size, data_cfg.num_workers,
-                   device)
+                   device, amp_dtype=AMP_DTYPES.get(args.amp))
     _print_probes(report)
     return report.to_dict()
 

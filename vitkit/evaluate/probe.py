@@ -186,12 +186,14 @@ def _needed_indices(targets: Sequence[int], shots: Sequence[int], num_classes: i
 
 def run_probes(model: nn.Module, splits, transform, shots: Sequence[int] = (), linear: bool = False,
                draws: int = 5, l2: float = 2.0 ** 10, seed: int = 0, batch_size: int = 64, num_workers: int = 0,
-               device: str | torch.device = "cpu", progress: bool = True) -> ProbeReport:
+               device: str | torch.device = "cpu", progress: bool = True,
+               amp_dtype: torch.dtype | None = None) -> ProbeReport:
     """Extract frozen features once per split and run the requested probes on them.
 
     ``splits`` is a ``vitkit.data.Splits``; ``transform`` the eval transform (no augmentation). Few-shot draws come
     from the training split and are scored on the test split; the linear probe trains on the whole training split and
-    picks its L2 strength on the held-out validation split.
+    picks its L2 strength on the held-out validation split. ``amp_dtype`` (e.g. ``torch.bfloat16``) autocasts the
+    extraction; the probes themselves are solved in float64.
     """
     from torch.utils.data import DataLoader
 
@@ -205,7 +207,7 @@ def run_probes(model: nn.Module, splits, transform, shots: Sequence[int] = (), l
     def feats(ds, name: str) -> Features:
         loader = DataLoader(TransformDataset(ds, transform), batch_size=batch_size, shuffle=False,
                             num_workers=num_workers, collate_fn=collate_skip_none)
-        f = extract_features(model, loader, device, progress=progress, desc=f"{name} features")
+        f = extract_features(model, loader, device, amp_dtype, progress=progress, desc=f"{name} features")
         report.feature_images_per_second[name] = f.images_per_second
         return f
 

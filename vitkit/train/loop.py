@@ -415,8 +415,7 @@ class Trainer:
         n_test = len(self.data.test) if self.data.test is not None else 0
         per_eval = per_img * (n_val + (n_test if self.cfg.log.test_curve else 0))
         interval = t.eval_every or self.data.sampler.steps_per_epoch
-        final = per_img * (n_val + n_test) * 1.5 + 5.0  # final val + test, artifacts and plots
-        remaining = 0.97 * t.time_budget_minutes * 60.0 - self.elapsed() - final
+        remaining = 0.97 * t.time_budget_minutes * 60.0 - self.elapsed() - self._final_reserve()
         fit = int(max(0.0, remaining) / (step_s + per_eval / interval))
         return max(s.step + 1, min(self.max_steps, s.step + fit))
 
@@ -424,9 +423,15 @@ class Trainer:
         t = self.cfg.train
         if t.time_budget_minutes is None:
             return False
-        n = sum(len(d) for d in (self.data.val, self.data.test) if d is not None)
-        reserve = (self._eval_s_per_image or 0.0) * n * 1.5
-        return self.elapsed() + reserve >= t.time_budget_minutes * 60.0
+        return self.elapsed() + self._final_reserve() >= t.time_budget_minutes * 60.0
+
+    def _final_reserve(self) -> float:
+        """Seconds the end of a run takes after its last step: the last validation (with the test curve, a test pass
+        too), the test pass of the selected weights, checkpoints and plots; 1.5x the measured evaluation rate."""
+        n_val = len(self.data.val) if self.data.val is not None else 0
+        n_test = len(self.data.test) if self.data.test is not None else 0
+        images = n_val + n_test * (2 if self.cfg.log.test_curve else 1)
+        return (self._eval_s_per_image or 0.0) * images * 1.5 + 5.0
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def _train_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -194,7 +194,7 @@ def plot_accuracy_vs_minutes(runs: dict[str, str | os.PathLike], path: str | os.
         if not pts:
             raise ValueError(f"{run_dir}/metrics.csv has no {key} values (was log.test_curve on?)")
         ax.plot([0.0] + [p[0] for p in pts], [10.0] + [p[1] for p in pts], marker="o", markersize=3,
-                label=f"{label} ({pts[-1][1]:.1f}%)")  # 10% = chance at minute 0
+                label=f"{label} ({pts[-1][1]:.2f}%)")  # 10% = chance at minute 0
     ax.set_xlabel("wall-clock minutes (2-core CPU)")
     ax.set_ylabel(f"{key.replace('_top1', '')} top-1 accuracy (%)")
     ax.set_ylim(0, 100)
