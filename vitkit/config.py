@@ -13,7 +13,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "check_value", "apply_dotted", "parse_scalar", "merge"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "check_value", "apply_dotted", "parse_overrides", "parse_scalar",
+           "merge"]
 
 
 class ConfigError(ValueError):
@@ -141,6 +142,17 @@ def parse_scalar(text: str) -> Any:
         except ValueError:
             return value
     return value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["depth=7", "embed_dim=96"]`` (``--set`` flags) → ``{"depth": 7, "embed_dim": 96}``, values as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = parse_scalar(value)
+    return out
 
 
 def apply_dotted(data: dict[str, Any], assignment: str) -> dict[str, Any]:

@@ -46,35 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="OUT", help="write every number (and the settings) to this JSON file")
 
 
-def _overrides(items: list[str]) -> dict[str, Any]:
-    from vitkit.config import parse_scalar
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = parse_scalar(value)
-    return out
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [float(v) for v in open("/proc/loadavg").read().split()[:3]]
-    except OSError:
-        return None
-
-
 def environment() -> dict[str, Any]:
     import torch
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
-            "python": platform.python_version(), "loadavg_start": _loadavg()}
+            "python": platform.python_version(), "loadavg_start": list(os.getloadavg())}
 
 
-def build_model(args: argparse.Namespace):
+def build_model(args: argparse.Namespace, overrides: dict[str, Any]):
     import vitkit
     from vitkit.bench.compare import randomize_heads_
-    overrides = _overrides(args.overrides)
     model = vitkit.create_model(args.model, pretrained=args.pretrained, img_size=args.img_size, **overrides)
     if not args.pretrained:
         randomize_heads_(model)  # a fresh head is zero: logits would all be 0 and comparisons vacuous
@@ -117,9 +98,11 @@ def _run_model(args: argparse.Namespace, report: dict[str, Any]) -> None:
     settings = BenchSettings(batch_size=args.batch_size, dtype=args.dtype, compile=args.compile, mode=args.mode,
                              warmup=args.warmup, iters=args.iters, device=args.device, probes=args.probes,
                              probe_size=args.probe_size, quiet=args.quiet, max_wait=args.max_wait)
-    model = build_model(args)
+    from vitkit.config import parse_overrides
+    overrides = parse_overrides(args.overrides)
+    model = build_model(args, overrides)
     input_size = tuple(model.data_cfg.input_size)
-    report.update(model=args.model, overrides=_overrides(args.overrides), input_size=list(input_size),
+    report.update(model=args.model, overrides=overrides, input_size=list(input_size),
                   settings=dataclasses.asdict(settings))
     print(f"{args.model} {'x'.join(map(str, input_size))}, batch {args.batch_size}, {args.dtype}, "
           f"{'compiled' if args.compile else 'eager'}, {args.mode}, {report['env']['threads']} threads")
@@ -158,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         _run_machine(args, report)
     if args.model:
         _run_model(args, report)
-    report["env"]["loadavg_end"] = _loadavg()
+    report["env"]["loadavg_end"] = list(os.getloadavg())
     print(f"load average: start {report['env']['loadavg_start']}, end {report['env']['loadavg_end']}")
     if args.json:
         with open(args.json, "w") as f:

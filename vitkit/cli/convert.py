@@ -48,17 +48,6 @@ def _img_size(text: str) -> int | tuple[int, int]:
     raise argparse.ArgumentTypeError(f"expected an int or HxW, got {text!r}")
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    from vitkit.config import ConfigError, parse_scalar
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = parse_scalar(value)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- model inference
 def _registered_name(family: str, width: int, patch: int, img: int) -> str:
     """The registered variant closest to (width, patch, image size): the size whose width is nearest, then the
@@ -162,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.exists(src):
         raise FileNotFoundError(f"checkpoint not found: {src}")
     _check_destination(src, dst)
+    from vitkit.config import parse_overrides
     overrides = parse_overrides(args.overrides)
     name, inferred = (args.model, {}) if args.model else infer_model(src)
     kwargs = {**inferred, **overrides}

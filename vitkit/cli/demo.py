@@ -80,6 +80,7 @@ def _predict(run_dir: Path, dataset, count: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vitkit.cli.train import _print_result
     from vitkit.data import Digits
     from vitkit.train import train
     run_dir = Path(args.out) if args.out else _free_run_dir()
@@ -92,12 +93,10 @@ def run(args: argparse.Namespace) -> int:
     test_acc = s["test"]["top1"]
     print(f"\nheld-out test accuracy: {test_acc:.2%} on {s['test']['num_samples']} digits "
           f"(best validation {s['best']['top1']:.2%} at step {s['best']['step']}); trained in {s['wall_time_s']:.0f} s")
-    _predict(run_dir, Digits("test"), args.num_predict)
-    print(f"\nrun folder:  {run_dir}\n  model:     {run_dir / 'checkpoints' / 'best'}  (vitkit.load_model)\n"
-          f"  curves:    {run_dir / 'plots'}  (loss, accuracy, learning rate)\n"
-          f"  metrics:   {run_dir / 'metrics.csv'}, {run_dir / 'summary.json'}\n"
-          f"  test:      {run_dir / 'eval' / 'test'}  (confusion matrix, per-class accuracy)\n"
-          f"  recipe:    {run_dir / 'config.yaml'}  (vitkit train {run_dir / 'config.yaml'} reruns it)")
+    right = _predict(run_dir, Digits("test"), args.num_predict)
+    print(f"  {right} of {args.num_predict} right")
+    _print_result(result)
+    print(f"  recipe          {run_dir / 'config.yaml'} (vitkit train {run_dir / 'config.yaml'} reruns it)")
     if test_acc < ACCURACY_TARGET:
         print(f"demo FAILED: test accuracy {test_acc:.2%} is below {ACCURACY_TARGET:.0%}", file=sys.stderr)
         return 1

@@ -12,8 +12,6 @@ import sys
 
 HELP = "list registered models with parameters (M) and GFLOPs (MACs, as the papers count them)"
 
-COLUMNS = ("name", "family", "input_size", "params_m", "gflops")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'deit*' (default: all)")

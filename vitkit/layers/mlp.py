@@ -80,7 +80,7 @@ class Mlp(nn.Module):
 
     def _activate(self, h: Tensor) -> Tensor:
         inplace = _INPLACE.get(type(self.act))
-        if (inplace is None or not isinstance(self.fc1, nn.Linear) or h.requires_grad or torch.jit.is_tracing()
-                or _compiling() or _has_hooks(self.fc1, self.act)):
+        if (inplace is None or h.requires_grad or torch.jit.is_tracing() or _compiling()
+                or _has_hooks(self.fc1, self.act)):
             return self.act(h)
         return inplace(self.act, h)
