@@ -25,9 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["atomic_dir", "save_checkpoint", "find_checkpoint", "read_train_state", "load_model_weights",
-           "rebuild_model",
-           "capture_rng", "restore_rng", "optimizer_state", "load_optimizer_state", "TRAIN_STATE_FORMAT"]
+__all__ = ["atomic_dir", "save_checkpoint", "find_checkpoint", "read_train_state", "load_model_weights", "capture_rng",
+           "restore_rng", "optimizer_state", "load_optimizer_state", "TRAIN_STATE_FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -114,21 +113,6 @@ def read_train_state(folder: str | os.PathLike) -> tuple[dict[str, Tensor], dict
     return load_file(str(folder / _STATE_TENSORS)), meta
 
 
-def rebuild_model(folder: str | os.PathLike) -> nn.Module:
-    """The model saved in ``folder``, rebuilt from the full architecture in its ``config.json`` (no pretrained file
-    is read again) with its weights loaded exactly; preprocessing and class names as saved."""
-    import dataclasses
-
-    import vitkit
-    saved = json.loads((Path(folder) / "config.json").read_text())
-    model = vitkit.create_model(saved["model"], **saved["config"])
-    data_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.get("data_cfg", {}).items()}
-    model.data_cfg = dataclasses.replace(model.data_cfg, **data_cfg)
-    model.class_names = saved.get("class_names")
-    load_model_weights(model, folder)
-    return model
-
-
 def load_model_weights(model: nn.Module, folder: str | os.PathLike) -> None:
     """Load ``folder/model.safetensors`` into ``model`` exactly (strict: every key, every shape)."""
     from safetensors.torch import load_file
@@ -137,8 +121,8 @@ def load_model_weights(model: nn.Module, folder: str | os.PathLike) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- RNG streams
-def capture_rng(generators: dict[str, torch.Generator] | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """torch CPU / CUDA, NumPy and Python ``random`` states (and named generators) as tensors + JSON scalars."""
+def capture_rng() -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """torch CPU / CUDA, NumPy and Python ``random`` states as tensors + JSON scalars."""
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -147,14 +131,11 @@ def capture_rng(generators: dict[str, torch.Generator] | None = None) -> tuple[d
     tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
     version, internal, gauss_next = random.getstate()
     tensors["rng.python"] = torch.tensor(internal, dtype=torch.int64)
-    for name, g in (generators or {}).items():
-        tensors[f"rng.gen.{name}"] = g.get_state()
     meta = {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": [version, gauss_next]}
     return tensors, meta
 
 
-def restore_rng(tensors: dict[str, Tensor], meta: dict[str, Any],
-                generators: dict[str, torch.Generator] | None = None) -> None:
+def restore_rng(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["rng.torch"])
     cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
     if cuda and torch.cuda.is_available():
@@ -163,8 +144,6 @@ def restore_rng(tensors: dict[str, Tensor], meta: dict[str, Any],
     np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
     version, gauss_next = meta["python"]
     random.setstate((version, tuple(int(v) for v in tensors["rng.python"].tolist()), gauss_next))
-    for name, g in (generators or {}).items():
-        g.set_state(tensors[f"rng.gen.{name}"])
 
 
 # -------------------------------------------------------------------------------------------------- optimizer

@@ -158,7 +158,8 @@ class Trainer:
         np.random.seed(stream_seed(seed, "numpy", self.info.rank) % 2**32)
         if resume_from is None:
             return build_model(self.cfg, num_classes)
-        return ckpt.rebuild_model(resume_from)
+        from vitkit.weights import load_model
+        return load_model(resume_from)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         net = model
@@ -381,15 +382,15 @@ class Trainer:
         self._step_times.append(seconds)
         if len(self._step_times) < _WARMUP_STEPS + t.budget_calibration_steps:
             return
-        planned = self._plan(sum(self._step_times[_WARMUP_STEPS:]) / t.budget_calibration_steps)
+        step_s = sum(self._step_times[_WARMUP_STEPS:]) / t.budget_calibration_steps
+        planned = self._plan(step_s)
         s.total_steps = int(broadcast_float(planned, self.info, self.device))
         s.planned = True
         self.schedule = build_schedule(self.cfg.optim, self.lr, s.total_steps, self.data.sampler.steps_per_epoch)
         self.bar.total = s.total_steps
         self.bar.refresh()
         log.info("time budget %.1f min: %.3f s/step measured, schedule laid out over %d steps",
-                 t.time_budget_minutes, sum(self._step_times[_WARMUP_STEPS:]) / t.budget_calibration_steps,
-                 s.total_steps)
+                 t.time_budget_minutes, step_s, s.total_steps)
 
     def _eval_seconds_per_image(self) -> float:
         """Time one eval batch (after one warm-up batch) of the validation or test split."""
@@ -411,8 +412,7 @@ class Trainer:
         """Steps that fit: remaining budget minus the final evaluation, over step time plus amortised evaluation."""
         t, s = self.cfg.train, self.state
         per_img = self._eval_s_per_image = self._eval_seconds_per_image()
-        n_val = len(self.data.val) if self.data.val is not None else 0
-        n_test = len(self.data.test) if self.data.test is not None else 0
+        n_val, n_test = self._eval_sizes()
         per_eval = per_img * (n_val + (n_test if self.cfg.log.test_curve else 0))
         interval = t.eval_every or self.data.sampler.steps_per_epoch
         remaining = 0.97 * t.time_budget_minutes * 60.0 - self.elapsed() - self._final_reserve()
@@ -425,11 +425,13 @@ class Trainer:
             return False
         return self.elapsed() + self._final_reserve() >= t.time_budget_minutes * 60.0
 
+    def _eval_sizes(self) -> tuple[int, int]:
+        return tuple(len(d) if d is not None else 0 for d in (self.data.val, self.data.test))
+
     def _final_reserve(self) -> float:
         """Seconds the end of a run takes after its last step: the last validation (with the test curve, a test pass
         too), the test pass of the selected weights, checkpoints and plots; 1.5x the measured evaluation rate."""
-        n_val = len(self.data.val) if self.data.val is not None else 0
-        n_test = len(self.data.test) if self.data.test is not None else 0
+        n_val, n_test = self._eval_sizes()
         images = n_val + n_test * (2 if self.cfg.log.test_curve else 1)
         return (self._eval_s_per_image or 0.0) * images * 1.5 + 5.0
 

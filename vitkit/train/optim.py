@@ -15,7 +15,7 @@ from torch import nn
 
 from vitkit.train.config import OptimConfig
 
-__all__ = ["param_groups", "build_optimizer", "skips_weight_decay", "global_grad_norm"]
+__all__ = ["param_groups", "build_optimizer", "skips_weight_decay"]
 
 
 def skips_weight_decay(name: str, param: torch.Tensor, no_decay_names: set[str]) -> bool:
@@ -60,11 +60,3 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
-
-
-def global_grad_norm(params) -> torch.Tensor:
-    """The L2 norm of all gradients taken together (what ``clip_grad_norm_`` clips)."""
-    grads = [p.grad.detach().float() for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))

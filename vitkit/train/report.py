@@ -29,7 +29,7 @@ class MetricsLog:
         if resume_step is not None and self.path.is_file():
             kept = [r for r in self.read(self.path) if int(r["step"]) <= resume_step]
             self._write_all(kept)
-        elif not self.path.is_file() or resume_step is None:
+        else:
             self._write_all([])
 
     @staticmethod

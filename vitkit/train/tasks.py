@@ -165,14 +165,8 @@ class DistillTask:
 
 def load_teacher(teacher: str, pretrained: str | None = None) -> nn.Module:
     """A teacher from a vitkit model folder, a run folder (its ``checkpoints/best``, else ``last``), or a
-    registered name plus ``pretrained`` weights."""
-    import vitkit
+    registered name plus ``pretrained`` weights: the same resolution as ``vitkit eval`` (``load_target``)."""
+    from vitkit.evaluate.targets import load_target
     if os.path.isdir(teacher):
-        for sub in ("", "checkpoints/best", "checkpoints/last"):
-            folder = os.path.join(teacher, sub)
-            if os.path.isfile(os.path.join(folder, "config.json")):
-                return vitkit.load_model(folder)
-        raise FileNotFoundError(f"train.distillation.teacher: {teacher} holds no vitkit model (config.json)")
-    if pretrained is None:
-        log.warning("distillation teacher %s has no pretrained weights: it is randomly initialised", teacher)
-    return vitkit.create_model(teacher, pretrained=pretrained)
+        return load_target(teacher).model
+    return load_target(pretrained, teacher).model
