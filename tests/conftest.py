@@ -96,10 +96,9 @@ def _seed() -> None:
 
 
 def tiny_overrides(name: str, **extra: Any) -> dict[str, Any]:
-    """Small, fast overrides for a registered ViT/DeiT variant: 1 block, width 48, a 2x2 patch grid."""
+    """The tiny configuration the variant's family registers (fast forward and backward), plus ``extra``."""
     import vitkit
-    patch = vitkit.get_spec(name).config["patch_size"]
-    return {**dict(depth=1, embed_dim=48, num_heads=3, img_size=2 * patch), **extra}
+    return {**vitkit.get_spec(name).tiny, **extra}
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 import vitkit
-from vitkit.bench.compare import (compare_to_transformers, randomize_heads_, to_transformers,
-                                  transformers_state_dict)
+from vitkit.bench.compare import compare_to_transformers, randomize_heads_, to_transformers
 from vitkit.bench.machine import GemmProbe, copy_bandwidth
 from vitkit.bench.runner import BenchSettings, benchmark, make_step, summarize
 from vitkit.cli.main import main
-from vitkit.weights.hf import vit_from_hf
+from vitkit.models.vit_formats import from_hf, hf_keymap
 from vitkit.weights.report import LoadReport
 
 from conftest import randomize_
@@ -84,14 +83,18 @@ def test_transformers_twin_computes_the_same_logits(name):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
-def test_transformers_state_dict_round_trips_through_the_importer():
+@pytest.mark.parametrize("layout", ["4", "5"])
+def test_twin_table_round_trips_through_the_importer(layout):
+    """The twin writes transformers keys with the inverse of the importer's table: reading them back is exact."""
     model = _tiny("deit_tiny_distilled_patch16_224")
-    back = vit_from_hf(transformers_state_dict(model), LoadReport("roundtrip"))
+    written = hf_keymap(layout, distilled=True).inverse(model.state_dict())
+    marker = "encoder.layer.0.attention.attention.query.weight" if layout == "4" else "layers.0.attention.q_proj.weight"
+    assert marker in written and "cls_classifier.weight" in written
+    back = from_hf(written, LoadReport("roundtrip"))
     ours = model.state_dict()
     assert sorted(back) == sorted(ours)
     assert all(torch.equal(back[k], ours[k]) for k in ours)
-    q = transformers_state_dict(model)["deit.layers.0.attention.q_proj.weight"]
-    assert q.data_ptr() != model.blocks[0].attn.qkv.weight.data_ptr()  # copies, never shared storage
+    assert written[marker].data_ptr() != model.blocks[0].attn.qkv.weight.data_ptr()  # split q is a copy
 
 
 def test_comparison_reports_both_sides_and_equal_outputs():

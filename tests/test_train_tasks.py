@@ -21,7 +21,7 @@ def tiny(name="vit_tiny_patch16_224", **kw):
 def randomize_heads(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for h in model.heads():
+        for h in model.classifiers():
             h.weight.copy_(torch.randn(h.weight.shape, generator=g))
     return model
 

@@ -13,7 +13,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "check_value", "apply_dotted", "parse_overrides", "parse_scalar",
+__all__ = ["ConfigError", "from_dict", "to_dict", "config_diff", "check_value", "apply_dotted", "parse_overrides", "parse_scalar",
            "merge"]
 
 
@@ -128,6 +128,12 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def config_diff(cfg: Any, reference: Any) -> dict[str, Any]:
+    """The fields of dataclass ``cfg`` whose values differ from ``reference`` (same class), as plain data."""
+    a, b = to_dict(cfg), to_dict(reference)
+    return {k: v for k, v in a.items() if v != b.get(k)}
 
 
 def parse_scalar(text: str) -> Any:

@@ -1,110 +1,104 @@
-"""The model registry: variant name → (family, model class, config defaults, preprocessing), and ``create_model``.
+"""The model registry: variant name → family, model class, config, preprocessing, checkpoint formats; ``create_model``;
+and vitkit's own model folders (``save_pretrained`` / ``load_model``).
 
-Variants are plain data registered by each family file (``register_family``). ``create_model`` validates overrides
-against the family's config dataclass before anything is built, reads a ``pretrained`` checkpoint in any supported
-format, lets the checkpoint fill in what it implies (e.g. tanh-GELU for JAX files, the head size), builds the model and
-loads the converted weights through the family's ``load_pretrained_state``.
+Families are discovered, not listed: every module of ``vitkit.models`` is imported once, and each family module calls
+``register_family`` with its variant table (plain data), its data configs, its checkpoint formats (owned by its
+converter module), its named public weights, a tiny configuration for tests and a reference table of published
+sizes. Registration checks the family contract (``vitkit.models.base.check_contract``) and validates every variant's
+config, so a broken family fails at import, not at build time.
+
+``create_model`` validates overrides against the family's config dataclass before anything is built, reads a
+``pretrained`` checkpoint in any format the family registers, lets the checkpoint fill in what it implies (the head
+size, the activation of JAX files, …), builds the model and loads the converted weights through the family's
+``load_pretrained_state``.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import fnmatch
+import importlib
+import json
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Literal
+import os
+import pkgutil
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
-from vitkit.config import ConfigError, from_dict, to_dict
+from vitkit.config import ConfigError, config_diff, from_dict, to_dict
+from vitkit.specs import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, ModelSpec, PreprocessConfig,
+                          Reference, SourceFormat, WeightSpec)
+from vitkit.weights import FORMAT_VERSION, Loaded, checkpoint_view, detect_format, read_checkpoint, unwrap
+from vitkit.weights.adapt import finish_load
+from vitkit.weights.io import read_raw
+from vitkit.weights.report import CheckpointError, CheckpointMismatchError, LoadReport
 
-__all__ = ["PreprocessConfig", "WeightSpec", "ModelSpec", "register_family", "list_models", "get_spec",
-           "create_model", "IMAGENET_MEAN", "IMAGENET_STD", "INCEPTION_MEAN", "INCEPTION_STD"]
+__all__ = ["PreprocessConfig", "WeightSpec", "ModelSpec", "Reference", "SourceFormat", "register_family",
+           "list_models", "list_families", "get_spec", "create_model", "save_pretrained", "load_model",
+           "infer_variant", "all_formats", "IMAGENET_MEAN", "IMAGENET_STD", "INCEPTION_MEAN", "INCEPTION_STD"]
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INCEPTION_MEAN = (0.5, 0.5, 0.5)  # Google's ViT checkpoints: pixels scaled to [-1, 1]
-INCEPTION_STD = (0.5, 0.5, 0.5)
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """What the model's weights expect as input (timm's pretrained_cfg data fields)."""
-
-    input_size: tuple[int, int, int] = (3, 224, 224)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
-    crop_pct: float = 0.875  # eval: resize the short side to size / crop_pct, then centre-crop
-    channel_order: Literal["RGB", "BGR"] = "RGB"
-    label_set: str | None = "imagenet-1k"  # names of the head's classes when the checkpoint carries none
-
-    def with_size(self, img_size: int | tuple[int, int]) -> "PreprocessConfig":
-        h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
-        return dataclasses.replace(self, input_size=(self.input_size[0], int(h), int(w)))
-
-
-@dataclass(frozen=True)
-class WeightSpec:
-    """A variant's default public weights: where to download them and how to check them."""
-
-    url: str  # an https URL, or "hf-hub:owner/repo" for a Hugging Face Hub repository
-    source_format: str  # timm | official | hf | jax | vitkit
-    sha256: str | None = None  # full hash when known; else the hash prefix of the release file name is checked
-    filename: str | None = None  # file inside a Hub repository
-    num_classes: int = 1000
-    notes: str = ""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    family: str
-    model_cls: type
-    config: dict[str, Any]
-    data_cfg: PreprocessConfig = PreprocessConfig()
-    weights: WeightSpec | None = None
-    paper: str = ""
-
-
 _REGISTRY: dict[str, ModelSpec] = {}
-_FAMILY_MODULES = ("vit", "deit")
 _loaded = False
 
 
-def register_family(family: str, model_cls: type, variants: dict[str, dict[str, Any]],
-                    data_cfgs: dict[str, PreprocessConfig], weights: dict[str, WeightSpec] | None = None,
+def register_family(family: str, model_cls: type, variants: Mapping[str, dict[str, Any]],
+                    data_cfgs: Mapping[str, PreprocessConfig] | PreprocessConfig, *,
+                    formats: tuple[SourceFormat, ...] = (), weights: Mapping[str, WeightSpec] | None = None,
+                    references: Mapping[str, Reference] | None = None,
+                    tiny: dict[str, Any] | Callable[[str, dict[str, Any]], dict[str, Any]] | None = None,
                     paper: str = "") -> None:
-    """Register every ``name → config overrides`` of a family table. Configs are validated now, not at build time."""
+    """Register every ``name → config overrides`` entry of a family's variant table.
+
+    ``data_cfgs``: per variant (or one for all), sized by the variant's ``img_size``. ``formats``: the checkpoint
+    formats the family reads, most specific signature first. ``tiny``: overrides (or ``f(name, config) → overrides``)
+    that make a variant small enough for a forward and backward pass in the test suite. Contract and configs are
+    checked now; nothing is registered if one entry is bad.
+    """
+    from vitkit.models.base import check_contract
+    check_contract(model_cls)
+    specs = []
     for name, cfg in variants.items():
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
         from_dict(model_cls.config_cls, dict(cfg), where=name)  # fail at import on a bad table entry
-        data_cfg = data_cfgs[name].with_size(cfg.get("img_size", 224))
-        _REGISTRY[name] = ModelSpec(name, family, model_cls, dict(cfg), data_cfg,
-                                    (weights or _catalog()).get(name), paper)
+        data_cfg = data_cfgs if isinstance(data_cfgs, PreprocessConfig) else data_cfgs[name]
+        img_size = cfg.get("img_size", _field_default(model_cls.config_cls, "img_size"))
+        tiny_cfg = tiny(name, dict(cfg)) if callable(tiny) else dict(tiny or {})
+        specs.append(ModelSpec(name, family, model_cls, dict(cfg), data_cfg.with_size(img_size),
+                               (weights or {}).get(name), paper, tuple(formats), (references or {}).get(name),
+                               tiny_cfg))
+    for spec in specs:
+        _REGISTRY[spec.name] = spec
 
 
-def _catalog() -> dict[str, WeightSpec]:
-    from vitkit.weights.catalog import WEIGHTS
-    return WEIGHTS
+def _field_default(cls: type, name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
 def _ensure_loaded() -> None:
+    """Import every module of ``vitkit.models`` once; family modules register themselves on import."""
     global _loaded
-    if not _loaded:
-        import importlib
-        for mod in _FAMILY_MODULES:
-            importlib.import_module(f"vitkit.models.{mod}")
-        _loaded = True
+    if _loaded:
+        return
+    _loaded = True
+    import vitkit.models as models
+    for info in sorted(pkgutil.iter_modules(models.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"vitkit.models.{info.name}")
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered variant names matching a shell-style ``pattern`` (e.g. ``"deit*"``), sorted."""
     _ensure_loaded()
     return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
+
+
+def list_families() -> list[str]:
+    _ensure_loaded()
+    return sorted({s.family for s in _REGISTRY.values()})
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -116,6 +110,16 @@ def get_spec(name: str) -> ModelSpec:
     return _REGISTRY[name]
 
 
+def all_formats() -> list[tuple[str, SourceFormat]]:
+    """(family, format) for every format some registered family reads, each once per family."""
+    _ensure_loaded()
+    seen: dict[tuple[str, int], tuple[str, SourceFormat]] = {}
+    for spec in _REGISTRY.values():
+        for fmt in spec.formats:
+            seen.setdefault((spec.family, id(fmt)), (spec.family, fmt))
+    return list(seen.values())
+
+
 def _check_overrides(spec: ModelSpec, overrides: dict[str, Any]) -> None:
     fields = {f.name for f in dataclasses.fields(spec.model_cls.config_cls)}
     unknown = sorted(set(overrides) - fields)
@@ -124,13 +128,28 @@ def _check_overrides(spec: ModelSpec, overrides: dict[str, Any]) -> None:
                           f"(valid: {', '.join(sorted(fields))})")
 
 
+def _check_hints(spec: ModelSpec, hints: dict[str, Any], source: str) -> None:
+    """A checkpoint that implies a setting the variant's config cannot express belongs to another class of the
+    family: name the variants that can hold it."""
+    fields = {f.name for f in dataclasses.fields(spec.model_cls.config_cls)}
+    foreign = sorted(set(hints) - fields)
+    if not foreign:
+        return
+    able = [n for n in list_models() if _REGISTRY[n].family == spec.family and
+            set(foreign) <= {f.name for f in dataclasses.fields(_REGISTRY[n].model_cls.config_cls)}]
+    what = ", ".join(f"{k}={hints[k]!r}" for k in foreign)
+    raise CheckpointMismatchError(f"{source} implies {what}, which {spec.name} cannot be built with"
+                                  + (f"; load it with a variant such as {', '.join(difflib.get_close_matches(spec.name, able, 3, 0))}"
+                                     if able else ""))
+
+
 def create_model(name: str, pretrained: str | bool | None = None, num_classes: int | None = None,
                  img_size: int | tuple[int, int] | None = None, **overrides: Any) -> nn.Module:
     """Build a registered variant, optionally loading weights from a checkpoint in any supported format.
 
     ``num_classes`` different from the checkpoint's head gives a new zero-initialised head (the ViT paper's
-    fine-tuning); ``img_size`` different from the checkpoint's resamples the position embeddings. Every such change is
-    logged and kept in ``model.load_report``.
+    fine-tuning); ``img_size`` different from the checkpoint's resizes position embeddings and relative-position
+    tables. Every such change is logged and kept in ``model.load_report``.
     """
     spec = get_spec(name)
     _check_overrides(spec, overrides)
@@ -144,15 +163,15 @@ def create_model(name: str, pretrained: str | bool | None = None, num_classes: i
         from vitkit.weights.hub import resolve_pretrained
         pretrained = resolve_pretrained(spec)
     if pretrained:
-        from vitkit.weights import read_checkpoint
-        loaded = read_checkpoint(pretrained, spec)
+        loaded = read_checkpoint(pretrained, spec, all_formats())
+        _check_hints(spec, loaded.config_hints, os.fspath(pretrained))
     hints = {k: v for k, v in (loaded.config_hints if loaded else {}).items() if k not in explicit}
     if "num_classes" in explicit and loaded and loaded.config_hints.get("num_classes") != explicit["num_classes"]:
         hints.pop("representation_size", None)  # a new task replaces the whole pre-training head (App. B.1.1)
     cfg = from_dict(spec.model_cls.config_cls, {**spec.config, **hints, **explicit}, where=name)
     model = spec.model_cls(cfg)
     model.variant_name = name
-    model.data_cfg = spec.data_cfg.with_size(cfg.img_size) if hasattr(cfg, "img_size") else spec.data_cfg
+    model.data_cfg = spec.data_cfg.with_size(cfg.img_size)
     model.class_names = None
     model.load_report = None
     if loaded is not None:
@@ -160,13 +179,12 @@ def create_model(name: str, pretrained: str | bool | None = None, num_classes: i
     return model
 
 
-def _load_into(model: nn.Module, loaded: Any, hints: dict[str, Any], spec: ModelSpec) -> None:
-    from vitkit.weights.adapt import finish_load
+def _load_into(model: nn.Module, loaded: Loaded, hints: dict[str, Any], spec: ModelSpec) -> None:
     report = loaded.report
     if report.format == "vitkit":  # the whole architecture comes back: name only what differs from the variant
         default = from_dict(spec.model_cls.config_cls, dict(spec.config), where=spec.name)
-        changed = [f"{k}={getattr(model.cfg, k)!r}" for k in hints
-                   if hasattr(default, k) and getattr(model.cfg, k) != getattr(default, k)]
+        diff = config_diff(model.cfg, default)
+        changed = [f"{k}={diff[k]!r}" for k in hints if k in diff]
         report.notes.append("architecture restored from config.json"
                             + (f": {', '.join(changed)}" if changed else " (the variant's defaults)"))
     else:
@@ -184,3 +202,68 @@ def _load_into(model: nn.Module, loaded: Any, hints: dict[str, Any], spec: Model
 def model_config_dict(model: nn.Module) -> dict[str, Any]:
     """The full architecture config of a built model, as plain data (written into vitkit's config.json)."""
     return to_dict(model.cfg)
+
+
+# --------------------------------------------------------------------------------------- vitkit's own format
+def save_pretrained(model: nn.Module, folder: str | os.PathLike, class_names: list[str] | None = None) -> str:
+    """Write ``model`` in vitkit's own format: ``model.safetensors`` + ``config.json``, each atomically."""
+    from safetensors.torch import save_file
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    name = getattr(model, "variant_name", None)
+    if name is None:
+        raise ValueError("save_pretrained needs a model built by vitkit.create_model")
+    config = {"format": "vitkit", "format_version": FORMAT_VERSION, "model": name, "family": get_spec(name).family,
+              "config": to_dict(model.cfg), "data_cfg": to_dict(dataclasses.asdict(model.data_cfg)),
+              "class_names": class_names if class_names is not None else getattr(model, "class_names", None)}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic(os.path.join(folder, "model.safetensors"), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    _atomic(os.path.join(folder, "config.json"),
+            lambda tmp: open(tmp, "w").write(json.dumps(config, indent=1, sort_keys=True)))
+    return folder
+
+
+def _atomic(path: str, write) -> None:
+    """Write to a temporary name in the same folder, flush it to disk, then rename over ``path``."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_model(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """Rebuild a model saved by ``save_pretrained`` (the variant name comes from its config.json)."""
+    cfg_path = os.path.join(os.fspath(path), "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{path}: not a vitkit model folder (no config.json); use "
+                              f"create_model(name, pretrained=path) for other formats")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if cfg.get("format") != "vitkit":
+        raise CheckpointError(f"{path}: config.json is not vitkit's; use create_model(name, pretrained=path)")
+    return create_model(cfg["model"], pretrained=path, **kwargs)
+
+
+def infer_variant(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """(variant name, overrides) for a checkpoint that describes its own architecture: a vitkit folder, or a format
+    whose family can name the variant (a transformers folder's config.json, a JAX .npz)."""
+    raw = read_raw(path)
+    if raw.config and raw.config.get("format") == "vitkit":
+        return raw.config["model"], {}
+    report = LoadReport(source=os.fspath(path))
+    state, container = (raw.tensors, "") if raw.kind == "npz" else unwrap(raw.tensors, report)
+    view = checkpoint_view(state, raw.kind, container, raw.config)
+    for family, fmt in all_formats():
+        if fmt.infer is not None and detect_format(view, [fmt]) is not None:
+            found = fmt.infer(view)
+            if found is not None:
+                return found
+    looks = sorted({f"{fmt.name} {family}" for family, fmt in all_formats() if fmt.detect(view)})
+    kind = f"a {' or '.join(looks)} checkpoint" if looks else "this checkpoint"
+    raise ValueError(f"{path}: {kind} does not say which variant it is (preprocessing, number of heads); pass "
+                     f"--model, e.g. --model {list_models()[0]}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 from typing import Any, Iterator
 
@@ -17,9 +16,10 @@ EPILOG = """examples:
   vitkit convert deit_small_patch16_224-cd65a155.pth out/ --model deit_small_patch16_224 --img-size 384
   vitkit convert model.safetensors out/ --model vit_small_patch16_224 --set depth=6
 
---model can be omitted for a vitkit folder, a transformers ViT/DeiT folder and a JAX .npz. A bare state dict
-(timm or official release) does not say which preprocessing its weights expect (ViT and DeiT differ) nor how many
-attention heads it has, so it needs --model. The load report (what was converted, resized, re-initialised or
+--model can be omitted for a vitkit folder and for formats that describe their own architecture (a transformers
+folder's config.json, a JAX .npz): the family of the format names the variant. A bare state dict (timm or official
+release) does not say which preprocessing its weights expect (ViT and DeiT differ) nor how many attention heads it
+has, so it needs --model. The load report (what was converted, resized, re-initialised or
 ignored) is printed; the written folder loads with vitkit.load_model(DST)."""
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,56 +46,6 @@ def _img_size(text: str) -> int | tuple[int, int]:
     if len(sizes) == 2:
         return sizes[0], sizes[1]
     raise argparse.ArgumentTypeError(f"expected an int or HxW, got {text!r}")
-
-
-# ----------------------------------------------------------------------------------------------- model inference
-def _registered_name(family: str, width: int, patch: int, img: int) -> str:
-    """The registered variant closest to (width, patch, image size): the size whose width is nearest, then the
-    nearest patch and image size. The exact values reach the model as config hints and overrides."""
-    import vitkit
-    pattern = "vit_*" if family == "vit" else "deit_*_distilled_*"  # transformers' DeiTs all have a dist token
-    specs = [(name, vitkit.get_spec(name).config) for name in vitkit.list_models(pattern)]
-    if not specs:
-        raise ValueError(f"no registered {family} model")
-    nearest_width = min({cfg["embed_dim"] for _, cfg in specs}, key=lambda w: abs(w - width))
-    return min((abs(cfg["patch_size"] - patch), abs(cfg["img_size"] - img), name)
-               for name, cfg in specs if cfg["embed_dim"] == nearest_width)[-1]
-
-
-def infer_model(src: str) -> tuple[str, dict[str, Any]]:
-    """(variant name, overrides) for a checkpoint that describes its own architecture.
-
-    The architecture itself (width, depth, heads, MLP size, epsilon, activation) reaches ``create_model`` as the
-    checkpoint's config hints; the name only has to be a registered variant of the right family, and the image size
-    the checkpoint was made for is passed explicitly so no position embedding is resampled.
-    """
-    from vitkit.weights import jax_npz
-    from vitkit.weights.io import read_raw
-    from vitkit.weights.report import LoadReport
-    raw = read_raw(src)
-    config = raw.config or {}
-    if config.get("format") == "vitkit":
-        return config["model"], {}
-    model_type = config.get("model_type")
-    if model_type in ("vit", "deit"):
-        width, patch, img = config.get("hidden_size", 768), config.get("patch_size", 16), config.get("image_size", 224)
-        img = img if isinstance(img, int) else (int(img[0]), int(img[1]))  # transformers accepts (H, W) too
-        # transformers' DeiT models always carry the distillation token; DeiTForImageClassification has no
-        # distillation head, which the checkpoint's hints express (dist_head=False)
-        return _registered_name(model_type, width, patch, img if isinstance(img, int) else max(img)), \
-            {"img_size": img}
-    if model_type:
-        raise ValueError(f"{src}: transformers model_type {model_type!r} cannot be inferred yet; pass --model")
-    if raw.kind == "npz" or jax_npz.looks_like_jax(raw.tensors):
-        hints = jax_npz.config_hints("vit", raw.tensors)
-        state = jax_npz.vit_from_jax(raw.tensors, LoadReport(source=src))
-        n = state["pos_embed"].shape[1] - (1 if "cls_token" in state else 0)
-        side = math.isqrt(n)
-        img = side * hints["patch_size"] if side * side == n else 224
-        overrides = {"img_size": img} if side * side == n else {}
-        return _registered_name("vit", hints["embed_dim"], hints["patch_size"], img), overrides
-    raise ValueError(f"{src}: a bare state dict (timm or official release) does not say which variant it is "
-                     f"(preprocessing, number of heads); pass --model, e.g. --model vit_base_patch16_224")
 
 
 # ------------------------------------------------------------------------------------------------------- running
@@ -132,14 +82,10 @@ def _config_format(folder: str) -> str | None:
 
 def _architecture_changes(model) -> list[str]:
     """Config fields that differ from the registered variant's (what the checkpoint or the flags changed)."""
-    import dataclasses
-
-    from vitkit.config import to_dict
+    from vitkit.config import config_diff
     from vitkit.registry import get_spec
     spec = get_spec(model.variant_name)
-    default = to_dict(spec.model_cls.config_cls(**{**spec.config}))
-    actual = to_dict(model.cfg)
-    return [f"{f.name}={actual[f.name]!r}" for f in dataclasses.fields(model.cfg) if actual[f.name] != default[f.name]]
+    return [f"{k}={v!r}" for k, v in config_diff(model.cfg, spec.model_cls.config_cls(**spec.config)).items()]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     _check_destination(src, dst)
     from vitkit.config import parse_overrides
     overrides = parse_overrides(args.overrides)
-    name, inferred = (args.model, {}) if args.model else infer_model(src)
+    name, inferred = (args.model, {}) if args.model else vitkit.registry.infer_variant(src)
     kwargs = {**inferred, **overrides}
     if args.img_size is not None:
         kwargs["img_size"] = args.img_size

@@ -17,8 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from vitkit.models.vit import ViTConfig, VisionTransformer
-from vitkit.registry import PreprocessConfig, register_family
+from vitkit.models.base import zero_init_
+from vitkit.models.vit import ViTConfig, VisionTransformer, closed_form_size, tiny
+from vitkit.models.vit_formats import DEIT_FORMATS, WEIGHTS
+from vitkit.registry import register_family
+from vitkit.specs import PreprocessConfig
 
 __all__ = ["DeiTConfig", "DistilledVisionTransformer"]
 
@@ -38,11 +41,9 @@ class DistilledVisionTransformer(VisionTransformer):
         self.dist_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.head_dist = self._make_head(cfg.num_classes) if cfg.dist_head else None
         nn.init.trunc_normal_(self.dist_token, std=0.02)
-        for head in self.heads():
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
+        zero_init_(*self.classifiers())
 
-    def heads(self) -> list[nn.Linear]:
+    def classifiers(self) -> list[nn.Linear]:
         return [h for h in (self.head, getattr(self, "head_dist", None)) if isinstance(h, nn.Linear)]
 
     def reset_classifier(self, num_classes: int) -> None:
@@ -82,5 +83,8 @@ DATA_CFGS = {n: PreprocessConfig(crop_pct=0.875 if c["img_size"] == 224 else 1.0
              for n, c in {**PLAIN, **DISTILLED}.items()}
 
 _PAPER = "Touvron et al. 2021, arXiv 2012.12877"
-register_family("deit", VisionTransformer, PLAIN, DATA_CFGS, paper=_PAPER)
-register_family("deit", DistilledVisionTransformer, DISTILLED, DATA_CFGS, paper=_PAPER)
+_REFS = {**{n: closed_form_size(c) for n, c in PLAIN.items()},
+         **{n: closed_form_size(c, prefix_tokens=2, heads=2) for n, c in DISTILLED.items()}}
+for _cls, _table in ((VisionTransformer, PLAIN), (DistilledVisionTransformer, DISTILLED)):
+    register_family("deit", _cls, _table, DATA_CFGS, formats=DEIT_FORMATS, weights=WEIGHTS, references=_REFS,
+                    tiny=tiny, paper=_PAPER)

@@ -19,7 +19,10 @@ from torch import Tensor, nn
 
 from vitkit.config import ConfigError
 from vitkit.layers import Block, PatchEmbed, drop_path_rates, resample_pos_embed, to_2tuple
-from vitkit.registry import INCEPTION_MEAN, INCEPTION_STD, PreprocessConfig, register_family
+from vitkit.models.base import FamilyModel, select_indices, zero_init_
+from vitkit.models.vit_formats import VIT_FORMATS, WEIGHTS
+from vitkit.registry import register_family
+from vitkit.specs import INCEPTION_MEAN, INCEPTION_STD, PreprocessConfig, Reference
 
 __all__ = ["ViTConfig", "VisionTransformer"]
 
@@ -67,8 +70,9 @@ class ViTConfig:
                 raise ConfigError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(FamilyModel):
     config_cls = ViTConfig
+    intermediates = "tokens"
     num_dist_tokens = 0  # DeiT's distillation token (vitkit.models.deit)
 
     def __init__(self, cfg: ViTConfig):
@@ -109,20 +113,16 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for head in self.heads():
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
+        zero_init_(*self.classifiers())
 
-    def heads(self) -> list[nn.Linear]:
+    def classifiers(self) -> list[nn.Linear]:
         return [self.head] if isinstance(self.head, nn.Linear) else []
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new zero-initialised classifier (paper App. B.1.1); 0 removes it."""
         self.num_classes = self.cfg.num_classes = num_classes
         self.head = self._make_head(num_classes)
-        for head in self.heads():
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
+        zero_init_(*self.classifiers())
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "dist_token"}
@@ -171,17 +171,15 @@ class VisionTransformer(nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] = 1, norm: bool = False,
+    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
                               reshape: bool = False) -> list[Tensor]:
-        """Outputs of chosen blocks: an int n = the last n blocks, or a list of block indices (negative allowed).
+        """Outputs of chosen blocks: an int n = the last n blocks, a list of block indices (negative allowed), None =
+        every block.
 
         Each is (B, prefix + N, D), or with ``reshape=True`` the patch tokens as a (B, D, H/P, W/P) map; ``norm``
         applies the final LayerNorm to each.
         """
-        wanted = self._block_indices(indices)
+        wanted = select_indices(indices, len(self.blocks))
         B, _, H, W = x.shape
         P = self.patch_embed.patch_size
         x = self.embed(x)
@@ -194,17 +192,6 @@ class VisionTransformer(nn.Module):
                     y = y[:, self.num_prefix_tokens:].transpose(1, 2).reshape(B, -1, H // P[0], W // P[1])  # (B, D, h, w)
                 outs.append(y)
         return outs
-
-    def _block_indices(self, indices: int | Sequence[int]) -> list[int]:
-        depth = len(self.blocks)
-        if isinstance(indices, int):
-            if not 1 <= indices <= depth:
-                raise ValueError(f"indices={indices}: ask for the last 1..{depth} blocks")
-            return list(range(depth - indices, depth))
-        bad = [i for i in indices if not -depth <= i < depth]
-        if bad or not indices:
-            raise ValueError(f"block indices {bad or indices} out of range for depth {depth} (-{depth}..{depth - 1})")
-        return sorted({i % depth for i in indices})
 
     # ------------------------------------------------------------------------------------------ weight loading
     def load_pretrained_state(self, state: dict[str, Tensor], report) -> dict[str, Tensor]:
@@ -247,5 +234,28 @@ DATA_CFGS = {
     for name, cfg in VARIANTS.items()
 }
 
-register_family("vit", VisionTransformer, VARIANTS, DATA_CFGS,
+
+
+def closed_form_size(cfg: dict, prefix_tokens: int = 1, heads: int = 1, num_classes: int = 1000) -> Reference:
+    """Parameters and forward MACs of a ViT written out by hand from the paper's layer sizes (eq. 1-4), independent of
+    the model code: a block has 12·D² + 13·D parameters and, over T tokens, 12·T·D² + 2·T²·D MACs (q/k/v, output
+    projection, the 4·D MLP, and the two attention products). Agrees with the published counts, e.g. ViT-B/16
+    86.57 M / 17.56 G, ViT-L/16 304.33 M / 61.55 G, DeiT-Ti 5.72 M / 1.25 G (architectures.md §1.1-1.2)."""
+    D, depth, P, S = cfg["embed_dim"], cfg["depth"], cfg["patch_size"], cfg["img_size"]
+    N = (S // P) ** 2
+    T = N + prefix_tokens
+    params = (3 * P * P * D + D) + prefix_tokens * D + T * D + depth * (12 * D * D + 13 * D) + 2 * D \
+        + heads * (D * num_classes + num_classes)
+    macs = N * 3 * P * P * D + depth * (12 * T * D * D + 2 * T * T * D) + heads * D * num_classes
+    return Reference(params / 1e6, macs / 1e9, "closed form of the ViT paper's layer sizes (eq. 1-4)",
+                     params_tol=1e-6, macs_rtol=1e-6)
+
+
+def tiny(name: str, cfg: dict) -> dict:
+    """1 block of width 48 on a 2x2 patch grid: forward and backward in milliseconds."""
+    return dict(depth=1, embed_dim=48, num_heads=3, img_size=2 * cfg["patch_size"])
+
+
+register_family("vit", VisionTransformer, VARIANTS, DATA_CFGS, formats=VIT_FORMATS, weights=WEIGHTS,
+                references={n: closed_form_size(c) for n, c in VARIANTS.items()}, tiny=tiny,
                 paper="Dosovitskiy et al. 2020, arXiv 2010.11929")

@@ -158,7 +158,7 @@ class Trainer:
         np.random.seed(stream_seed(seed, "numpy", self.info.rank) % 2**32)
         if resume_from is None:
             return build_model(self.cfg, num_classes)
-        from vitkit.weights import load_model
+        from vitkit.registry import load_model
         return load_model(resume_from)
 
     def _wrap(self, model: nn.Module) -> nn.Module:

@@ -1,4 +1,4 @@
-"""The original ViT JAX/Flax ``.npz`` checkpoints (google-research/vision_transformer, big_vision) → vitkit.
+"""The ViT family's original format: JAX/Flax ``.npz`` checkpoints (google-research/vision_transformer, big_vision) → vitkit.
 
 Layouts handled:
 - release files with pre-linen module numbering (``LayerNorm_0``, ``MultiHeadDotProductAttention_1``, ``LayerNorm_2``,
@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vitkit.specs import CheckpointView, SourceFormat
 from vitkit.weights.report import CheckpointError, LoadReport
 
-__all__ = ["CONVERTERS", "config_hints", "looks_like_jax"]
+__all__ = ["JAX_FORMAT", "vit_from_jax", "jax_hints", "looks_like_jax"]
 
 _PRE_LINEN = {"LayerNorm_0": "norm1", "MultiHeadDotProductAttention_1": "attn", "LayerNorm_2": "norm2",
               "MlpBlock_3": "mlp"}
@@ -28,8 +29,8 @@ _LINEN = {"LayerNorm_0": "norm1", "MultiHeadDotProductAttention_0": "attn", "Lay
           "MlpBlock_0": "mlp"}
 
 
-def looks_like_jax(keys) -> bool:
-    return any("embedding/kernel" in k or "Transformer/" in k for k in keys)
+def looks_like_jax(view: CheckpointView) -> bool:
+    return view.kind == "npz" or any("embedding/kernel" in k or "Transformer/" in k for k in view.keys)
 
 
 def _t(a: np.ndarray) -> Tensor:
@@ -141,7 +142,7 @@ def vit_from_jax(params: dict[str, np.ndarray], report: LoadReport) -> dict[str,
     return out
 
 
-def vit_hints(params: dict[str, np.ndarray]) -> dict:
+def jax_hints(params: dict[str, np.ndarray], config=None) -> dict:
     p = _unscan(_strip(params))
     D = p["embedding/kernel"].shape[-1]
     inv = {v: k for k, v in _naming(p).items()}
@@ -159,9 +160,23 @@ def vit_hints(params: dict[str, np.ndarray]) -> dict:
     return hints
 
 
-CONVERTERS = {"vit": vit_from_jax}
-HINTS = {"vit": vit_hints}
+def jax_infer(view: CheckpointView) -> tuple[str, dict] | None:
+    """A JAX file describes its architecture: the registered ViT nearest to its width and patch, at its image size."""
+    if not looks_like_jax(view):
+        return None
+    from vitkit.models.vit_formats import _registered_name
+    shapes = {k.removeprefix("opt/target/").removeprefix("params/"): s for k, s in view.shapes.items()}
+    P, D = shapes["embedding/kernel"][0], shapes["embedding/kernel"][-1]
+    pos = next((s for k, s in shapes.items() if k.endswith("pos_embedding")), None)
+    n = pos[1] if pos else 0
+    if "cls" in shapes and n > 1 and math.isqrt(n - 1) ** 2 == n - 1:
+        n -= 1  # the position embedding has a class-token row
+    side = math.isqrt(n)
+    if side * side != n or not n:
+        return _registered_name("vit", D, P, 224), {}
+    return _registered_name("vit", D, P, side * P), {"img_size": side * P}
 
 
-def config_hints(family: str, params: dict[str, np.ndarray]) -> dict:
-    return HINTS[family](params) if family in HINTS else {}
+JAX_FORMAT = SourceFormat("jax", looks_like_jax, vit_from_jax, jax_hints, infer=jax_infer,
+                          description="google-research/vision_transformer / big_vision .npz (pre-linen and linen "
+                                      "numbering, opt/target and params prefixes, scanned encoders)")
