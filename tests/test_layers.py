@@ -132,7 +132,7 @@ def test_record_attention_is_restored_after_an_exception():
 
 
 def test_nested_record_attention_keeps_the_outer_recorder():
-    model = vitkit.create_model("vit_tiny_patch16_224", **tiny_overrides("vit_tiny_patch16_224")).eval()
+    model = vitkit.create_model("vit_tiny_patch16_224", **tiny_overrides("vit_tiny_patch16_224", depth=1)).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad(), vitkit.record_attention(model) as outer:
         with vitkit.record_attention(model) as inner:

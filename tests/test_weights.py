@@ -616,3 +616,15 @@ def test_convert_errors(tmp_path, capsys):
                             *[f"--set={k}={v}" for k, v in tiny_overrides("vit_tiny_patch16_224").items()])
     assert code == 0 and "(timm" in out
     assert max_diff(_logits(vitkit.load_model(tmp_path / "ok")), _logits(source)) == 0
+
+
+def test_non_square_checkpoint_grid_is_resampled_from_its_own_config(tmp_path):
+    """A vitkit folder says which (non-square) grid its position embedding has, so another size resamples it
+    (2x3 → 4x4 patches) instead of failing to guess a square grid."""
+    source = _tiny_vit("vit_tiny_patch16_224", img_size=(32, 48))
+    vitkit.save_pretrained(source, tmp_path / "wide")
+    model = vitkit.create_model("vit_tiny_patch16_224", pretrained=str(tmp_path / "wide"), img_size=64)
+    assert model.pos_embed.shape[1] == 1 + 16
+    assert any("grid 2x3 → 4x4" in r for r in model.load_report.resized)
+    expected = resample_pos_embed(source.pos_embed.detach(), (4, 4), (2, 3), 1)
+    assert torch.equal(model.pos_embed.detach(), expected)

@@ -120,14 +120,6 @@ def all_formats() -> list[tuple[str, SourceFormat]]:
     return list(seen.values())
 
 
-def _check_overrides(spec: ModelSpec, overrides: dict[str, Any]) -> None:
-    fields = {f.name for f in dataclasses.fields(spec.model_cls.config_cls)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ConfigError(f"unknown argument{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for {spec.name} "
-                          f"(valid: {', '.join(sorted(fields))})")
-
-
 def _check_hints(spec: ModelSpec, hints: dict[str, Any], source: str) -> None:
     """A checkpoint that implies a setting the variant's config cannot express belongs to another class of the
     family: name the variants that can hold it."""
@@ -152,12 +144,12 @@ def create_model(name: str, pretrained: str | bool | None = None, num_classes: i
     tables. Every such change is logged and kept in ``model.load_report``.
     """
     spec = get_spec(name)
-    _check_overrides(spec, overrides)
     explicit = dict(overrides)
     if num_classes is not None:
         explicit["num_classes"] = num_classes
     if img_size is not None:
         explicit["img_size"] = img_size
+    from_dict(spec.model_cls.config_cls, {**spec.config, **explicit}, where=name)  # names a bad argument, early
     loaded = None
     if pretrained is True:
         from vitkit.weights.hub import resolve_pretrained
@@ -190,6 +182,7 @@ def _load_into(model: nn.Module, loaded: Loaded, hints: dict[str, Any], spec: Mo
     else:
         for k, v in hints.items():
             report.notes.append(f"config {k}={v!r} taken from the checkpoint")
+    report.source_config = dict(loaded.config_hints)  # what the checkpoint itself was built for (e.g. its img_size)
     finish_load(model, loaded.state_dict, report)
     if loaded.class_names and len(loaded.class_names) == getattr(model, "num_classes", -1):
         model.class_names = list(loaded.class_names)

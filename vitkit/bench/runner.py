@@ -254,11 +254,11 @@ def summarize(label: str, times: list[float], batch_size: int, first_step_s: flo
 
 def step_flops(model: nn.Module, input_size: tuple[int, int, int], mode: str) -> int | None:
     """FLOPs per image of one step, counted on a meta-device twin of a vitkit model (None for other models)."""
-    cfg = getattr(model, "cfg", None)
-    if cfg is None or not hasattr(model, "config_cls"):
+    from vitkit.models.base import FamilyModel
+    if not isinstance(model, FamilyModel):
         return None
     with torch.device("meta"):
-        twin = type(model)(copy.deepcopy(cfg))
+        twin = type(model)(copy.deepcopy(model.cfg))
     return count_flops(twin, input_size, backward=(mode == "train"))
 
 

@@ -14,27 +14,43 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["attend", "RecordsAttention", "Attention", "record_attention"]
+__all__ = ["attend", "RecordsAttention", "Attention", "record_attention", "AttentionMaps"]
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, *, scale: float, bias: Tensor | None = None, dropout_p: float = 0.0,
-           record: Callable[[Tensor], None] | None = None) -> Tensor:
-    """softmax(q kᵀ · scale + bias) v for q, k, v of shape (B, h, N, d); bias broadcasts to (B, h, N, M)."""
+           record: Callable[..., None] | None = None, **info) -> Tensor:
+    """softmax(q kᵀ · scale + bias) v for q, k, v of shape (B, h, N, d); bias broadcasts to (B, h, N, M).
+
+    ``record`` (a layer's ``attn_recorder``) receives the probabilities and ``info``: what a reader needs to place
+    them on the image (e.g. a window layer's grid, window and shift)."""
     if record is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
     attn = (q * scale) @ k.transpose(-2, -1)  # (B, h, N, M)
     if bias is not None:
         attn = attn + bias
     attn = attn.softmax(dim=-1)
-    record(attn)
+    record(attn, **info)
     attn = F.dropout(attn, dropout_p, training=dropout_p > 0)
     return attn @ v  # (B, h, N, d)
 
 
 class RecordsAttention(nn.Module):
-    """Base of every attention layer: ``attn_recorder`` (not a parameter, not saved) receives the probabilities."""
+    """Base of every attention layer: ``attn_recorder`` (not a parameter, not saved) receives the probabilities.
 
-    attn_recorder: Callable[[Tensor], None] | None = None
+    ``attn_layout`` documents the shape of what the layer records (its rows sum to 1)."""
+
+    attn_recorder: Callable[..., None] | None = None
+    attn_layout: str = "(B, heads, N, N): every token attends to every token"
+
+
+class AttentionMaps(dict):
+    """What ``record_attention`` yields: layer name → probabilities of its most recent call (layout in the layer's
+    ``attn_layout``), and in ``info[name]`` what the layer reported about them (e.g. Swin's window grid)."""
+
+    def __init__(self):
+        super().__init__()
+        self.info: dict[str, dict] = {}
+        self.layouts: dict[str, str] = {}
 
 
 class Attention(RecordsAttention):
@@ -64,18 +80,22 @@ class Attention(RecordsAttention):
 
 
 @contextlib.contextmanager
-def record_attention(model: nn.Module, detach: bool = True) -> Iterator[dict[str, Tensor]]:
+def record_attention(model: nn.Module, detach: bool = True) -> Iterator[AttentionMaps]:
     """Record the attention probabilities of every attention layer of ``model`` while the context is open.
 
-    Yields a dict filled during forward passes: module name (e.g. ``"blocks.3.attn"``) → (B, h, N, M) tensor of the
-    most recent call. The layers switch to the explicit softmax path only inside the context.
+    Yields an ``AttentionMaps`` dict filled during forward passes: module name (e.g. ``"blocks.3.attn"``) → the
+    probabilities of its most recent call, (B, h, N, M) for global attention; each layer's layout is in
+    ``maps.layouts[name]`` and what it reported in ``maps.info[name]``. The layers switch to the explicit softmax path
+    only inside the context.
     """
-    maps: dict[str, Tensor] = {}
+    maps = AttentionMaps()
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, RecordsAttention)]
+    maps.layouts.update({n: m.attn_layout for n, m in layers})
 
-    def recorder(name: str) -> Callable[[Tensor], None]:
-        def store(attn: Tensor) -> None:
+    def recorder(name: str) -> Callable[..., None]:
+        def store(attn: Tensor, **info) -> None:
             maps[name] = attn.detach() if detach else attn
+            maps.info[name] = info
         return store
 
     previous = [(module, module.attn_recorder) for _, module in layers]

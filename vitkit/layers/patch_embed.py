@@ -1,9 +1,14 @@
 """Patch embedding (ViT paper eq. 1): split the image into P×P patches, flatten, project linearly.
 
 As in the JAX code ("s2d + embedding merged into a single conv"), this is a conv with kernel = stride = P and no
-padding. Non-square images and patch grids are supported.
+padding. The same layer serves the hierarchical families: an overlapping conv (PVT v2's 7×7 stride-4 patches, CvT's
+convolutional token embedding: ``stride`` < ``patch_size`` with ``padding``), an optional norm on the tokens (Swin,
+PVT), and three output layouts: tokens (B, N, D), channels-last maps (B, H, W, D) as Swin keeps them between stages,
+or channels-first maps (B, D, H, W). Non-square images and grids are supported.
 """
 from __future__ import annotations
+
+from typing import Callable, Literal
 
 from torch import Tensor, nn
 
@@ -20,28 +25,47 @@ def to_2tuple(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 class PatchEmbed(nn.Module):
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int | tuple[int, int] = 16,
-                 in_chans: int = 3, embed_dim: int = 768, bias: bool = True, strict_img_size: bool = True):
+                 in_chans: int = 3, embed_dim: int = 768, bias: bool = True, strict_img_size: bool = True, *,
+                 stride: int | tuple[int, int] | None = None, padding: int | tuple[int, int] = 0,
+                 norm_layer: Callable[[int], nn.Module] | None = None,
+                 output_fmt: Literal["NLC", "NHWC", "NCHW"] = "NLC"):
         super().__init__()
         self.img_size = to_2tuple(img_size)
         self.patch_size = to_2tuple(patch_size)
-        for s, p in zip(self.img_size, self.patch_size):
-            if s % p:
-                raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.stride = to_2tuple(stride if stride is not None else patch_size)
+        self.padding = to_2tuple(padding)
+        self.overlapping = self.stride != self.patch_size or any(self.padding)
+        if not self.overlapping:
+            for s, p in zip(self.img_size, self.patch_size):
+                if s % p:
+                    raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        self.grid_size = self.output_grid(*self.img_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.strict_img_size = strict_img_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+        self.output_fmt = output_fmt
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.stride,
+                              padding=self.padding, bias=bias)
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+
+    def output_grid(self, H: int, W: int) -> tuple[int, int]:
+        """The token grid (h, w) of an H×W input (the conv output size)."""
+        (kh, kw), (sh, sw), (ph, pw) = self.patch_size, self.stride, self.padding
+        return (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
 
     def check_size(self, H: int, W: int) -> None:
-        ph, pw = self.patch_size
         if self.strict_img_size and (H, W) != self.img_size:
             raise ValueError(f"input is {H}x{W} but the model was built for {self.img_size[0]}x{self.img_size[1]}; "
                              f"pass img_size= to create_model, or dynamic_img_size=True")
-        if H % ph or W % pw:
+        ph, pw = self.patch_size
+        if not self.overlapping and (H % ph or W % pw):
             raise ValueError(f"input {H}x{W} is not a multiple of the patch size {ph}x{pw}")
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
         self.check_size(H, W)
-        x = self.proj(x)  # (B, D, H/P, W/P)
-        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+        x = self.proj(x)  # (B, D, h, w)
+        if self.output_fmt == "NCHW":
+            return x if isinstance(self.norm, nn.Identity) else self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = x.permute(0, 2, 3, 1)  # (B, h, w, D)
+        x = self.norm(x)
+        return x if self.output_fmt == "NHWC" else x.flatten(1, 2)  # (B, h·w, D)

@@ -125,7 +125,7 @@ class VisionTransformer(FamilyModel):
         zero_init_(*self.classifiers())
 
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token", "dist_token"}
+        return {"pos_embed", "cls_token", "dist_token"} & {n for n, _ in self.named_parameters()}
 
     def layer_id(self, param_name: str) -> int:
         """0 for the embeddings, i + 1 for block i, depth + 1 for the final norm and head (BEiT's layer decay)."""
@@ -199,8 +199,12 @@ class VisionTransformer(FamilyModel):
         representation layer the model does not have (and re-initialise the head it fed), and zero-initialise heads
         whose class count differs."""
         from vitkit.weights.adapt import adapt_head, drop_keys, reinit_head, resample_pos_embed_state
+        source_size = report.source_config.get("img_size")  # a vitkit folder says its grid: it may be non-square
+        old_grid = tuple(s // p for s, p in zip(to_2tuple(source_size), self.patch_embed.patch_size)) \
+            if source_size and report.source_config.get("patch_size", self.cfg.patch_size) == self.cfg.patch_size \
+            else None
         state = resample_pos_embed_state(state, "pos_embed", self.pos_embed, self.num_prefix_tokens,
-                                         self.patch_embed.grid_size, report)
+                                         self.patch_embed.grid_size, report, old_grid)
         if not self.cfg.representation_size and any(k.startswith("pre_logits.") for k in state):
             state = drop_keys(state, "pre_logits.", report,
                               "representation layer removed: transfer replaces the whole pre-training head "
@@ -252,8 +256,8 @@ def closed_form_size(cfg: dict, prefix_tokens: int = 1, heads: int = 1, num_clas
 
 
 def tiny(name: str, cfg: dict) -> dict:
-    """1 block of width 48 on a 2x2 patch grid: forward and backward in milliseconds."""
-    return dict(depth=1, embed_dim=48, num_heads=3, img_size=2 * cfg["patch_size"])
+    """2 blocks of width 48 on a 2x2 patch grid: forward and backward in milliseconds."""
+    return dict(depth=2, embed_dim=48, num_heads=3, img_size=2 * cfg["patch_size"])
 
 
 register_family("vit", VisionTransformer, VARIANTS, DATA_CFGS, formats=VIT_FORMATS, weights=WEIGHTS,

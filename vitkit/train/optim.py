@@ -26,7 +26,7 @@ def skips_weight_decay(name: str, param: torch.Tensor, no_decay_names: set[str])
 
 
 def _layer_scale(model: nn.Module, name: str, layer_decay: float | None) -> tuple[int, float]:
-    if layer_decay is None or layer_decay == 1.0 or not hasattr(model, "layer_id"):
+    if layer_decay is None or layer_decay == 1.0:
         return 0, 1.0
     layer = model.layer_id(name)
     return layer, layer_decay ** (model.num_layer_ids - 1 - layer)
@@ -35,7 +35,7 @@ def _layer_scale(model: nn.Module, name: str, layer_decay: float | None) -> tupl
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict[str, Any]]:
     """Group trainable parameters by (layer, decay/no-decay); groups are ordered by first appearance, so the same
     model always yields the same groups (optimizer state is saved and restored by position)."""
-    no_decay = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    no_decay = set(model.no_weight_decay())  # every vitkit model has it (the family contract)
     groups: dict[str, dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

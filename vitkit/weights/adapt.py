@@ -8,15 +8,20 @@ import torch
 from torch import Tensor, nn
 
 from vitkit.layers.pos_embed import resample_pos_embed
+from vitkit.layers.pos_embed_rel import resize_rel_pos_bias_table
 from vitkit.weights.report import CheckpointMismatchError, LoadReport
 
-__all__ = ["resample_pos_embed_state", "adapt_head", "reinit_head", "drop_keys", "upcast", "finish_load"]
+__all__ = ["resample_pos_embed_state", "resize_rel_pos_tables", "reconcile_buffers", "adapt_head", "reinit_head",
+           "drop_keys", "upcast", "finish_load"]
 
 
 def resample_pos_embed_state(state: dict[str, Tensor], key: str, target: Tensor, num_prefix_tokens: int,
                              grid: tuple[int, int], report: LoadReport,
                              old_grid: tuple[int, int] | None = None) -> dict[str, Tensor]:
-    """Resample ``state[key]`` (1, prefix + h·w, D) to the model's grid when only the number of patches differs."""
+    """Resample ``state[key]`` (1, prefix + h·w, D) to the model's ``grid`` when the number of patches differs.
+
+    The checkpoint's grid is ``old_grid`` when the caller knows it (a non-square checkpoint), else the square grid
+    its length implies; a length that fits neither is left for the strict mismatch error."""
     pos = state.get(key)
     if pos is None or pos.shape == target.shape or pos.ndim != 3 or pos.shape[-1] != target.shape[-1]:
         return state
@@ -26,10 +31,60 @@ def resample_pos_embed_state(state: dict[str, Tensor], key: str, target: Tensor,
         if side * side != n_old:
             return state  # not a square grid: leave it for the mismatch error
         old_grid = (side, side)
+    if old_grid[0] * old_grid[1] != n_old:
+        return state
     out = dict(state)
     out[key] = resample_pos_embed(pos, grid, old_grid, num_prefix_tokens)
     report.resized.append(f"{key} {tuple(pos.shape)} → {tuple(out[key].shape)} (grid {old_grid[0]}x{old_grid[1]} → "
                           f"{grid[0]}x{grid[1]}, bicubic, {num_prefix_tokens} prefix token(s) kept)")
+    return out
+
+
+def resize_rel_pos_tables(state: dict[str, Tensor], model: nn.Module, suffix: str, report: LoadReport,
+                          method: str, window_of, extra_rows: int = 0) -> dict[str, Tensor]:
+    """Resize every relative-position bias table (``*{suffix}``, (rows, heads)) whose row count differs from the
+    model's, with ``resize_rel_pos_bias_table(method=...)``; ``window_of(rows)`` names the (Wh, Ww) window a table of
+    that many rows belongs to. The report says which method ran (the two in use differ by ~1e-2 in the logits)."""
+    targets = {k: v for k, v in model.state_dict().items() if k.endswith(suffix)}
+    out = dict(state)
+    for key, target in targets.items():
+        table = state.get(key)
+        if table is None or table.shape == target.shape or table.shape[1:] != target.shape[1:]:
+            continue
+        old, new = window_of(table.shape[0] - extra_rows), window_of(target.shape[0] - extra_rows)
+        if old is None or new is None:
+            continue
+        out[key] = resize_rel_pos_bias_table(table, old, new, extra_rows, method)
+        report.resized.append(f"{key} {tuple(table.shape)} → {tuple(target.shape)} (window {old[0]}x{old[1]} → "
+                              f"{new[0]}x{new[1]}, {method})")
+    return out
+
+
+def reconcile_buffers(state: dict[str, Tensor], model: nn.Module, suffixes: tuple[str, ...], report: LoadReport,
+                      why: str) -> dict[str, Tensor]:
+    """Buffers vitkit computes itself (relative-position indices, attention masks) that a checkpoint also carries are
+    checked, not trusted: equal to ours → kept (ours), absent → ours, different → an error naming them, unless the
+    model's geometry changed (another input size or window), which ``why`` then explains in the report."""
+    ours = {k: v for k, v in model.state_dict().items() if k.endswith(suffixes)}
+    out = dict(state)
+    differ = []
+    for key, value in ours.items():
+        theirs = state.get(key)
+        if theirs is not None and (theirs.shape != value.shape or not torch.equal(theirs.to(value.dtype), value)):
+            differ.append(key)
+        out[key] = value
+    stray = [k for k in state if k.endswith(suffixes) and k not in ours]
+    for key in stray:  # e.g. an attention mask of a block that has no shifted windows at this size
+        out.pop(key)
+    if (differ or stray) and not why:
+        raise CheckpointMismatchError(f"{report.source}: computed buffers differ from the model's: "
+                                      f"{', '.join((differ + stray)[:6])}" + (" …" if len(differ + stray) > 6 else ""))
+    if differ or stray:
+        report.notes.append(f"{len(differ) + len(stray)} computed buffer(s) ({', '.join(sorted({k.rsplit('.', 1)[-1] for k in differ + stray}))}) "
+                            f"recomputed: {why}")
+    checked = len([k for k in ours if k in state]) - len(differ)
+    if checked:
+        report.notes.append(f"{checked} computed buffer(s) in the checkpoint checked equal to vitkit's")
     return out
 
 

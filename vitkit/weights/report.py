@@ -29,6 +29,7 @@ class LoadReport:
     reinitialized: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    source_config: dict = field(default_factory=dict)  # architecture hints the checkpoint carried (e.g. img_size)
 
     def summary(self) -> str:
         lines = [f"loaded {self.source} ({self.format}{', ' + self.container if self.container else ''}"

@@ -1,0 +1,211 @@
+"""The family contract, checked for every registered variant of every family (parametrised over ``list_models()``,
+so a family cannot register and skip it): published size, tiny forward/backward, the head, attention recording,
+layer ids, weight-decay names, intermediates, save/load and ``vitkit convert`` round trips, another input size."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import vitkit
+from vitkit.bench.flops import count_macs, count_params
+from vitkit.layers import RecordsAttention
+from vitkit.models.base import FamilyModel, check_contract
+from vitkit.registry import register_family
+
+from conftest import max_diff, randomize_
+
+NAMES = vitkit.list_models()
+
+
+def _tiny(name: str, **extra) -> FamilyModel:
+    spec = vitkit.get_spec(name)
+    return randomize_(vitkit.create_model(name, **{**spec.tiny, **extra}))
+
+
+def _input(model: FamilyModel, batch: int = 2, scale: int = 1) -> torch.Tensor:
+    C, H, W = model.data_cfg.input_size
+    return torch.randn(batch, C, H * scale, W * scale, generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+# ------------------------------------------------------------------------------------------------- full size
+@pytest.mark.parametrize("name", NAMES)
+def test_size_matches_the_published_reference(name):
+    """Built on the meta device (nothing allocated): parameters and forward MACs equal the family's reference table
+    (papers or official code) within its precision."""
+    ref = vitkit.get_spec(name).reference
+    assert ref is not None, f"{name}: the family registers no reference size for it"
+    with torch.device("meta"):
+        model = vitkit.create_model(name)
+    params_m, gmacs = count_params(model) / 1e6, count_macs(model) / 1e9
+    assert abs(params_m - ref.params_m) <= ref.params_tol, f"{params_m:.4f} M vs {ref.params_m} M ({ref.source})"
+    assert math.isclose(gmacs, ref.gmacs, rel_tol=ref.macs_rtol), f"{gmacs:.4f} G vs {ref.gmacs} G ({ref.source})"
+
+
+# ----------------------------------------------------------------------------------------------- tiny size
+@pytest.mark.parametrize("name", NAMES)
+def test_tiny_forward_backward(name):
+    model = _tiny(name, num_classes=7).train()
+    x = _input(model)
+    logits = model(x)
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    assert logits.shape == (2, 7)
+    logits.pow(2).sum().backward()
+    for pname, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{pname} got no gradient"
+            assert torch.isfinite(p.grad).all(), pname
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_head_and_pre_logits(name):
+    model = _tiny(name, num_classes=5).eval()
+    x = _input(model)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        logits, pre = model.forward_head(feats), model.forward_head(feats, pre_logits=True)
+    assert torch.equal(logits, model(x))
+    assert pre.ndim == 2 and pre.shape[0] == 2
+    heads = model.classifiers()
+    assert heads and all(h.out_features == 5 for h in heads)
+    if len(heads) == 1:
+        torch.testing.assert_close(heads[0](pre), logits)
+    model.reset_classifier(3)
+    assert all(h.out_features == 3 and not h.weight.any() for h in model.classifiers())
+    assert model(x).shape == (2, 3) and model.num_classes == 3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_input_is_a_value_error(name):
+    model = _tiny(name)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(_input(model)[0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_record_attention_every_layer(name):
+    model = _tiny(name).eval()
+    x = _input(model)
+    layers = [n for n, m in model.named_modules() if isinstance(m, RecordsAttention)]
+    assert layers, f"{name} has no attention layer vitkit can record"
+    with torch.no_grad(), vitkit.record_attention(model) as maps:
+        recorded = model(x)
+    assert sorted(maps) == sorted(layers)
+    for layer, attn in maps.items():
+        assert attn.ndim == 4 and maps.layouts[layer], layer
+        torch.testing.assert_close(attn.sum(-1), torch.ones_like(attn.sum(-1)), atol=1e-5, rtol=0)
+    assert max_diff(recorded, _logits(model, x)) < 1e-4  # recording does not change the function
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_layer_ids_and_weight_decay_names(name):
+    model = _tiny(name)
+    ids = [model.layer_id(n) for n, _ in model.named_parameters()]
+    assert all(0 <= i < model.num_layer_ids for i in ids)
+    assert ids == sorted(ids), "layer ids must not decrease from input to output"
+    assert ids[0] == 0 and model.layer_id(next(n for n, _ in reversed(list(model.named_parameters())))) \
+        == model.num_layer_ids - 1
+    assert set(ids) == set(range(model.num_layer_ids)), "every layer id is used"
+    names = [n for n, _ in model.named_parameters()]
+    for entry in model.no_weight_decay():
+        assert any(n == entry or n.rsplit(".", 1)[-1] == entry or n.startswith(entry + ".") for n in names), \
+            f"no_weight_decay() names {entry!r}, which is no parameter"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_intermediates(name):
+    model = _tiny(name).eval()
+    x = _input(model)
+    with torch.no_grad():
+        every = model.forward_intermediates(x)
+        last = model.forward_intermediates(x, indices=1)
+    assert len(every) >= 2 and len(last) == 1
+    torch.testing.assert_close(last[0], every[-1])
+    if model.intermediates == "pyramid":  # (B, C_i, H_i, W_i), coarser at every stage
+        assert all(t.ndim == 4 and t.shape[0] == 2 for t in every)
+        sizes = [t.shape[-2] * t.shape[-1] for t in every]
+        assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+    else:  # (B, N, D) per block
+        assert all(t.ndim == 3 and t.shape[0] == 2 for t in every)
+    with pytest.raises(ValueError):
+        model.forward_intermediates(x, indices=[len(every)])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_save_pretrained_and_convert_round_trips(name, tmp_path):
+    from vitkit.cli.main import main
+    model = _tiny(name).eval()
+    x = _input(model)
+    vitkit.save_pretrained(model, tmp_path / "saved")
+    back = vitkit.load_model(tmp_path / "saved")
+    assert torch.equal(_logits(back, x), _logits(model, x))
+    assert main(["convert", str(tmp_path / "saved"), str(tmp_path / "converted")]) == 0
+    converted = vitkit.load_model(tmp_path / "converted")
+    assert torch.equal(_logits(converted, x), _logits(model, x))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_another_input_size_builds_runs_and_loads(name, tmp_path):
+    """A tiny model at twice its input size runs, and the smaller model's weights load into it (position embeddings
+    and bias tables resized and reported, where the family has any)."""
+    small = _tiny(name)
+    vitkit.save_pretrained(small, tmp_path / "small")
+    C, H, W = small.data_cfg.input_size
+    spec = vitkit.get_spec(name)
+    big = vitkit.create_model(name, pretrained=str(tmp_path / "small"), img_size=(2 * H, 2 * W),
+                              **{k: v for k, v in spec.tiny.items() if k != "img_size"})
+    assert big.data_cfg.input_size == (C, 2 * H, 2 * W)
+    out = _logits(big, _input(small, scale=2))
+    assert out.shape == (2, small.num_classes) and torch.isfinite(out).all()
+    report = big.load_report
+    assert report.resized or report.notes, "the load report says nothing about the new input size"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_compile(name):
+    model = _tiny(name).eval()
+    x = _input(model)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        assert max_diff(compiled(x), model(x)) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------ the contract itself
+def test_a_family_missing_a_piece_fails_at_registration():
+    from vitkit.models.vit import VisionTransformer
+
+    class NoLayerIds(VisionTransformer):
+        layer_id = None  # removes an abstract method's implementation
+
+    class Incomplete(FamilyModel):
+        config_cls = VisionTransformer.config_cls
+        intermediates = "tokens"
+
+        def forward_features(self, x):
+            return x
+
+    with pytest.raises(TypeError, match="Incomplete does not meet the family contract: classifiers"):
+        check_contract(Incomplete)
+    with pytest.raises(TypeError, match="must derive from"):
+        register_family("zz", nn.Linear, {}, {})
+    assert "zz" not in vitkit.registry.list_families()
+
+
+def test_every_family_registers_formats_tiny_and_references():
+    for name in NAMES:
+        spec = vitkit.get_spec(name)
+        assert spec.formats, f"{name}: no checkpoint format"
+        assert spec.tiny, f"{name}: no tiny configuration"
+        assert spec.reference is not None, f"{name}: no reference size"
