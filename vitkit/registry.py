@@ -136,14 +136,19 @@ def _check_hints(spec: ModelSpec, hints: dict[str, Any], source: str) -> None:
 
 
 def create_model(name: str, pretrained: str | bool | None = None, num_classes: int | None = None,
-                 img_size: int | tuple[int, int] | None = None, **overrides: Any) -> nn.Module:
+                 img_size: int | tuple[int, int] | None = None, *, checkpoint_key: str | None = None,
+                 **overrides: Any) -> nn.Module:
     """Build a registered variant, optionally loading weights from a checkpoint in any supported format.
 
     ``num_classes`` different from the checkpoint's head gives a new zero-initialised head (the ViT paper's
     fine-tuning); ``img_size`` different from the checkpoint's resizes position embeddings and relative-position
-    tables. Every such change is logged and kept in ``model.load_report``.
+    tables. Every such change is logged and kept in ``model.load_report``. ``checkpoint_key`` picks the state dict of
+    a release file that holds several (e.g. ``"state_dict"`` instead of the EMA weights ``"state_dict_ema"`` that
+    T2T-ViT's evaluation loads by default; ``vitkit.weights.unwrap``).
     """
     spec = get_spec(name)
+    if checkpoint_key is not None and not pretrained:
+        raise ValueError(f"checkpoint_key={checkpoint_key!r} needs a checkpoint: pass pretrained=")
     explicit = dict(overrides)
     if num_classes is not None:
         explicit["num_classes"] = num_classes
@@ -155,7 +160,7 @@ def create_model(name: str, pretrained: str | bool | None = None, num_classes: i
         from vitkit.weights.hub import resolve_pretrained
         pretrained = resolve_pretrained(spec)
     if pretrained:
-        loaded = read_checkpoint(pretrained, spec, all_formats())
+        loaded = read_checkpoint(pretrained, spec, all_formats(), key=checkpoint_key)
         _check_hints(spec, loaded.config_hints, os.fspath(pretrained))
     hints = {k: v for k, v in (loaded.config_hints if loaded else {}).items() if k not in explicit}
     if "num_classes" in explicit and loaded and loaded.config_hints.get("num_classes") != explicit["num_classes"]:

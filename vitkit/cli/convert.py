@@ -31,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, metavar="N", help="classifier size (a new zero-initialised head)")
     parser.add_argument("--img-size", type=_img_size, metavar="S", help="input size, e.g. 384 or 224x160 "
                                                                         "(position embeddings are resampled)")
+    parser.add_argument("--checkpoint-key", metavar="KEY",
+                        help="state dict to read from a release file holding several (default: the one the source's "
+                             "evaluation uses, e.g. state_dict_ema in T2T-ViT files; --checkpoint-key state_dict "
+                             "reads the raw weights)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="architecture override, e.g. depth=6 or act_layer=gelu_tanh (repeatable)")
 
@@ -104,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     if args.img_size is not None:
         kwargs["img_size"] = args.img_size
     with _quiet("vitkit.registry"):
-        model = vitkit.create_model(name, pretrained=src, num_classes=args.num_classes, **kwargs)
+        model = vitkit.create_model(name, pretrained=src, num_classes=args.num_classes,
+                                    checkpoint_key=args.checkpoint_key, **kwargs)
     report = model.load_report
     print(report.summary())
     vitkit.save_pretrained(model, dst)

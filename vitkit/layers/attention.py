@@ -54,16 +54,18 @@ class AttentionMaps(dict):
 
 
 class Attention(RecordsAttention):
-    """ViT multi-head self-attention with a fused qkv projection in (q, k, v) order (timm's layout)."""
+    """ViT multi-head self-attention with a fused qkv projection in (q, k, v) order (timm's layout).
+
+    ``scale`` overrides the query scaling head_dim^-1/2 (the ``qk_scale`` argument of timm-era official code)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
+                 proj_drop: float = 0.0, *, scale: float | None = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim ** -0.5 if scale is None else scale
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)

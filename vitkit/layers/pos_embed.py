@@ -2,6 +2,9 @@
 embeddings"). Bicubic with antialiasing in float32, prefix tokens (class, distillation) untouched: the convention of
 timm's ``resample_abs_pos_embed`` and of the DeiT/BEiT fine-tuning scripts. The one resampler in vitkit: pure, no side
 effects, non-square grids supported.
+
+``sinusoid_table`` is the fixed (not learned) alternative some families use (T2T-ViT, CCT's sine variants): a table
+of any length is computed, so another input size regenerates it instead of resampling it.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["resample_pos_embed"]
+__all__ = ["resample_pos_embed", "sinusoid_table"]
 
 
 def resample_pos_embed(posemb: Tensor, new_size: tuple[int, int], old_size: tuple[int, int] | None = None,
@@ -37,3 +40,15 @@ def resample_pos_embed(posemb: Tensor, new_size: tuple[int, int], old_size: tupl
     grid = F.interpolate(grid, size=new_size, mode=interpolation, antialias=antialias, align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_size[0] * new_size[1], D)  # (1, H·W, D)
     return torch.cat([prefix, grid.to(posemb.dtype)], dim=1)
+
+
+def sinusoid_table(num_positions: int, dim: int) -> Tensor:
+    """(1, num_positions, dim) fixed sinusoidal position table (Vaswani et al. 2017, §3.5):
+    PE(p, 2i) = sin(p / 10000^(2i/dim)), PE(p, 2i+1) = cos(p / 10000^(2i/dim)) for positions p = 0 … num_positions-1.
+
+    Computed in float64 and rounded to float32, as the T2T-ViT (``get_sinusoid_encoding``) and CCT
+    (``sinusoidal_embedding``) code do with numpy / Python floats."""
+    pos = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1)  # (n, 1)
+    j = torch.arange(dim)
+    angle = pos / torch.pow(10000.0, (2 * (j // 2)).double() / dim)  # (n, dim)
+    return torch.where(j % 2 == 0, angle.sin(), angle.cos()).float().unsqueeze(0)  # (1, n, dim)

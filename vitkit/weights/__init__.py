@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import torch
 from torch import Tensor
 
 from vitkit.specs import CheckpointView, ModelSpec, SourceFormat
@@ -35,23 +36,40 @@ class Loaded:
     data_cfg: dict[str, Any] = field(default_factory=dict)
 
 
-_CONTAINERS = ("state_dict_ema", "model", "state_dict", "model_ema", "module")
+_CONTAINERS = ("state_dict_ema", "model", "state_dict", "model_ema", "module", "net")
 
 
-def unwrap(obj: Any, report: LoadReport) -> tuple[dict[str, Any], str]:
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, Tensor) for v in value.values())
+
+
+def _same_tensors(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+
+def unwrap(obj: Any, report: LoadReport, key: str | None = None) -> tuple[dict[str, Any], str]:
     """Release containers → (the bare state dict, the container key or "").
 
-    T2T-ViT-style files (timm's CheckpointSaver) hold ``state_dict_ema``, which is what that official evaluation
-    loads, so it wins over ``state_dict``. DeiT/BEiT training checkpoints hold ``model`` and ``model_ema``; their
-    evaluation (``main.py --eval --resume``) runs ``model``, so ``model_ema`` is only a fallback."""
+    ``key`` names the entry to load (``checkpoint_key`` of ``create_model``); an entry that is not there is an error
+    listing the ones that are. By default the first of ``_CONTAINERS`` present wins: T2T-ViT-style files (timm's
+    CheckpointSaver) hold ``state_dict_ema``, which is what that official evaluation loads, so it wins over
+    ``state_dict``. DeiT/BEiT training checkpoints hold ``model`` and ``model_ema``; their evaluation (``main.py
+    --eval --resume``) runs ``model``, so ``model_ema`` is only a fallback. T2T-ViT's CIFAR files hold ``net``. The
+    report names the entry loaded and the other state dicts the file holds (and whether they are identical)."""
     container = ""
-    if isinstance(obj, dict):
-        for key in _CONTAINERS:
-            inner = obj.get(key)
-            if isinstance(inner, dict) and inner and all(isinstance(v, Tensor) for v in inner.values()):
-                report.container = f"{{'{key}': state_dict}}"
-                obj, container = inner, key
-                break
+    held = [k for k, v in obj.items() if _is_state_dict(v)] if isinstance(obj, dict) else []
+    if key is not None and key not in held:
+        what = f"state dicts under {', '.join(repr(k) for k in held)}" if held else "a bare state dict, no container"
+        raise CheckpointError(f"{report.source}: checkpoint_key={key!r} is not in the file (it holds {what})")
+    chosen = key if key is not None else next((k for k in _CONTAINERS if k in held), None)
+    if chosen is not None:
+        report.container = f"{{'{chosen}': state_dict}}"
+        others = [f"{k!r} ({'identical' if _same_tensors(obj[k], obj[chosen]) else 'different weights'})"
+                  for k in held if k != chosen]
+        if others:
+            report.notes.append(f"loaded {chosen!r}; the file also holds {', '.join(others)}: choose another with "
+                                f"checkpoint_key=")
+        obj, container = obj[chosen], chosen
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(f"{report.source}: no state dict found in the file")
     state = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
@@ -96,15 +114,19 @@ def _no_format_error(raw: RawCheckpoint, spec: ModelSpec, view: CheckpointView,
 
 
 def read_checkpoint(path: str | os.PathLike, spec: ModelSpec,
-                    others: Iterable[tuple[str, SourceFormat]] = ()) -> Loaded:
+                    others: Iterable[tuple[str, SourceFormat]] = (), key: str | None = None) -> Loaded:
     """Read and convert a checkpoint for the registered variant ``spec``. ``others`` (family, format) pairs of every
     registered family only serve a better error: which family a checkpoint that fits none of ``spec``'s formats
-    looks like."""
+    looks like. ``key``: the container entry to load (``unwrap``)."""
     raw = read_raw(path)
     report = LoadReport(source=os.fspath(path))
-    if raw.config and raw.config.get("format") == "vitkit":
+    is_vitkit = bool(raw.config) and raw.config.get("format") == "vitkit"
+    if key is not None and (raw.kind in ("npz", "safetensors") or is_vitkit):
+        raise CheckpointError(f"{path}: checkpoint_key={key!r} selects a state dict inside a .pth/.bin container; "
+                              f"this {'vitkit folder' if is_vitkit else raw.kind + ' file'} holds only one")
+    if is_vitkit:
         return _from_vitkit(raw, spec, report)
-    state, container = (raw.tensors, "") if raw.kind == "npz" else unwrap(raw.tensors, report)
+    state, container = (raw.tensors, "") if raw.kind == "npz" else unwrap(raw.tensors, report, key)
     view = checkpoint_view(state, raw.kind, container, raw.config)
     fmt = detect_format(view, spec.formats)
     if fmt is None:
