@@ -292,3 +292,34 @@ def test_frozen_tensors_stay_frozen_in_training():
     model(torch.randn(2, 3, 32, 32)).logsumexp(-1).sum().backward()
     opt.step()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+# ------------------------------------------------------------------------------------- the official key layout
+@pytest.mark.parametrize("case", ["official_t2t_vit_7", "official_t2t_vit_t_14_shrunk"])
+def test_rename_table_inverse_writes_the_official_keys(golden_root, case):
+    """vitkit's state dict written back through the inverse of the rename table has exactly the official keys and
+    shapes of the golden checkpoint (keys.json, read from the official files)."""
+    import json
+    from vitkit.models.t2t_vit_formats import OFFICIAL
+    meta = json.loads((golden_root / case / "case.json").read_text())
+    with torch.device("meta"):
+        model = vitkit.create_model(meta["vitkit_model"], **meta["kwargs"])
+    official = OFFICIAL[model.cfg.tokens_type].inverse(model.state_dict())
+    assert {k: list(v.shape) for k, v in official.items()} == json.loads((golden_root / case / "keys.json").read_text())
+
+
+def test_a_full_size_release_layout_names_its_variant_and_size(tmp_path):
+    """A file laid out like the releases (here T2T-ViT-7 trained at 384 px, random weights) converts without --model:
+    the T2T type, width, depth and MLP ratio name the variant, the position table the input size."""
+    from vitkit.cli.main import main
+    from vitkit.models.t2t_vit_formats import OFFICIAL
+    source = vitkit.create_model("t2t_vit_7", img_size=384)
+    path = tmp_path / "71.7_T2T_ViT_7_384.pth.tar"
+    torch.save({"epoch": 310, "arch": "t2t_vit_7", "state_dict_ema": OFFICIAL["performer"].inverse(source.state_dict())}, path)
+    assert vitkit.registry.infer_variant(path) == ("t2t_vit_7", {"img_size": 384})
+    model = vitkit.create_model("t2t_vit_7", pretrained=str(path))
+    assert model.cfg.img_size == 384 and model.data_cfg.input_size == (3, 384, 384)
+    assert "config img_size=384 taken from the checkpoint" in model.load_report.notes
+    assert main(["convert", str(path), str(tmp_path / "out")]) == 0
+    x = torch.randn(1, 3, 384, 384)
+    assert torch.equal(_run(vitkit.load_model(tmp_path / "out"), x), _run(source, x))

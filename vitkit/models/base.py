@@ -16,7 +16,8 @@ from typing import Any, ClassVar, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FamilyModel", "check_contract", "select_indices", "staged_layer_id", "zero_init_", "check_input"]
+__all__ = ["FamilyModel", "check_contract", "select_indices", "staged_layer_id", "block_layer_id", "block_outputs", "zero_init_",
+           "trunc_normal_linears_", "check_input"]
 
 
 class FamilyModel(nn.Module, metaclass=abc.ABCMeta):
@@ -153,6 +154,37 @@ def staged_layer_id(depths: Sequence[int], stage: int | None, block: int | None 
     if block is None:
         return sum(depths[:stage])
     return sum(depths[:stage]) + block + 1
+
+
+def block_outputs(blocks: Sequence[nn.Module], x: Tensor, wanted: list[int]) -> list[Tensor]:
+    """The outputs of blocks ``wanted`` (sorted indices, from ``select_indices``) of a chain of blocks run on ``x``;
+    blocks after the last wanted one are not run."""
+    outs = []
+    for i, blk in enumerate(blocks[: wanted[-1] + 1]):
+        x = blk(x)
+        if i in wanted:
+            outs.append(x)
+    return outs
+
+
+def block_layer_id(param_name: str, depth: int, embed_prefixes: tuple[str, ...]) -> int:
+    """Layer id of a parameter of a plain (one-stage) model for layer-wise learning-rate decay, BEiT's numbering:
+    the embeddings (names starting with ``embed_prefixes``) → 0, ``blocks.{i}.*`` → i + 1, the rest (final norm,
+    head) → depth + 1."""
+    if param_name.startswith(embed_prefixes):
+        return 0
+    if param_name.startswith("blocks."):
+        return int(param_name.split(".")[1]) + 1
+    return depth + 1
+
+
+def trunc_normal_linears_(module: nn.Module, std: float = 0.02) -> None:
+    """timm's ViT initialisation of every Linear in ``module``: truncated-normal(std) weights, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def zero_init_(*layers: nn.Module) -> None:

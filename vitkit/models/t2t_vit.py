@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from vitkit.config import ConfigError
 from vitkit.layers import (Attention, Block, Mlp, RecordsAttention, attend, drop_path_rates, favor_attention,
                            orthogonal_features, sinusoid_table, to_2tuple)
-from vitkit.models.base import FamilyModel, select_indices, zero_init_
+from vitkit.models.base import FamilyModel, block_layer_id, block_outputs, select_indices, trunc_normal_linears_, zero_init_
 from vitkit.models.t2t_vit_formats import T2T_FORMATS
 from vitkit.registry import register_family
 from vitkit.specs import PreprocessConfig, Reference
@@ -234,11 +234,7 @@ class T2TViT(FamilyModel):
         """The official initialisation: truncated-normal(0.02) dense layers and class token, zero biases (the head
         too is truncated-normal, as in T2T_ViT._init_weights); LayerNorms at 1 / 0."""
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears_(self)
 
     def classifiers(self) -> list[nn.Linear]:
         return [self.head] if isinstance(self.head, nn.Linear) else []
@@ -253,11 +249,7 @@ class T2TViT(FamilyModel):
 
     def layer_id(self, param_name: str) -> int:
         """0 for the T2T module, class token and position table, i + 1 for block i, depth + 1 for norm and head."""
-        if param_name.startswith(("cls_token", "pos_embed", "tokens_to_token.")):
-            return 0
-        if param_name.startswith("blocks."):
-            return int(param_name.split(".")[1]) + 1
-        return self.cfg.depth + 1
+        return block_layer_id(param_name, self.cfg.depth, ("cls_token", "pos_embed", "tokens_to_token."))
 
     @property
     def num_layer_ids(self) -> int:
@@ -287,14 +279,10 @@ class T2TViT(FamilyModel):
                               reshape: bool = False) -> list[Tensor]:
         """Outputs of chosen backbone blocks, (B, 1 + h·w, D) each, or with ``reshape=True`` the patch tokens as a
         (B, D, h, w) map; ``norm`` applies the final LayerNorm."""
-        wanted = select_indices(indices, len(self.blocks))
-        x = self.embed(x)
-        outs = []
-        for i, blk in enumerate(self.blocks[: wanted[-1] + 1]):
-            x = blk(x)
-            if i in wanted:
-                y = self.norm(x) if norm else x
-                outs.append(y[:, 1:].transpose(1, 2).reshape(y.shape[0], -1, *self.grid) if reshape else y)  # (B, D, h, w)
+        outs = block_outputs(self.blocks, self.embed(x), select_indices(indices, len(self.blocks)))
+        outs = [self.norm(y) for y in outs] if norm else outs
+        if reshape:  # (B, D, h, w)
+            outs = [y[:, 1:].transpose(1, 2).reshape(y.shape[0], -1, *self.grid) for y in outs]
         return outs
 
     # ------------------------------------------------------------------------------------------ weight loading

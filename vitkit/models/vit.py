@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from vitkit.config import ConfigError
 from vitkit.layers import Block, PatchEmbed, drop_path_rates, resample_pos_embed, to_2tuple
-from vitkit.models.base import FamilyModel, select_indices, zero_init_
+from vitkit.models.base import FamilyModel, block_layer_id, block_outputs, select_indices, trunc_normal_linears_, zero_init_
 from vitkit.models.vit_formats import VIT_FORMATS, WEIGHTS
 from vitkit.registry import register_family
 from vitkit.specs import INCEPTION_MEAN, INCEPTION_STD, PreprocessConfig, Reference
@@ -108,11 +108,7 @@ class VisionTransformer(FamilyModel):
         """Truncated-normal(0.02) dense layers and position embedding, zero class token and zero head kernel (the
         JAX code's initialisers for the tokens and the head; timm's for the rest)."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears_(self)
         zero_init_(*self.classifiers())
 
     def classifiers(self) -> list[nn.Linear]:
@@ -129,11 +125,7 @@ class VisionTransformer(FamilyModel):
 
     def layer_id(self, param_name: str) -> int:
         """0 for the embeddings, i + 1 for block i, depth + 1 for the final norm and head (BEiT's layer decay)."""
-        if param_name.startswith(("cls_token", "dist_token", "pos_embed", "patch_embed")):
-            return 0
-        if param_name.startswith("blocks."):
-            return int(param_name.split(".")[1]) + 1
-        return self.cfg.depth + 1
+        return block_layer_id(param_name, self.cfg.depth, ("cls_token", "dist_token", "pos_embed", "patch_embed"))
 
     @property
     def num_layer_ids(self) -> int:
@@ -179,18 +171,12 @@ class VisionTransformer(FamilyModel):
         Each is (B, prefix + N, D), or with ``reshape=True`` the patch tokens as a (B, D, H/P, W/P) map; ``norm``
         applies the final LayerNorm to each.
         """
-        wanted = select_indices(indices, len(self.blocks))
         B, _, H, W = x.shape
         P = self.patch_embed.patch_size
-        x = self.embed(x)
-        outs = []
-        for i, blk in enumerate(self.blocks[: wanted[-1] + 1]):
-            x = blk(x)
-            if i in wanted:
-                y = self.norm(x) if norm else x
-                if reshape:
-                    y = y[:, self.num_prefix_tokens:].transpose(1, 2).reshape(B, -1, H // P[0], W // P[1])  # (B, D, h, w)
-                outs.append(y)
+        outs = block_outputs(self.blocks, self.embed(x), select_indices(indices, len(self.blocks)))
+        outs = [self.norm(y) for y in outs] if norm else outs
+        if reshape:  # (B, D, h, w)
+            outs = [y[:, self.num_prefix_tokens:].transpose(1, 2).reshape(B, -1, H // P[0], W // P[1]) for y in outs]
         return outs
 
     # ------------------------------------------------------------------------------------------ weight loading
