@@ -149,7 +149,8 @@ def test_golden_frozen_tensors_are_loaded_not_redrawn(golden_root):
         torch.manual_seed(seed)
         model = vitkit.create_model("t2t_vit_7", pretrained=path, depth=2)
         for i in (1, 2):
-            stored, attn = state[f"tokens_to_token.attention{i}.w"], getattr(model.tokens_to_token, f"attention{i}").attn
+            stored = state[f"tokens_to_token.attention{i}.w"]
+            attn = getattr(model.tokens_to_token, f"attention{i}").attn
             assert stored.dtype == torch.float32 and stored.shape == (32, 64)
             assert torch.equal(attn.w, stored) and not attn.w.requires_grad
         assert torch.equal(model.pos_embed, state["pos_embed"]) and not model.pos_embed.requires_grad
@@ -315,7 +316,8 @@ def test_a_full_size_release_layout_names_its_variant_and_size(tmp_path):
     from vitkit.models.t2t_vit_formats import OFFICIAL
     source = vitkit.create_model("t2t_vit_7", img_size=384)
     path = tmp_path / "71.7_T2T_ViT_7_384.pth.tar"
-    torch.save({"epoch": 310, "arch": "t2t_vit_7", "state_dict_ema": OFFICIAL["performer"].inverse(source.state_dict())}, path)
+    official = OFFICIAL["performer"].inverse(source.state_dict())
+    torch.save({"epoch": 310, "arch": "t2t_vit_7", "state_dict_ema": official}, path)
     assert vitkit.registry.infer_variant(path) == ("t2t_vit_7", {"img_size": 384})
     model = vitkit.create_model("t2t_vit_7", pretrained=str(path))
     assert model.cfg.img_size == 384 and model.data_cfg.input_size == (3, 384, 384)

@@ -11,5 +11,5 @@ from vitkit.layers.pos_embed_rel import num_relative_distances, relative_positio
 
 __all__ = ["Attention", "AttentionMaps", "RecordsAttention", "attend", "record_attention", "Block", "DropPath", "drop_path",
            "drop_path_rates", "LayerScale", "ACTIVATIONS", "Mlp", "QuickGELU", "make_act", "PatchEmbed", "to_2tuple",
-           "favor_attention", "implied_attention", "orthogonal_features",
-           "resample_pos_embed", "sinusoid_table", "relative_position_index", "resize_rel_pos_bias_table", "num_relative_distances"]
+           "favor_attention", "implied_attention", "orthogonal_features", "resample_pos_embed", "sinusoid_table",
+           "relative_position_index", "resize_rel_pos_bias_table", "num_relative_distances"]

@@ -16,8 +16,8 @@ from typing import Any, ClassVar, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FamilyModel", "check_contract", "select_indices", "staged_layer_id", "block_layer_id", "block_outputs", "zero_init_",
-           "trunc_normal_linears_", "check_input"]
+__all__ = ["FamilyModel", "check_contract", "select_indices", "staged_layer_id", "block_layer_id", "block_outputs",
+           "zero_init_", "trunc_normal_linears_", "check_input"]
 
 
 class FamilyModel(nn.Module, metaclass=abc.ABCMeta):

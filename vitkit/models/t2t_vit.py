@@ -14,11 +14,12 @@ The grid shrinks 4·2·2 = 16x: 224 px → 56² → 28² → 14² tokens.
 
 Official-code details kept here: a T2T layer changes the width (C·k² → token_dim), so it has no residual around its
 attention; the attention adds its own ``v`` instead (``x = v + proj(attn)``). The Transformer T2T layer scales q·kᵀ by
-its *input* width (C·k²)^-1/2 (the official ``Attention`` takes head_dim = dim // num_heads with one head). The Performer
-T2T layer orders its projection (k, q, v) and draws m = token_dim/2 random features once; they are a frozen parameter
-of the checkpoints and are loaded, never redrawn. The backbone's q·kᵀ scale is head_dim^-1/2 (``qk_scale=None``):
-the official evaluation builds its models with ``pretrained=False``; only the factory functions' ``pretrained=True``
-branch would set embed_dim^-1/2 (``qk_scale`` overrides it). LayerNorm eps is PyTorch's 1e-5 throughout.
+its *input* width (C·k²)^-1/2 (the official ``Attention`` takes head_dim = dim // num_heads with one head). The
+Performer T2T layer orders its projection (k, q, v) and draws m = token_dim/2 random features once; they are a frozen
+parameter of the checkpoints and are loaded, never redrawn. The backbone's q·kᵀ scale is head_dim^-1/2
+(``qk_scale=None``): the official evaluation builds its models with ``pretrained=False``; only the factory functions'
+``pretrained=True`` branch would set embed_dim^-1/2 (``qk_scale`` overrides it). LayerNorm eps is PyTorch's 1e-5
+throughout.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from torch import Tensor, nn
 from vitkit.config import ConfigError
 from vitkit.layers import (Attention, Block, Mlp, RecordsAttention, attend, drop_path_rates, favor_attention,
                            orthogonal_features, sinusoid_table, to_2tuple)
-from vitkit.models.base import FamilyModel, block_layer_id, block_outputs, select_indices, trunc_normal_linears_, zero_init_
+from vitkit.models.base import (FamilyModel, block_layer_id, block_outputs, select_indices, trunc_normal_linears_,
+                                zero_init_)
 from vitkit.models.t2t_vit_formats import T2T_FORMATS
 from vitkit.registry import register_family
 from vitkit.specs import PreprocessConfig, Reference
@@ -43,13 +45,18 @@ __all__ = ["T2TViTConfig", "T2TViT", "TokenAttention", "TokenPerformerAttention"
 SOFT_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
 
 
+def _split_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Output length of an unfold along one side: ⌊(s + 2p − k) / stride⌋ + 1."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
 def t2t_grid(img_size: int | tuple[int, int]) -> tuple[int, int]:
-    """The backbone's token grid (h, w) for an input size: the three unfolds' output sizes, ⌊(s + 2p − k)/stride⌋ + 1.
-    (The official code assumes ``img_size // 16``; the two agree for multiples of 16.)"""
-    sizes = list(to_2tuple(img_size))
-    for k, stride, pad in SOFT_SPLITS:
-        sizes = [(s + 2 * pad - k) // stride + 1 for s in sizes]
-    return sizes[0], sizes[1]
+    """The backbone's token grid (h, w) for an input size, through the three soft splits. (The official code assumes
+    ``img_size // 16``; the two agree for multiples of 16.)"""
+    h, w = to_2tuple(img_size)
+    for split in SOFT_SPLITS:
+        h, w = _split_size(h, *split), _split_size(w, *split)
+    return h, w
 
 
 @dataclass
@@ -102,8 +109,9 @@ class T2TViTConfig:
 
 # ------------------------------------------------------------------------------------------------ T2T layers
 class TokenAttention(RecordsAttention):
-    """The Transformer T2T layer's single-head attention (official ``token_transformer.Attention``): width dim → out_dim,
-    ``x = v + proj(softmax(q kᵀ · dim^-1/2) v)``: v is the residual, and the scale uses the input width ``dim``."""
+    """The Transformer T2T layer's single-head attention (official ``token_transformer.Attention``), width dim →
+    out_dim: ``x = v + proj(softmax(q kᵀ · dim^-1/2) v)``; v is the residual, and the scale uses the input width
+    ``dim``."""
 
     attn_layout = "(B, 1, N, N): single-head attention among the soft-split tokens; info['grid'] = their (h, w)"
 
@@ -166,9 +174,8 @@ class TokenBlock(nn.Module):
 
 def soft_split(image: Tensor, unfold: nn.Unfold) -> tuple[Tensor, tuple[int, int]]:
     """(B, C, H, W) → overlapping k x k patches as tokens (B, h·w, C·k²) and their grid (h, w) (paper eq. 3)."""
-    (k, _), (stride, _), (pad, _) = (to_2tuple(unfold.kernel_size), to_2tuple(unfold.stride),
-                                     to_2tuple(unfold.padding))
-    grid = tuple((s + 2 * pad - k) // stride + 1 for s in image.shape[-2:])
+    split = (unfold.kernel_size, unfold.stride, unfold.padding)  # ints: the unfolds are built square
+    grid = (_split_size(image.shape[-2], *split), _split_size(image.shape[-1], *split))
     return unfold(image).transpose(1, 2), grid  # (B, h·w, C·k²)
 
 
@@ -308,11 +315,13 @@ class T2TViT(FamilyModel):
     def _fit_pos_embed(self, state: dict[str, Tensor], report) -> dict[str, Tensor]:
         """The position table is fixed sinusoidal: a checkpoint's table of another length is regenerated for this
         grid, not interpolated (the official ``utils.resize_pos_embed`` interpolates it bicubically, which gives a
-        table that is no longer sinusoidal). A table that is not the sinusoid (changed by other code) is resampled
-        bicubically instead, and the report says so."""
+        table that is no longer sinusoidal). The table is one-dimensional over the row-major token order, so for
+        another aspect ratio token (r, c) takes position r·w + c. A table that is not the sinusoid (changed by other
+        code) is resampled bicubically instead, and the report says so."""
         from vitkit.weights.adapt import resample_pos_embed_state
         pos = state.get("pos_embed")
-        if pos is None or pos.shape == self.pos_embed.shape or pos.ndim != 3 or pos.shape[-1] != self.pos_embed.shape[-1]:
+        target = self.pos_embed.shape
+        if pos is None or pos.shape == target or pos.ndim != 3 or pos.shape[-1] != target[-1]:
             return state
         if not torch.allclose(pos.float(), sinusoid_table(pos.shape[1], pos.shape[2]), atol=1e-3, rtol=0):
             return resample_pos_embed_state(state, "pos_embed", self.pos_embed, 1, self.grid, report)
@@ -322,7 +331,7 @@ class T2TViT(FamilyModel):
 
 
 # -------------------------------------------------------------------------------------------------- variants
-# official models/t2t_vit.py factory functions; README / paper Table 3-4 for the names
+# the official models/t2t_vit.py factory functions (names as there)
 _PERFORMER, _TRANSFORMER = dict(tokens_type="performer"), dict(tokens_type="transformer")
 _LITE = dict(embed_dim=256, num_heads=4, mlp_ratio=2.0)
 VARIANTS = {

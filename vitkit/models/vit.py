@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from vitkit.config import ConfigError
 from vitkit.layers import Block, PatchEmbed, drop_path_rates, resample_pos_embed, to_2tuple
-from vitkit.models.base import FamilyModel, block_layer_id, block_outputs, select_indices, trunc_normal_linears_, zero_init_
+from vitkit.models.base import (FamilyModel, block_layer_id, block_outputs, select_indices, trunc_normal_linears_,
+                                zero_init_)
 from vitkit.models.vit_formats import VIT_FORMATS, WEIGHTS
 from vitkit.registry import register_family
 from vitkit.specs import INCEPTION_MEAN, INCEPTION_STD, PreprocessConfig, Reference
