@@ -1,5 +1,5 @@
-"""Golden cases of the ViT and DeiT families, run exactly as ../shared/golden/check.py runs them: the reference
-implementations' own outputs (timm, the JAX ViT code, transformers) on seeded random weights.
+"""Golden cases of every registered family, run exactly as ../shared/golden/check.py runs them: the reference
+implementations' own outputs (official code, timm, the JAX ViT code, transformers) on seeded random weights.
 
 Cases come from ``$VITKIT_GOLDEN`` or ``../shared/golden`` (see conftest.py); missing cases skip locally and fail
 under CI=true.
@@ -14,7 +14,7 @@ import vitkit
 
 from conftest import GoldenCase, skip_or_fail
 
-GOLDEN_FAMILIES = {"vit", "deit"}
+GOLDEN_FAMILIES = set(vitkit.registry.list_families())  # case.json "family" names are vitkit's family names
 
 # the load report's format for each case.json source_format (a bare official state dict reads as timm's layout)
 _REPORTED_FORMAT = {"jax": {"jax"}, "hf": {"hf"}, "timm": {"timm"}, "official": {"official", "timm"}}

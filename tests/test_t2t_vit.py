@@ -22,10 +22,7 @@ from vitkit.weights import CheckpointError
 from vitkit.weights.report import CheckpointMismatchError
 
 from conftest import max_diff, randomize_, tiny_overrides
-# the golden-case tests, parametrised here with the T2T-ViT cases (conftest's GOLDEN_FAMILIES mechanism)
-from test_golden import test_golden_load_report, test_golden_logits, test_golden_pre_logits  # noqa: F401
 
-GOLDEN_FAMILIES = {"t2t_vit"}
 DATA = Path(__file__).parent / "data" / "t2t_vit"
 PERFORMER = DATA / "performer_64"
 # the official constructor arguments of tests/data/t2t_vit/performer_64, as vitkit overrides of t2t_vit_7
