@@ -628,3 +628,14 @@ def test_non_square_checkpoint_grid_is_resampled_from_its_own_config(tmp_path):
     assert any("grid 2x3 → 4x4" in r for r in model.load_report.resized)
     expected = resample_pos_embed(source.pos_embed.detach(), (4, 4), (2, 3), 1)
     assert torch.equal(model.pos_embed.detach(), expected)
+
+
+def test_training_arguments_in_a_checkpoint_are_read_safely(tmp_path):
+    """timm's CheckpointSaver (T2T-ViT's release files) stores argparse.Namespace args beside the weights."""
+    import argparse
+    source = _tiny_vit()
+    path = tmp_path / "ckpt.pth.tar"
+    torch.save({"state_dict": source.state_dict(), "args": argparse.Namespace(lr=0.1, model="vit"), "epoch": 3}, path)
+    model = vitkit.create_model("vit_tiny_patch16_224", pretrained=str(path), **tiny_overrides("vit_tiny_patch16_224"))
+    assert max_diff(_logits(model), _logits(source)) == 0
+    assert model.load_report.container == "{'state_dict': state_dict}"

@@ -6,6 +6,7 @@ code (``__reduce__`` to ``os.system`` and the like) is refused before anything r
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -70,7 +71,9 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
 def _read_torch(path: str) -> Any:
     try:
         # a file object, not the path: torch 2.13 hands any "*.safetensors" path to safetensors (name, not content)
-        with open(path, "rb") as f, warnings.catch_warnings():
+        # argparse.Namespace: timm's CheckpointSaver stores the training arguments (T2T-ViT's release files); it is a
+        # plain attribute holder, rebuilt without running code, so the restricted unpickler may create it
+        with open(path, "rb") as f, warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # refused below if it matters
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
