@@ -122,7 +122,9 @@ class TrainSection:
     seed: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms(True) + fixed threads: bitwise resumable
     threads: int | None = None  # intra-op threads per process; None = CPU cores / local processes
-    amp: Literal["none", "bf16", "fp16"] = "none"  # bf16 autocast on any device; fp16 + GradScaler on CUDA only
+    # auto: bf16 autocast where the device runs bf16 natively, else fp32 (vitkit.hardware); none: fp32;
+    # bf16: autocast on any device (emulated, slow, on CPUs without native bf16); fp16 + GradScaler on CUDA only
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     compile: bool = False  # torch.compile the model
     ema: bool = False  # keep an exponential moving average of the weights; it is evaluated and saved as best/
     ema_decay: float = 0.9998

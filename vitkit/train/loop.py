@@ -43,7 +43,8 @@ from vitkit.train.distributed import DistInfo, all_reduce_sum, barrier, broadcas
 from vitkit.train.ema import ModelEma
 from vitkit.train.optim import build_optimizer
 from vitkit.train.report import MetricsLog, TensorBoard, environment, write_plots
-from vitkit.train.runtime import StopFlag, amp_dtype, autocast
+from vitkit.hardware import amp_dtype, log_precision, resolve_amp
+from vitkit.train.runtime import StopFlag, autocast
 from vitkit.train.schedule import set_lr
 
 __all__ = ["Trainer", "RunState", "RunResult", "NonFiniteLossError"]
@@ -122,7 +123,10 @@ class Trainer:
     def __init__(self, cfg: RecipeConfig, run_dir: str | os.PathLike, info: DistInfo, device: torch.device,
                  threads: int, resume_from: Path | None = None):
         self.cfg, self.run_dir, self.info, self.device, self.threads = cfg, Path(run_dir), info, device, threads
-        self.amp = amp_dtype(cfg.train.amp)
+        self.precision = resolve_amp(cfg.train.amp, device)  # auto: by the hardware probe
+        if info.is_main:
+            log_precision(cfg.train.amp, self.precision, device)
+        self.amp = amp_dtype(self.precision)
         splits = build_splits(cfg.data)
         self.model = self._build_model(len(splits.classes), resume_from).to(device)
         self.model.class_names = list(splits.classes)
@@ -131,7 +135,7 @@ class Trainer:
         self.task.prepare(self.model)
         self.lr = peak_lr(cfg.optim, cfg.train.batch_size)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.lr)
-        self.scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
         self.ema = ModelEma(self.model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema else None
         configured = total_steps(cfg.train, self.data.sampler.steps_per_epoch)
         self.state = RunState(total_steps=configured or _UNPLANNED)
@@ -523,7 +527,8 @@ class Trainer:
                 "time_budget_minutes": t.time_budget_minutes, "planned_steps": s.total_steps if s.planned else None,
                 "data": {"train": len(self.data.train), "val": len(self.data.val) if self.data.val else 0,
                          "test": len(self.data.test) if self.data.test else 0, "classes": len(self.data.classes)},
-                "environment": environment(self.device, self.threads, self.info.world_size)}
+                "environment": {**environment(self.device, self.threads, self.info.world_size),
+                                "precision": "fp32" if self.precision == "none" else self.precision}}
 
     def _plots(self) -> None:
         if self.cfg.log.plots:

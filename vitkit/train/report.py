@@ -176,8 +176,9 @@ def _git_commit() -> str | None:
 
 def environment(device: torch.device, threads: int, world_size: int) -> dict[str, Any]:
     import vitkit
+    from vitkit.hardware import machine_line
     return {"vitkit": vitkit.__version__, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "device": str(device), "threads": threads, "world_size": world_size,
+            "platform": platform.platform(), "cpu": machine_line(), "device": str(device), "threads": threads, "world_size": world_size,
             "cpu_count": os.cpu_count(), "git_commit": _git_commit()}
 
 

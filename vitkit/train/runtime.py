@@ -13,7 +13,7 @@ import torch
 
 from vitkit.train.config import TrainSection
 
-__all__ = ["runtime", "default_threads", "amp_dtype", "autocast", "StopFlag", "ignore_signals_in_worker"]
+__all__ = ["runtime", "default_threads", "autocast", "StopFlag", "ignore_signals_in_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,6 @@ def runtime(cfg: TrainSection, device: torch.device, local_processes: int = 1) -
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1])
         torch.backends.cudnn.benchmark = saved[2]
-
-
-def amp_dtype(amp: str) -> torch.dtype | None:
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
