@@ -198,8 +198,14 @@ def _sync_img_size(raw: dict[str, Any]) -> dict[str, Any]:
     if model.get("img_size") is not None and "img_size" not in data:
         data["img_size"] = model["img_size"]
     elif data.get("img_size") is not None and model.get("img_size") is None:
+        if not _is_int(data["img_size"]):  # let the data section's own check name the key the user wrote
+            from_dict(DataConfig, {"img_size": data["img_size"]}, where="data")
         model["img_size"] = data["img_size"]
     return raw
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def resolve(raw: dict[str, Any] | RecipeConfig) -> RecipeConfig:

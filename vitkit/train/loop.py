@@ -146,11 +146,7 @@ class Trainer:
         self.schedule = build_schedule(cfg.optim, self.lr, self.state.total_steps, self.data.sampler.steps_per_epoch)
         self.net = self._wrap(self.model)
         self.reporting = info.is_main
-        resumed_step = self.state.step if resume_from is not None else None
-        if self.reporting:
-            self.metrics = MetricsLog(self.run_dir / "metrics.csv", resumed_step)
-            self.tb = TensorBoard(self.run_dir / "tensorboard", cfg.log.tensorboard,
-                                  purge_step=resumed_step + 1 if resumed_step is not None else None)
+        self._resumed_step = self.state.step if resume_from is not None else None
         self._step_times: list[float] = []
         self._eval_s_per_image: float | None = None
 
@@ -243,7 +239,22 @@ class Trainer:
     def elapsed(self) -> float:
         return self.state.elapsed_s + (time.perf_counter() - self._session_start)
 
+    def _open_reports(self) -> None:
+        """metrics.csv and TensorBoard events: opened when training starts, so building a Trainer (data, model) writes
+        nothing and a failure there leaves no trace in the run folder."""
+        if not self.reporting:
+            return
+        resumed = self._resumed_step
+        summary = self.run_dir / "summary.json"
+        if resumed is not None and summary.is_file():  # it described an end this run is going past or redoing
+            log.info("%s is removed until the resumed run ends (it would contradict metrics.csv)", summary)
+            summary.unlink()
+        self.metrics = MetricsLog(self.run_dir / "metrics.csv", resumed)
+        self.tb = TensorBoard(self.run_dir / "tensorboard", self.cfg.log.tensorboard,
+                              purge_step=resumed + 1 if resumed is not None else None)
+
     def fit(self) -> RunResult:
+        self._open_reports()
         self._session_start = self._tick = time.perf_counter()
         self.model.train()
         self._signalled = False
