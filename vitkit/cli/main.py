@@ -79,10 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except KeyboardInterrupt as e:  # a second Ctrl-C: the command says what it kept (vitkit.train.runtime.Aborted)
-        if str(e):
-            print(f"vitkit {args.command}: {e}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # a command may say what it kept (vitkit.train.runtime.Aborted)
+        print(f"vitkit {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return 128 + getattr(e, "signum", 2)  # 130 for SIGINT
     except USER_ERRORS as e:  # user errors: one clear line, no traceback
         if args.verbose:
             raise

@@ -76,12 +76,12 @@ def _check_device(cfg: RecipeConfig, device, info: DistInfo) -> None:
 
 
 def _run(cfg: RecipeConfig, run_dir: Path, info: DistInfo, device, resume_from: Path | None,
-         before_fit: Callable[[], None] = lambda: None) -> RunResult:
+         before_fit: Callable[[], None], clock_start: float | None) -> RunResult:
     """Build the trainer (data, model, optimiser: nothing is written yet), call ``before_fit``, then train."""
     try:
         _check_device(cfg, device, info)
         with runtime(cfg.train, device, info.local_world_size) as threads:
-            trainer = Trainer(cfg, run_dir, info, device, threads, resume_from)
+            trainer = Trainer(cfg, run_dir, info, device, threads, resume_from, clock_start)
             before_fit()
             return trainer.fit()
     finally:
@@ -89,15 +89,16 @@ def _run(cfg: RecipeConfig, run_dir: Path, info: DistInfo, device, resume_from: 
 
 
 def train(recipe: RecipeConfig | dict[str, Any] | str | os.PathLike, out_dir: str | os.PathLike,
-          sets: list[str] = ()) -> RunResult:
+          sets: list[str] = (), clock_start: float | None = None) -> RunResult:
     """Train from a recipe (config object, plain dict or YAML path, plus ``--set``-style overrides) into
-    ``out_dir``. Everything is validated, and the data and model are built, before the folder is created."""
+    ``out_dir``. Everything is validated, and the data and model are built, before the folder is created.
+    A time budget counts from ``clock_start`` (a ``time.perf_counter()`` value; default: now)."""
     cfg = _as_config(recipe, list(sets))
     _check_pretrained(cfg)
     run_dir = Path(out_dir)
     _check_run_dir(run_dir)
     info, device = init_distributed(cfg.train.device)
-    return _run(cfg, run_dir, info, device, None, lambda: _prepare_run_dir(run_dir, cfg, info))
+    return _run(cfg, run_dir, info, device, None, lambda: _prepare_run_dir(run_dir, cfg, info), clock_start)
 
 
 def _check_resume_sets(sets: list[str]) -> None:
@@ -132,7 +133,7 @@ def _history(run_dir: Path) -> list[str]:
     return found
 
 
-def resume(run_dir: str | os.PathLike, sets: list[str] = ()) -> RunResult:
+def resume(run_dir: str | os.PathLike, sets: list[str] = (), clock_start: float | None = None) -> RunResult:
     """Continue the run in ``run_dir`` from ``checkpoints/last`` with its recorded config; it ends exactly where an
     uninterrupted run would (bitwise on CPU in deterministic mode).
 
@@ -161,4 +162,4 @@ def resume(run_dir: str | os.PathLike, sets: list[str] = ()) -> RunResult:
     def write_config() -> None:
         if info.is_main and sets:
             cfg_path.write_text(dump_yaml(cfg))
-    return _run(cfg, run_dir, info, device, last, write_config)
+    return _run(cfg, run_dir, info, device, last, write_config, clock_start)
