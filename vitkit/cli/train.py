@@ -52,8 +52,10 @@ def _print_result(result) -> None:
     d = result.run_dir
     model = d / "checkpoints" / ("best" if (d / "checkpoints" / "best").is_dir() else "last")
     print(f"  run folder      {d}\n  model           {model} (vitkit.load_model)\n"
-          f"  metrics         {d / 'metrics.csv'}, {d / 'summary.json'}\n  plots           {d / 'plots'}\n"
-          f"  test report     {d / 'eval' / 'test'}")
+          f"  metrics         {d / 'metrics.csv'}, {d / 'summary.json'}")
+    for label, path in (("plots", d / "plots"), ("TensorBoard", d / "tensorboard"), ("test report", d / "eval" / "test")):
+        if path.is_dir():
+            print(f"  {label:<15} {path}")
 
 
 def _stopped_before_training(signum, frame) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Costs", "Plan", "plan", "warmup_for", "MARGIN", "EVAL_SHARE"]
+__all__ = ["Costs", "Plan", "plan", "run_s", "warmup_for", "MARGIN", "EVAL_SHARE"]
 
 MARGIN = 0.02  # plan to end this fraction before the budget: interpreter start-up and measurement error
 EVAL_SHARE = 0.5  # at most this fraction of the remaining time goes to evaluation
@@ -47,7 +47,7 @@ class Plan:
     def notes(self, costs: Costs, curve_requested: bool) -> list[str]:
         """What the plan gave up to hold the budget, as warning lines."""
         out = []
-        if curve_requested and not self.test_curve:
+        if curve_requested and not self.test_curve:  # (warning texts start with a stable key: see Trainer._warn)
             out.append(f"log.test_curve: off for this run: a test pass ({costs.n_test} images) takes ~"
                        f"{costs.n_test * costs.image_s:.0f} s, more than the budget leaves for evaluation; set "
                        f"data.test_limit to keep the curve")
@@ -63,34 +63,52 @@ def _end_s(c: Costs, curve: bool, test_images: int) -> float:
     return c.image_s * (c.n_val + (c.n_test if curve else 0) + test_images) + 2 * c.checkpoint_s + c.end_s
 
 
-def _per_step_s(c: Costs, curve: bool, eval_every: int, checkpoint_every: int) -> float:
-    """A step plus its share of the validations (and their checkpoint) and of the periodic checkpoints."""
+def _multiples(every: int, after: int, upto: int) -> int:
+    """How many multiples of ``every`` lie in (after, upto]."""
+    return upto // every - after // every if every > 0 and upto > after else 0
+
+
+def run_s(c: Costs, step: int, total: int, eval_every: int, checkpoint_every: int, curve: bool,
+          test_images: int) -> float:
+    """Seconds from ``step`` to the end of a run of ``total`` steps: the steps, the validations that fall due before
+    the last step (each with its checkpoint), the periodic checkpoints between them, and the end of the run."""
     per_eval = c.image_s * (c.n_val + (c.n_test if curve else 0)) + c.checkpoint_s
-    extra = c.checkpoint_s / checkpoint_every if checkpoint_every else 0.0
-    return c.step_s + per_eval / max(1, eval_every) + extra
+    evals = _multiples(eval_every, step, total - 1)
+    checkpoints = 0
+    if checkpoint_every:
+        both = eval_every * checkpoint_every // math.gcd(eval_every, checkpoint_every)
+        checkpoints = _multiples(checkpoint_every, step, total - 1) - _multiples(both, step, total - 1)
+    return ((total - step) * c.step_s + evals * per_eval + checkpoints * c.checkpoint_s
+            + _end_s(c, curve, test_images))
 
 
 def plan(target_s: float, elapsed_s: float, step: int, max_steps: int, costs: Costs, eval_every: int,
-         checkpoint_every: int, test_curve: bool) -> Plan:
+         checkpoint_every: int, test_curve: bool, test_images: int | None = None) -> Plan:
     """The number of steps (at least one more than ``step``, at most ``max_steps``) that ends the run at
-    ``target_s``, and which evaluations fit (see the module docstring)."""
+    ``target_s``, and which evaluations fit (see the module docstring). A plan made again later passes the earlier
+    decisions (``test_curve`` false once dropped, ``test_images`` once limited): they are not revisited, so what a
+    run evaluates does not shrink as its remaining time does."""
     remaining = max(0.0, target_s - elapsed_s)
-    c = costs
+    c, eval_every = costs, max(1, eval_every)
     if test_curve:  # the curve's passes over the whole run, counted at the steps the run would have without them
-        steps_left = remaining / _per_step_s(c, False, eval_every, checkpoint_every)
-        passes = steps_left / max(1, eval_every) + 1
-        test_curve = passes * c.image_s * c.n_test + c.image_s * c.n_test <= EVAL_SHARE * remaining
-    fixed = _end_s(c, test_curve, 0)
-    test_images = c.n_test
-    if fixed + c.image_s * c.n_test > EVAL_SHARE * remaining and c.n_test:
-        test_images = max(1, min(c.n_test, int((EVAL_SHARE * remaining - fixed) / max(c.image_s, 1e-9))))
-    end = _end_s(c, test_curve, test_images)
-    per_step = _per_step_s(c, test_curve, eval_every, checkpoint_every)
-    fit = int(max(0.0, remaining - end) / per_step) if per_step > 0 else max_steps
-    total = max(step + 1, min(max_steps, step + fit))
-    validations = math.ceil((total - step) / max(1, eval_every))
-    eval_s = validations * c.image_s * (c.n_val + (c.n_test if test_curve else 0)) + c.image_s * test_images
-    return Plan(total, test_curve, test_images, end, eval_s)
+        passes = remaining / max(c.step_s, 1e-9) / eval_every + 1
+        test_curve = (passes + 1) * c.image_s * c.n_test <= EVAL_SHARE * remaining
+    if test_images is None:
+        fixed, test_images = _end_s(c, test_curve, 0), c.n_test
+        if c.n_test and fixed + c.image_s * c.n_test > EVAL_SHARE * remaining:
+            test_images = max(1, min(c.n_test, int((EVAL_SHARE * remaining - fixed) / max(c.image_s, 1e-9))))
+
+    def cost(total: int) -> float:
+        return run_s(c, step, total, eval_every, checkpoint_every, test_curve, test_images)
+    per_step = c.step_s + (c.image_s * (c.n_val + (c.n_test if test_curve else 0)) + c.checkpoint_s) / eval_every
+    total = step + int(max(0.0, remaining - _end_s(c, test_curve, test_images)) / max(per_step, 1e-9))
+    total = max(step + 1, min(max_steps, total))
+    while total > step + 1 and cost(total) > remaining:  # the amortised guess, made exact
+        total -= 1
+    while total < max_steps and cost(total + 1) <= remaining:
+        total += 1
+    eval_s = cost(total) - (total - step) * c.step_s - 2 * c.checkpoint_s - c.end_s
+    return Plan(total, test_curve, test_images, _end_s(c, test_curve, test_images), eval_s)
 
 
 def warmup_for(warmup_steps: int, total_steps: int) -> int:

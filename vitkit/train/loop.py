@@ -483,8 +483,10 @@ class Trainer:
         return build_schedule(o, self.lr, total, self.data.sampler.steps_per_epoch, warmup)
 
     def _warn(self, message: str) -> None:
-        if message not in self._warned and self.info.is_main:
-            self._warned.add(message)
+        """Log a warning once per kind (its first two words): a re-plan does not repeat it with new numbers."""
+        key = " ".join(message.split()[:2])
+        if key not in self._warned and self.info.is_main:
+            self._warned.add(key)
             self.bar.write(f"warning: {message}") if getattr(self, "show_bar", False) else log.warning("%s", message)
 
     def _calibrated(self) -> bool:
@@ -513,8 +515,7 @@ class Trainer:
         curve = bool(broadcast_float(float(p.test_curve), self.info, self.device))
         first = not s.planned
         s.planned, s.test_curve = True, s.test_curve and curve
-        if p.test_images < costs.n_test:
-            s.test_images = p.test_images if s.test_images is None else min(s.test_images, p.test_images)
+        s.test_images = int(broadcast_float(p.test_images, self.info, self.device))
         if first or abs(total - s.total_steps) > max(1, s.total_steps // 50):  # re-plan on a drift of over 2%
             s.total_steps = total
             self.schedule = self._schedule()
@@ -568,7 +569,7 @@ class Trainer:
         target = (1.0 - budget.MARGIN) * t.time_budget_minutes * 60.0
         interval = t.eval_every or self.data.sampler.steps_per_epoch
         p = budget.plan(target, self.elapsed(), s.step, self.max_steps, costs, interval, t.checkpoint_every_steps,
-                        self.cfg.log.test_curve and s.test_curve and self.data.test is not None)
+                        self._test_curve_on(), s.test_images if s.planned else None)
         self._end_s = p.end_s
         return p, costs
 
