@@ -51,22 +51,22 @@ def test_machine_line_names_cpu_cores_bf16_and_avx512():
     assert f"AVX-512: {'yes' if info['avx512'] else 'no'}" in line
 
 
-@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, None)])
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
 def test_training_default_is_auto_and_logged_once(tmp_path, native_bf16, caplog, native, expected):
-    from vitkit.train import load_recipe
-    from vitkit.train.distributed import DistInfo
-    from vitkit.train.loop import Trainer
+    from vitkit.train import load_recipe, train
     native_bf16(native)
     cfg = load_recipe(None, ["data.name=fake", "data.img_size=16", "data.train_limit=32", "data.test_limit=8",
                              "data.num_workers=0", "model.overrides={patch_size: 4, depth: 1, embed_dim: 24, "
-                             "num_heads: 2}", "train.steps=1", "train.batch_size=8"])
+                             "num_heads: 2}", "train.steps=1", "train.batch_size=8", "log.plots=false",
+                             "log.tensorboard=false", "log.progress=false"])
     assert cfg.train.amp == "auto"
     with caplog.at_level(logging.INFO, logger="vitkit"):
-        trainer = Trainer(cfg, tmp_path / "run", DistInfo(), torch.device("cpu"), 1)
-    assert trainer.amp is expected
+        result = train(cfg, tmp_path / "run")
+    assert result.summary["environment"]["precision"] == expected
+    assert result.summary["environment"]["cpu"] == machine_line()
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("precision:")]
-    assert lines == [f"precision: auto -> {'bf16' if native else 'fp32'} (bf16 is "
-                     f"{'native' if native else 'not native'} on {machine_line()})"]
+    assert lines == [f"precision: auto -> {expected} (bf16 is {'native' if native else 'not native'} on "
+                     f"{machine_line()})"]
 
 
 @pytest.mark.parametrize("native", [True, False])

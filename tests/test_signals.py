@@ -50,6 +50,24 @@ def wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 120) -> li
     raise AssertionError(f"no {text!r} in: {''.join(lines)}")
 
 
+def wait_for_open_file(proc: subprocess.Popen, fragment: str, timeout: float = 120) -> None:
+    """Poll the process's open files (Linux /proc) until one of them has ``fragment`` in its path."""
+    fd_dir = Path(f"/proc/{proc.pid}/fd")
+    if not fd_dir.is_dir():
+        proc.kill()
+        pytest.skip("needs /proc to see the files a process has open")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if any(fragment in os.readlink(fd) for fd in fd_dir.iterdir()):
+                return
+        except OSError:  # a descriptor closed while we looked
+            pass
+        time.sleep(0.005)
+    proc.kill()
+    raise AssertionError(f"the process never opened a file under {fragment}")
+
+
 def stop_during_validation(tmp_path: Path, signum: int) -> tuple[subprocess.Popen, float, str]:
     """Start the slow-evaluation run, signal it once step 2 has been logged (validation is then running), and return
     the process, the seconds from the signal to its exit, and its stderr."""
@@ -131,7 +149,7 @@ def test_sigterm_while_loading_data_is_one_line_and_writes_nothing(tmp_path):
         pytest.skip(f"CIFAR-10 not found under {root}")
     recipe = {**SLOW_EVAL, "data": {**SLOW_EVAL["data"], "name": "cifar10", "root": str(root), "img_size": 16}}
     proc = start(tmp_path, recipe, "--out", "run")
-    wait_for_line(proc, "precision:")  # logged as the trainer starts building; the 60,000 images load next
+    wait_for_open_file(proc, "cifar-10-batches-py")  # while the 60,000 images are being read
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err

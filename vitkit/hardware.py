@@ -17,7 +17,7 @@ import re
 import torch
 
 __all__ = ["AMP_CHOICES", "bf16_native", "resolve_amp", "amp_dtype", "parse_device", "cpu_info", "machine_line",
-           "log_precision"]
+           "precision_line"]
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +51,14 @@ def amp_dtype(amp: str) -> torch.dtype | None:
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def log_precision(requested: str, resolved: str, device: torch.device | str) -> None:
-    """The one line a command logs at start about its precision (and why, when ``auto`` chose)."""
+def precision_line(requested: str, resolved: str, device: torch.device | str) -> str:
+    """The line a command shows about its precision (and why, when ``auto`` chose)."""
     name = "fp32" if resolved == "none" else resolved
-    if requested == "auto":
-        native = "native" if bf16_native(device) else "not native"
-        log.info("precision: auto -> %s (bf16 is %s on %s)", name, native,
-                 machine_line() if torch.device(device).type == "cpu" else device)
-    else:
-        log.info("precision: %s", name)
+    if requested != "auto":
+        return f"precision: {name}"
+    native = "native" if bf16_native(device) else "not native"
+    where = machine_line() if torch.device(device).type == "cpu" else str(device)
+    return f"precision: auto -> {name} (bf16 is {native} on {where})"
 
 
 def parse_device(text: str | None, what: str = "--device") -> torch.device:

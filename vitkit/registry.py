@@ -107,9 +107,28 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
 
 
+# Families being added (DESIGN.md), by the prefix of their timm-style names: a name of one of them that is not
+# registered is "not in vitkit yet", not a misspelt ViT.
+_COMING = {"swin": "Swin", "pvt": "PVT", "cvt": "CvT", "dat": "DAT", "beit": "BEiT", "cct": "CCT", "t2t": "T2T-ViT",
+           "mobilevit": "MobileViT"}
+
+
+def _coming_family(name: str) -> str | None:
+    families = {spec.family for spec in _REGISTRY.values()}
+    for prefix, label in _COMING.items():
+        if name.lower().startswith(prefix) and prefix not in families:
+            return label
+    return None
+
+
 def get_spec(name: str) -> ModelSpec:
     _ensure_loaded()
     if name not in _REGISTRY:
+        coming = _coming_family(name)
+        if coming:
+            raise ValueError(f"unknown model {name!r}: the {coming} family is not in vitkit yet (registered families: "
+                             f"{', '.join(sorted({s.family for s in _REGISTRY.values()}))}; `vitkit models` lists "
+                             f"the variants)")
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `vitkit models` lists them"
         raise ValueError(f"unknown model {name!r}{hint}")

@@ -82,8 +82,9 @@ def _predict(run_dir: Path, dataset, count: int) -> int:
 def run(args: argparse.Namespace) -> int:
     from vitkit.cli.train import _print_result
     from vitkit.data import Digits
-    from vitkit.train import train
+    from vitkit.train import check_run_dir, train
     run_dir = Path(args.out) if args.out else _free_run_dir()
+    check_run_dir(run_dir)  # an existing run is refused before anything is printed
     print(f"training a small ViT on the scikit-learn digits into {run_dir} (about 2 minutes on 2 CPU cores)")
     result = train(DEMO_RECIPE, run_dir, args.sets)
     if result.status != "completed":

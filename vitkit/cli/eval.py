@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 from typing import Any
@@ -48,10 +49,12 @@ def add_amp_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def precision(args: argparse.Namespace, device):
-    """The autocast dtype for ``--amp`` on ``device`` (``auto`` resolved by the hardware probe, logged once)."""
-    from vitkit.hardware import amp_dtype, log_precision, resolve_amp
+    """The autocast dtype for ``--amp`` on ``device`` (``auto`` resolved by the hardware probe); the line that says
+    which is kept in ``args.precision_line`` for the report."""
+    from vitkit.hardware import amp_dtype, precision_line, resolve_amp
     resolved = resolve_amp(args.amp, device)
-    log_precision(args.amp, resolved, device)
+    args.precision_line = precision_line(args.amp, resolved, device)
+    logging.getLogger("vitkit").debug("%s", args.precision_line)
     return amp_dtype(resolved)
 
 
@@ -104,16 +107,21 @@ def _print_probes(report) -> None:
 def run(args: argparse.Namespace) -> int:
     from vitkit.evaluate.eval_data import build_eval_loader, resolve_data_config
     from vitkit.evaluate.metrics import evaluate, save_eval_artifacts
-    from vitkit.evaluate.targets import load_target
+    from vitkit.evaluate.targets import is_run_folder, load_target
     from vitkit.hardware import parse_device
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
     if args.target and args.pretrained:
         raise ValueError("give either TARGET or --pretrained, not both")
-    target = load_target(args.target or args.pretrained, args.model)
+    device = parse_device(args.device)
+    path = args.target or args.pretrained
+    if not (path and is_run_folder(path)) and not args.data_config and not args.set:  # no data option: no guess
+        raise ValueError("which data? give a run folder (its data section is used), --data-config RECIPE.yaml, or "
+                         "--set data.name=NAME: cifar10 or cifar100 (with data.root=DIR), folder (data.root=DIR "
+                         "holding test/<class>/<images>), digits")
+    target = load_target(path, args.model)
     run_data = (target.run_config or {}).get("data")
     data_cfg = resolve_data_config(target.model, run_data, args.data_config, args.set)
-    device = parse_device(args.device)
     amp = precision(args, device)
     model = target.model.to(device)
     probes = run_probes(model, data_cfg, args, device, amp)
@@ -131,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     if probes:
         result.extra["probes"] = probes
     paths = save_eval_artifacts(result, out_dir)
-    _print_report(target, result, paths)
+    _print_report(target, result, paths, args.precision_line)
     return 0
 
 
@@ -162,8 +170,9 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{100 * x:.2f}%"
 
 
-def _print_report(target, result, paths: dict[str, str]) -> None:
+def _print_report(target, result, paths: dict[str, str], precision: str) -> None:
     print(f"model:   {target.description}")
+    print(precision)
     print(f"samples: {result.num_samples}  classes: {result.num_classes}")
     print(f"top-1 {_pct(result.top1)}   top-5 {_pct(result.top5)}   loss {result.loss:.4f}")
     names = result.class_names or [f"class_{i}" for i in range(result.num_classes)]

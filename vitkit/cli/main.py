@@ -51,8 +51,15 @@ def version_line() -> str:
     return f"vitkit {vitkit.__version__} (torch {torch_version}, Python {platform.python_version()})"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported in one line (argparse prints the usage block, then the error)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitkit", description="Vision Transformers on PyTorch.",
+    parser = _Parser(prog="vitkit", description="Vision Transformers on PyTorch.",
                                      epilog="`vitkit COMMAND --help` describes a command.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages; show tracebacks")
     parser.add_argument("--version", action="version", version=version_line())

@@ -32,6 +32,15 @@ class PatchEmbed(nn.Module):
         self.strict_img_size = strict_img_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
 
+    def check_input(self, x: Tensor) -> None:
+        """A batch of images (B, C, H, W) with the channels the model takes: anything else is a ValueError saying so
+        (a single (C, H, W) image needs a batch dimension)."""
+        C = self.proj.in_channels
+        if x.ndim != 4 or x.shape[1] != C:
+            hint = "; add a batch dimension: x.unsqueeze(0)" if x.ndim == 3 and x.shape[0] == C else ""
+            raise ValueError(f"expected a batch of images of shape (B, {C}, H, W), got a tensor of shape "
+                             f"{tuple(x.shape)}{hint}")
+
     def check_size(self, H: int, W: int) -> None:
         ph, pw = self.patch_size
         if self.strict_img_size and (H, W) != self.img_size:
@@ -41,6 +50,7 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"input {H}x{W} is not a multiple of the patch size {ph}x{pw}")
 
     def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)  # callers that unpack the shape earlier call it themselves
         B, C, H, W = x.shape
         self.check_size(H, W)
         x = self.proj(x)  # (B, D, H/P, W/P)

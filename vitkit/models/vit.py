@@ -152,6 +152,7 @@ class VisionTransformer(nn.Module):
         return self.pos_drop(x + pos)
 
     def embed(self, x: Tensor) -> Tensor:
+        self.patch_embed.check_input(x)  # (B, 3, H, W), or a ValueError that says so
         B, C, H, W = x.shape
         P = self.patch_embed.patch_size
         x = self.patch_embed(x)  # (B, N, D)
@@ -182,6 +183,7 @@ class VisionTransformer(nn.Module):
         applies the final LayerNorm to each.
         """
         wanted = self._block_indices(indices)
+        self.patch_embed.check_input(x)
         B, _, H, W = x.shape
         P = self.patch_embed.patch_size
         x = self.embed(x)

@@ -23,7 +23,7 @@ from vitkit.train.distributed import DistInfo, barrier, init_distributed, shutdo
 from vitkit.train.loop import NonFiniteLossError, RunResult, RunState, Trainer
 from vitkit.train.runtime import runtime
 
-__all__ = ["train", "resume", "load_recipe", "resolve", "RecipeConfig", "RunResult", "RunState", "Trainer",
+__all__ = ["train", "resume", "check_run_dir", "load_recipe", "resolve", "RecipeConfig", "RunResult", "RunState", "Trainer",
            "NonFiniteLossError", "ConfigError"]
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def _plain(cfg: RecipeConfig) -> dict[str, Any]:
     return yaml.safe_load(dump_yaml(cfg))
 
 
-def _check_run_dir(run_dir: Path) -> None:
+def check_run_dir(run_dir: Path) -> None:
     """Refuse a folder that holds a run; a folder left by a start that saved no checkpoint may be reused."""
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"{run_dir} exists and is not a folder; choose another --out")
@@ -96,7 +96,7 @@ def train(recipe: RecipeConfig | dict[str, Any] | str | os.PathLike, out_dir: st
     cfg = _as_config(recipe, list(sets))
     _check_pretrained(cfg)
     run_dir = Path(out_dir)
-    _check_run_dir(run_dir)
+    check_run_dir(run_dir)
     info, device = init_distributed(cfg.train.device)
     return _run(cfg, run_dir, info, device, None, lambda: _prepare_run_dir(run_dir, cfg, info), clock_start)
 

@@ -92,11 +92,13 @@ def save_checkpoint(folder: str | os.PathLike, model: nn.Module, class_names: li
     from safetensors.torch import save_file
 
     import vitkit
+    from vitkit.weights import follow_umask
     with atomic_dir(folder) as tmp:
         vitkit.save_pretrained(model, tmp, class_names=class_names)
         if meta is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()},
                       str(tmp / _STATE_TENSORS), metadata={"format": "vitkit-train-state"})
+            follow_umask(tmp / _STATE_TENSORS)
             (tmp / _STATE_JSON).write_text(json.dumps({"format": TRAIN_STATE_FORMAT, **meta}, indent=1))
     return Path(folder)
 

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from vitkit.train.distributed import DistInfo, all_reduce_sum, broadcast_float, 
 from vitkit.train.ema import ModelEma
 from vitkit.train.optim import build_optimizer
 from vitkit.train.report import MetricsLog, TensorBoard, environment, write_plots
-from vitkit.hardware import amp_dtype, log_precision, resolve_amp
+from vitkit.hardware import amp_dtype, precision_line, resolve_amp
 from vitkit.train.runtime import StopFlag, autocast
 from vitkit.train.schedule import set_lr
 
@@ -139,9 +140,7 @@ class Trainer:
         self._checkpoint_s: float | None = None  # measured seconds of one checkpoints/last save
         self._warned: set[str] = set()
         self.cfg, self.run_dir, self.info, self.device, self.threads = cfg, Path(run_dir), info, device, threads
-        self.precision = resolve_amp(cfg.train.amp, device)  # auto: by the hardware probe
-        if info.is_main:
-            log_precision(cfg.train.amp, self.precision, device)
+        self.precision = resolve_amp(cfg.train.amp, device)  # auto: by the hardware probe (logged by fit)
         self.amp = amp_dtype(self.precision)
         splits = build_splits(cfg.data)
         self.model = self._build_model(len(splits.classes), resume_from).to(device)
@@ -273,6 +272,8 @@ class Trainer:
         evaluation, a checkpoint, the final report) stops it within a step or an evaluation batch, with
         ``checkpoints/last`` saved."""
         self._open_reports()
+        if self.reporting:
+            log.info("%s", precision_line(self.cfg.train.amp, self.precision, self.device))
         self._tick = time.perf_counter()
         self.model.train()
         self._signalled = False
@@ -498,33 +499,31 @@ class Trainer:
         return n - warm >= t.budget_calibration_steps or (share > 2 * _CALIBRATION_SHARE and n >= 2)
 
     def _budget_step(self, seconds: float) -> None:
-        """Time-budgeted runs: plan once enough steps are timed, then plan again at every log interval with the
-        latest measurements (all processes at the same step; rank 0's plan is the one used)."""
+        """Time-budgeted runs: plan once enough steps are timed, then again after every step with the latest
+        measurements (a shared machine's speed drifts; the schedule follows the new length), all processes at the
+        same step with rank 0's numbers."""
         t, s = self.cfg.train, self.state
         if t.time_budget_minutes is None:
             return
-        self._step_times = (self._step_times + [seconds])[-max(2 * _WARMUP_STEPS + t.budget_calibration_steps, 50):]
-        if s.planned and s.step % self.cfg.log.every_steps:
-            return
+        self._step_times = (self._step_times + [seconds])[-(_WARMUP_STEPS + t.budget_calibration_steps):]
         if not s.planned and not self._calibrated():
             return
         n = len(self._step_times)
-        recent = self._step_times[min(_WARMUP_STEPS, n - 2):] if not s.planned else self._step_times[-20:]
-        p, costs = self._plan(sum(recent) / len(recent))
-        total = int(broadcast_float(p.total_steps, self.info, self.device))
-        curve = bool(broadcast_float(float(p.test_curve), self.info, self.device))
-        first = not s.planned
-        s.planned, s.test_curve = True, s.test_curve and curve
-        s.test_images = int(broadcast_float(p.test_images, self.info, self.device))
-        if first or abs(total - s.total_steps) > max(1, s.total_steps // 50):  # re-plan on a drift of over 2%
+        recent = self._step_times[min(_WARMUP_STEPS, n - 2):] if not s.planned else self._step_times[-10:]
+        step_s = statistics.median(recent)
+        p, costs = self._plan(step_s)
+        values = [broadcast_float(v, self.info, self.device) for v in (p.total_steps, p.test_curve, p.test_images)]
+        total, first = int(values[0]), not s.planned
+        s.planned, s.test_curve, s.test_images = True, s.test_curve and bool(values[1]), int(values[2])
+        if total != s.total_steps:
             s.total_steps = total
             self.schedule = self._schedule()
             self.bar.total = total
             self.bar.refresh()
-            if first:
-                log.info("time budget %s: %.2f s/step measured, %.3f s per evaluation image; the schedule is laid out "
-                         "over %d steps (ending at ~%s)", _clock(t.time_budget_minutes * 60), sum(recent) / len(recent),
-                         costs.image_s, total, _clock(self.elapsed() + (total - s.step) * costs.step_s + p.end_s))
+        if first:
+            log.info("time budget %s: %.2f s/step measured, %.4f s per evaluation image; the schedule is laid out over "
+                     "%d steps (ending at ~%s) and follows the measured speed", _clock(t.time_budget_minutes * 60),
+                     step_s, costs.image_s, total, _clock(self.elapsed() + (total - s.step) * step_s + p.end_s))
         for note in p.notes(costs, self.cfg.log.test_curve and self.data.test is not None):
             self._warn(note)
 

@@ -136,11 +136,19 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, class_names: li
     return folder
 
 
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a written file the permissions the user's umask asks for (safetensors creates its files 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _atomic(path: str, write) -> None:
     """Write to a temporary name in the same folder, flush it to disk, then rename over ``path``."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         write(tmp)
+        follow_umask(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

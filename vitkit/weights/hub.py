@@ -79,9 +79,9 @@ def download_url(url: str, dest: Path, expected: tuple[str, bool] | None, progre
 
 
 def _copy(resp, out, digest, total: int | None, progress: bool, name: str) -> int:
-    from tqdm import tqdm
+    from vitkit.progress import progress as bar_for
     received = 0
-    with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress, leave=False) as bar:
+    with bar_for(enabled=progress, total=total, unit="B", unit_scale=True, desc=name, leave=False) as bar:
         while chunk := resp.read(_CHUNK):
             out.write(chunk)
             digest.update(chunk)
