@@ -97,3 +97,15 @@ def test_import_vitkit_is_lazy():
     assert {"create_model", "load_model", "record_attention"} <= set(dir(vitkit))
     with pytest.raises(AttributeError):
         vitkit.no_such_name  # noqa: B018
+
+
+def test_demo_expectations_agree_between_readme_recipe_and_output():
+    from vitkit.cli import demo
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md")).read()
+    recipe = open(os.path.join(root, "configs", "digits_demo.yaml")).read()
+    for text in (readme, recipe):
+        assert demo.EXPECTED_TIME in text
+        assert demo.EXPECTED_ACCURACY.replace("test top-1 ", "") in text
+    assert demo.EXPECTED_TIME in demo.HELP
+    assert "vitkit[tensorboard]" in readme  # `make demo` does not install TensorBoard: the README says how
