@@ -104,8 +104,8 @@ MAGIC = [b"", b"PK\x03\x04", b"\x80\x02", b"\x93NUMPY", b"{\"__metadata__\":", b
 blobs = st.builds(lambda head, tail: head + tail, st.sampled_from(MAGIC), st.binary(max_size=256))
 
 
-@settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-          derandomize=True)
+@settings(max_examples=60, deadline=5000, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(blobs, st.sampled_from([".pth", ".bin", ".safetensors", ".npz", ".pt", ""]))
 def test_random_bytes_as_a_checkpoint_are_a_one_line_error(tmp_path, data, suffix):
     """`vitkit convert FILE OUT --model ...` on garbage: exit status 2, one line, nothing written."""
@@ -122,8 +122,8 @@ def test_random_bytes_as_a_checkpoint_are_a_one_line_error(tmp_path, data, suffi
     assert not out.exists()
 
 
-@settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-          derandomize=True)
+@settings(max_examples=60, deadline=5000, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(blobs, st.sampled_from([".png", ".jpg", ".gif", ".bmp", ".webp", ".txt"]))
 def test_random_bytes_as_an_image_are_one_error_row(tmp_path, data, suffix):
     from vitkit.cli.predict import write_table

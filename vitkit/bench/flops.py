@@ -124,20 +124,24 @@ def _module_file(spec) -> Path:
     return path if path.is_file() else Path(sys.modules[spec.model_cls.__module__].__file__)
 
 
-def _entry(name: str) -> dict[str, Any]:
+def _fingerprint(spec) -> str:
     from vitkit.models.stats import fingerprint
+    return fingerprint(f"{spec.model_cls.__module__}.{spec.model_cls.__qualname__}", spec.config,
+                       spec.data_cfg.input_size)
+
+
+def _entry(name: str) -> dict[str, Any]:
     from vitkit.registry import get_spec
     spec = get_spec(name)
     s = model_stats(name)
     return {"params": s.params, "macs": s.macs, "input_size": list(s.input_size),
-            "fingerprint": fingerprint(spec.config, spec.data_cfg.input_size)}
+            "fingerprint": _fingerprint(spec)}
 
 
 def _is_current(name: str, entry: dict[str, Any] | None) -> bool:
-    from vitkit.models.stats import fingerprint
     from vitkit.registry import get_spec
     spec = get_spec(name)
-    return entry is not None and entry.get("fingerprint") == fingerprint(spec.config, spec.data_cfg.input_size)
+    return entry is not None and entry.get("fingerprint") == _fingerprint(spec)
 
 
 def _row(name: str, family: str, entry: dict[str, Any]) -> dict[str, Any]:

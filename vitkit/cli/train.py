@@ -53,7 +53,8 @@ def _print_result(result) -> None:
     model = d / "checkpoints" / ("best" if (d / "checkpoints" / "best").is_dir() else "last")
     print(f"  run folder      {d}\n  model           {model} (vitkit.load_model)\n"
           f"  metrics         {d / 'metrics.csv'}, {d / 'summary.json'}")
-    for label, path in (("plots", d / "plots"), ("TensorBoard", d / "tensorboard"), ("test report", d / "eval" / "test")):
+    for label, path in (("plots", d / "plots"), ("TensorBoard", d / "tensorboard"),
+                        ("test report", d / "eval" / "test")):
         if path.is_dir():
             print(f"  {label:<15} {path}")
 

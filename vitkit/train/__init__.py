@@ -23,8 +23,8 @@ from vitkit.train.distributed import DistInfo, barrier, init_distributed, shutdo
 from vitkit.train.loop import NonFiniteLossError, RunResult, RunState, Trainer
 from vitkit.train.runtime import runtime
 
-__all__ = ["train", "resume", "check_run_dir", "load_recipe", "resolve", "RecipeConfig", "RunResult", "RunState", "Trainer",
-           "NonFiniteLossError", "ConfigError"]
+__all__ = ["train", "resume", "check_run_dir", "load_recipe", "resolve", "RecipeConfig", "RunResult", "RunState",
+           "Trainer", "NonFiniteLossError", "ConfigError"]
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["atomic_dir", "save_checkpoint", "find_checkpoint", "read_train_state", "read_train_state_meta", "load_model_weights", "capture_rng",
+__all__ = ["atomic_dir", "save_checkpoint", "find_checkpoint", "read_train_state", "read_train_state_meta",
+           "load_model_weights", "capture_rng",
            "restore_rng", "optimizer_state", "load_optimizer_state", "TRAIN_STATE_FORMAT"]
 
 log = logging.getLogger(__name__)

@@ -182,8 +182,8 @@ def environment(device: torch.device, threads: int, world_size: int) -> dict[str
     import vitkit
     from vitkit.hardware import machine_line
     return {"vitkit": vitkit.__version__, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "cpu": machine_line(), "device": str(device), "threads": threads, "world_size": world_size,
-            "cpu_count": os.cpu_count(), "git_commit": _git_commit()}
+            "platform": platform.platform(), "cpu": machine_line(), "device": str(device), "threads": threads,
+            "world_size": world_size, "cpu_count": os.cpu_count(), "git_commit": _git_commit()}
 
 
 def plot_accuracy_vs_minutes(runs: dict[str, str | os.PathLike], path: str | os.PathLike,

@@ -23,9 +23,10 @@ MODELS_DIR = STATS_DIR.parent
 FORMAT = 1
 
 
-def fingerprint(config: dict[str, Any], input_size: tuple[int, ...] | list[int]) -> str:
-    """A short hash of what a variant's counts depend on: its registered config and its native input size."""
-    text = json.dumps({"config": config, "input_size": list(input_size)}, sort_keys=True, default=str)
+def fingerprint(model_class: str, config: dict[str, Any], input_size: tuple[int, ...] | list[int]) -> str:
+    """A short hash of what a variant's counts depend on: its model class, registered config and native input size."""
+    text = json.dumps({"class": model_class, "config": config, "input_size": list(input_size)}, sort_keys=True,
+                      default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
