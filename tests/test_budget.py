@@ -108,3 +108,16 @@ def test_budgeted_run_ends_within_5_percent_of_its_budget(tmp_path):
     assert rows[-1]["val_top1"] and float(rows[-1]["val_top1"]) == pytest.approx(summary["val"]["top1"], abs=1e-6)
     assert 0 < summary["test"]["num_samples"] < 200_000
     assert "\r" not in r.stderr  # not a terminal: plain lines, no progress-bar carriage returns
+
+
+def test_data_limits_bound_every_split():
+    """data.val_limit (new) and data.test_limit bound what a run evaluates, carved or folder validation alike."""
+    from vitkit.config import ConfigError
+    from vitkit.data import DataConfig, build_splits
+    s = build_splits(DataConfig(name="digits", val_fraction=0.2, val_limit=10, test_limit=50))
+    assert (len(s.val), len(s.test)) == (10, 50)
+    full = build_splits(DataConfig(name="digits", val_fraction=0.2))
+    assert len(s.train) == len(full.train)  # the carve-out is the same; only the validation images used shrink
+    assert [s.val[i][1] for i in range(10)] == [full.val[i][1] for i in range(10)]
+    with pytest.raises(ConfigError, match="data.val_limit"):
+        DataConfig(name="digits", val_limit=0).validate()

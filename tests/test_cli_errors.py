@@ -210,3 +210,19 @@ def test_offline_cifar_download_says_where_to_put_the_files(tmp_path):
     assert "\n" not in message
     with pytest.raises(FileNotFoundError, match="--set data.download=true"):
         CIFAR10(tmp_path, "test")
+
+
+def test_a_bad_image_in_predict_is_reported_once(tmp_path, capfd):
+    """The error row is the report: no second copy as a log warning (issue 9, item 11)."""
+    from vitkit.cli.main import main
+    model = vitkit.create_model("vit_tiny_patch16_224", patch_size=4, depth=1, embed_dim=24, num_heads=2,
+                                img_size=16, num_classes=3)
+    vitkit.save_pretrained(model, tmp_path / "m")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    from PIL import Image
+    Image.new("RGB", (16, 16)).save(tmp_path / "good.png")
+    assert main(["predict", str(tmp_path / "bad.png"), str(tmp_path / "good.png"), "--pretrained",
+                 str(tmp_path / "m")]) == 0
+    out, err = capfd.readouterr()
+    assert out.count("error: ") == 1 and "cannot identify" in out  # one error row ...
+    assert "bad.png" not in err  # ... and no warning repeating it
