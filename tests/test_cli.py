@@ -71,6 +71,7 @@ def test_version():
 
 def test_help_is_fast_and_does_not_import_torch():
     """`vitkit --help` answers in under 1 s: the front-end imports torch only when a command needs it."""
+    from timing import overloaded
     code = ("import sys, time; t = time.perf_counter(); from vitkit.cli.main import build_parser; "
             "p = build_parser(); p.format_help(); "
             "[a.choices[c].format_help() for a in p._subparsers._group_actions for c in a.choices]; "
@@ -78,6 +79,8 @@ def test_help_is_fast_and_does_not_import_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     imported, seconds = r.stdout.split()
     assert imported == "False", "building the parser imported torch"
+    if overloaded():
+        pytest.skip(f"torch is not imported; {overloaded()}")
     assert float(seconds) < 1.0
     best = min(_timed(run_cli, "--help") for _ in range(2))  # whole process, interpreter start included
     assert best < 1.0, f"vitkit --help took {best:.2f} s"

@@ -69,4 +69,6 @@ def test_listing_every_model_is_fast_and_does_not_import_torch():
     imported, _ = r.stderr.split()
     assert imported == "False"
     assert len(r.stdout.splitlines()) == 2 + len(vitkit.list_models())
-    assert best < 2.0, f"vitkit models took {best:.2f} s"
+    from timing import overloaded
+    if not overloaded():
+        assert best < 2.0, f"vitkit models took {best:.2f} s"

@@ -156,7 +156,7 @@ def resume(run_dir: str | os.PathLike, sets: list[str] = (), clock_start: float 
                 f"--set model.pretrained={run_dir / 'checkpoints' / 'best'} starts from the best weights)")
         log.warning("%s has no checkpoint yet (its start saved none): starting it again from step 0", run_dir)
     else:
-        read_train_state_meta(last)  # a damaged train_state.json is an error naming it, before anything else
+        read_train_state_meta(last, resumable=True)  # a damaged train_state.json is named before anything else
     info, device = init_distributed(cfg.train.device)
 
     def write_config() -> None:

@@ -105,8 +105,9 @@ def save_checkpoint(folder: str | os.PathLike, model: nn.Module, class_names: li
 
 
 # ------------------------------------------------------------------------------------------------------- read
-def read_train_state_meta(folder: str | os.PathLike) -> dict[str, Any]:
-    """``train_state.json`` of a checkpoint, checked: a missing, unreadable or damaged file is an error naming it."""
+def read_train_state_meta(folder: str | os.PathLike, resumable: bool = False) -> dict[str, Any]:
+    """``train_state.json`` of a checkpoint, checked: a missing, unreadable or damaged file is an error naming it
+    (with ``resumable``, also one that lacks what a resumed run needs)."""
     path = Path(folder) / _STATE_JSON
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no {_STATE_JSON}: it is a model folder, not a resumable checkpoint")
@@ -117,8 +118,8 @@ def read_train_state_meta(folder: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != TRAIN_STATE_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ValueError(f"{path}: train state format {found!r} is not {TRAIN_STATE_FORMAT}")
-    missing = [k for k in ("state", "optimizer", "rng", "data_order") if k not in meta]
-    if missing or not isinstance(meta["state"], dict) or "step" not in meta["state"]:
+    missing = [k for k in ("state", "optimizer", "rng", "data_order") if k not in meta] if resumable else []
+    if resumable and (missing or not isinstance(meta["state"], dict) or "step" not in meta["state"]):
         raise ValueError(f"{path} is damaged (missing {', '.join(missing) or 'state.step'}); restore it or start a "
                          f"new run")
     return meta

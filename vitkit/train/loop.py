@@ -336,7 +336,7 @@ class Trainer:
         every = self.cfg.train.checkpoint_every_steps
         seconds = time.perf_counter() - self._tick
         epoch_end = self._advance(m, seconds)
-        self._budget_step(seconds)
+        self._budget_step(seconds, stopping=bool(m["budget"]))
         stop = bool(m["stop"] or m["budget"])
         final = stop or self.state.step >= self.state.total_steps
         eval_due = not m["stop"] and self._eval_due(epoch_end, final)  # a signal: checkpoint now, validate later
@@ -498,15 +498,16 @@ class Trainer:
         warm = min(_WARMUP_STEPS, n - 2) if share > _CALIBRATION_SHARE else _WARMUP_STEPS
         return n - warm >= t.budget_calibration_steps or (share > 2 * _CALIBRATION_SHARE and n >= 2)
 
-    def _budget_step(self, seconds: float) -> None:
+    def _budget_step(self, seconds: float, stopping: bool = False) -> None:
         """Time-budgeted runs: plan once enough steps are timed, then again after every step with the latest
         measurements (a shared machine's speed drifts; the schedule follows the new length), all processes at the
-        same step with rank 0's numbers."""
+        same step with rank 0's numbers. A run the budget stops before it was planned (``stopping``) is planned now,
+        so its end (what the final test may take) still fits; its length is then the steps it made."""
         t, s = self.cfg.train, self.state
         if t.time_budget_minutes is None:
             return
         self._step_times = (self._step_times + [seconds])[-(_WARMUP_STEPS + t.budget_calibration_steps):]
-        if not s.planned and not self._calibrated():
+        if not s.planned and not (stopping or self._calibrated()):
             return
         n = len(self._step_times)
         recent = self._step_times[min(_WARMUP_STEPS, n - 2):] if not s.planned else self._step_times[-10:]
@@ -515,12 +516,17 @@ class Trainer:
         values = [broadcast_float(v, self.info, self.device) for v in (p.total_steps, p.test_curve, p.test_images)]
         total, first = int(values[0]), not s.planned
         s.planned, s.test_curve, s.test_images = True, s.test_curve and bool(values[1]), int(values[2])
+        if stopping:
+            total = s.step
         if total != s.total_steps:
             s.total_steps = total
             self.schedule = self._schedule()
             self.bar.total = total
             self.bar.refresh()
-        if first:
+        if stopping and first:
+            log.info("time budget %s reached at step %d, before the run could be planned", _clock(
+                t.time_budget_minutes * 60), s.step)
+        elif first:
             log.info("time budget %s: %.2f s/step measured, %.4f s per evaluation image; the schedule is laid out over "
                      "%d steps (ending at ~%s) and follows the measured speed", _clock(t.time_budget_minutes * 60),
                      step_s, costs.image_s, total, _clock(self.elapsed() + (total - s.step) * step_s + p.end_s))
