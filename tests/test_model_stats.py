@@ -72,3 +72,21 @@ def test_listing_every_model_is_fast_and_does_not_import_torch():
     from timing import overloaded
     if not overloaded():
         assert best < 2.0, f"vitkit models took {best:.2f} s"
+
+
+def test_freshness_follows_family_modules(tmp_path, monkeypatch):
+    """A changed family module, or a new module that registers a family, sends `vitkit models` to the registry; a
+    support module (no registration) does not."""
+    import shutil
+    models = tmp_path / "models"
+    shutil.copytree(stats.MODELS_DIR, models, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(stats, "MODELS_DIR", models)
+    files = stats.read_all()
+    assert stats.fresh(files)
+    (models / "shared_helpers.py").write_text("def helper():\n    return 1\n")
+    assert stats.fresh(files)
+    (models / "newfam.py").write_text("from vitkit.registry import register_family\nregister_family('newfam', ...)\n")
+    assert not stats.fresh(files)
+    (models / "newfam.py").unlink()
+    (models / "vit.py").write_text((models / "vit.py").read_text() + "\n# edited\n")
+    assert not stats.fresh(files)

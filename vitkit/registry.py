@@ -114,9 +114,8 @@ _COMING = {"swin": "Swin", "pvt": "PVT", "cvt": "CvT", "dat": "DAT", "beit": "BE
 
 
 def _coming_family(name: str) -> str | None:
-    families = {spec.family for spec in _REGISTRY.values()}
     for prefix, label in _COMING.items():
-        if name.lower().startswith(prefix) and prefix not in families:
+        if name.lower().startswith(prefix) and not any(n.startswith(prefix) for n in _REGISTRY):
             return label
     return None
 

@@ -50,9 +50,17 @@ def read_all() -> dict[str, dict[str, Any]]:
 
 
 def fresh(files: dict[str, dict[str, Any]]) -> bool:
-    """True when every family module has a stats file recording its current source hash."""
+    """True when every module a stats file was computed from is unchanged and no other module of vitkit/models
+    registers a family (a text check for ``register_family(``: support modules such as shared bases or format
+    converters have no stats file and need none)."""
     recorded = {f["module"]: f["module_sha256"] for f in files.values()}
-    return all(recorded.get(m.name) == source_hash(m) for m in family_modules())
+    for module in family_modules():
+        if module.name in recorded:
+            if recorded[module.name] != source_hash(module):
+                return False
+        elif "register_family(" in module.read_text():
+            return False
+    return True
 
 
 def write_family(family: str, module_file: Path, variants: dict[str, dict[str, Any]]) -> Path:
