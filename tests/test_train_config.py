@@ -77,6 +77,7 @@ def test_cli_refuses_to_overwrite_a_run(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text("{}")
+    (out / "summary.json").write_text("{}")  # a run that got somewhere (a folder with config.yaml alone is reused)
     assert main(["train", str(write(tmp_path, TINY)), "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
 

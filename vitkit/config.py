@@ -7,6 +7,7 @@ dinov2/minGPT: defaults → file → ``--set a.b=c``, and the resolved result is
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -38,7 +39,10 @@ def check_value(value: Any, tp: Any, where: str) -> Any:
             try:
                 return check_value(value, arm, where)
             except ConfigError as e:
-                errors.append(str(e))
+                if arm is not type(None):
+                    errors.append(e)
+        if len(errors) == 1:  # an optional value: the one real type's message (e.g. "expected a finite number")
+            raise errors[0]
         raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(tp)}")
     if tp is type(None):
         if value is None:
@@ -76,7 +80,13 @@ def check_value(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond float range
+                number = math.inf
+            if not math.isfinite(number):  # passes every range check (nan) or means nothing (inf)
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            return number
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):

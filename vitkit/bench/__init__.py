@@ -1,8 +1,19 @@
-"""Benchmarks: parameter and MAC counts, throughput / latency / memory of a step, the machine's GEMM peak and memory
-bandwidth, and a same-process comparison against Hugging Face ``transformers``. Results and the commands that
-produced them: ``vitkit/bench/README.md``."""
-from vitkit.bench.flops import ModelStats, count_flops, count_macs, count_params, model_stats
-from vitkit.bench.runner import BenchResult, BenchSettings, benchmark
+"""Benchmarks: parameter and MAC counts (``flops``), throughput / latency / memory of a step (``runner``), the
+machine's GEMM peak and memory bandwidth (``machine``), and a same-process comparison against Hugging Face
+``transformers`` (``compare``). Results and the commands that produced them: ``vitkit/bench/README.md``.
 
-__all__ = ["count_params", "count_macs", "count_flops", "model_stats", "ModelStats", "BenchSettings", "BenchResult",
-           "benchmark"]
+The names below are imported on first use (PEP 562), so ``python -m vitkit.bench.flops`` runs its module once."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {"count_params": "flops", "count_macs": "flops", "count_flops": "flops", "model_stats": "flops",
+         "ModelStats": "flops", "BenchSettings": "runner", "BenchResult": "runner", "benchmark": "runner"}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'vitkit.bench' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"vitkit.bench.{_LAZY[name]}"), name)

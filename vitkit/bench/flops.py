@@ -15,6 +15,7 @@ is allocated and no arithmetic runs, and all registered variants are counted in 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vitkit.layers.attention import record_attention
 
-__all__ = ["count_params", "count_macs", "count_flops", "ModelStats", "model_stats"]
+__all__ = ["count_params", "count_macs", "count_flops", "ModelStats", "model_stats", "stats_rows", "update"]
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -112,3 +113,96 @@ def model_stats(name: str, **overrides: Any) -> ModelStats:
         model = create_model(name, **overrides)
     input_size = model.data_cfg.input_size
     return ModelStats(name, spec.family, tuple(input_size), count_params(model), count_macs(model, input_size))
+
+
+# ------------------------------------------------------------------------------------ precomputed per-family stats
+def _module_file(spec) -> Path:
+    """The file that registers a family: ``vitkit/models/<family>.py``, else the file of its model class."""
+    import sys
+    from vitkit.models.stats import MODELS_DIR
+    path = MODELS_DIR / f"{spec.family}.py"
+    return path if path.is_file() else Path(sys.modules[spec.model_cls.__module__].__file__)
+
+
+def _fingerprint(spec) -> str:
+    from vitkit.models.stats import fingerprint
+    return fingerprint(f"{spec.model_cls.__module__}.{spec.model_cls.__qualname__}", spec.config,
+                       spec.data_cfg.input_size)
+
+
+def _entry(name: str) -> dict[str, Any]:
+    from vitkit.registry import get_spec
+    spec = get_spec(name)
+    s = model_stats(name)
+    return {"params": s.params, "macs": s.macs, "input_size": list(s.input_size),
+            "fingerprint": _fingerprint(spec)}
+
+
+def _is_current(name: str, entry: dict[str, Any] | None) -> bool:
+    from vitkit.registry import get_spec
+    spec = get_spec(name)
+    return entry is not None and entry.get("fingerprint") == _fingerprint(spec)
+
+
+def _row(name: str, family: str, entry: dict[str, Any]) -> dict[str, Any]:
+    return ModelStats(name, family, tuple(entry["input_size"]), entry["params"], entry["macs"]).as_dict()
+
+
+def stats_rows(names: list[str], progress: bool = True) -> list[dict[str, Any]]:
+    """``vitkit models`` rows for registered ``names``: from the stats files where current, counted on the meta
+    device where an entry is missing or stale (with progress on stderr)."""
+    from vitkit.models.stats import read_all
+    from vitkit.progress import progress as bar_for
+    from vitkit.registry import get_spec
+    entries = {name: (family, entry) for family, data in read_all().items()
+               for name, entry in data["variants"].items()}
+    todo = [n for n in names if not _is_current(n, entries.get(n, (None, None))[1])]
+    if todo:
+        import logging
+        logging.getLogger("vitkit").info("counting parameters and MACs of %d variant(s) without current stats "
+                                         "(python -m vitkit.bench.flops --update saves them)", len(todo))
+        for name in bar_for(todo, enabled=progress, total=len(todo), desc="counting", unit="model"):
+            entries[name] = (get_spec(name).family, _entry(name))
+    return [_row(n, entries[n][0], entries[n][1]) for n in names]
+
+
+def update(families: list[str] | None = None, progress: bool = True, recount: bool = False) -> list[Path]:
+    """Rewrite the stats files of ``families`` (default: every registered family), counting the variants whose
+    entry is missing or stale (all of them with ``recount``); returns the files written."""
+    from vitkit.models.stats import read_all, write_family
+    from vitkit.progress import progress as bar_for
+    from vitkit.registry import get_spec, list_models
+    by_family: dict[str, list[str]] = {}
+    for name in list_models():
+        by_family.setdefault(get_spec(name).family, []).append(name)
+    unknown = sorted(set(families or ()) - set(by_family))
+    if unknown:
+        raise ValueError(f"no registered family {', '.join(unknown)} (registered: {', '.join(sorted(by_family))})")
+    old = {} if recount else {n: e for data in read_all().values() for n, e in data["variants"].items()}
+    written = []
+    for family in families or sorted(by_family):
+        names = by_family[family]
+        variants = {n: old[n] for n in names if _is_current(n, old.get(n))}
+        todo = [n for n in names if n not in variants]
+        variants.update({n: _entry(n) for n in bar_for(todo, enabled=progress, total=len(todo), desc=family,
+                                                        unit="model")})
+        written.append(write_family(family, _module_file(get_spec(names[0])), variants))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m vitkit.bench.flops",
+                                     description="Precompute parameters and MACs of the registered variants into "
+                                                 "vitkit/models/stats/<family>.json (read by `vitkit models`).")
+    parser.add_argument("--update", nargs="*", metavar="FAMILY", required=True,
+                        help="families to rewrite (default: all); entries still current are kept")
+    parser.add_argument("--recount", action="store_true", help="count every variant again")
+    args = parser.parse_args(argv)
+    for path in update(args.update or None, recount=args.recount):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

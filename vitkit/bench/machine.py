@@ -119,12 +119,25 @@ def _stats(samples: list[float]) -> dict[str, float]:
     return {"median": statistics.median(samples), "best": max(samples), "n": len(samples)}
 
 
+def gemm_size(dtype: torch.dtype, device: torch.device | str, seconds: float, largest: int = 4096) -> int:
+    """The n (a multiple of 256, 512..``largest``) whose n×n product takes about ``seconds`` here: one 512² product
+    is timed and the size scaled by the cube root (emulated bf16 on an AVX2 CPU is ~10x slower than fp32, so a fixed
+    4096² would take seconds per sample)."""
+    probe = GemmProbe(512, dtype, device)
+    rate = max(probe.sample(), 1e-3) * 1e9  # FLOP/s
+    n = int((rate * seconds / 2) ** (1 / 3)) // 256 * 256
+    return max(512, min(largest, n))
+
+
 def gemm_peak(dtype: torch.dtype = torch.float32, sizes: tuple[int, ...] = (2048, 3072, 4096), repeats: int = 5,
               device: torch.device | str = "cpu", quiet: float | None = None,
               deadline: float = float("inf")) -> dict[str, float]:
-    """Median and best GFLOP/s over ``repeats`` products of each size (at the current ``torch.get_num_threads()``)."""
+    """Median and best GFLOP/s over ``repeats`` products of each size (at the current ``torch.get_num_threads()``);
+    sizes after ``deadline`` (``time.monotonic``) are skipped once one has been measured."""
     samples = []
     for n in sizes:
+        if samples and time.monotonic() >= deadline:
+            break
         probe = GemmProbe(n, dtype, device)
         samples += [quiet_sample(probe.sample, quiet, deadline) for _ in range(repeats)]
     return _stats(samples)
@@ -148,25 +161,36 @@ def copy_bandwidth(mbytes: int = 1024, repeats: int = 5, device: torch.device | 
 
 
 def machine_limits(threads: tuple[int, ...] = (1, 2), device: torch.device | str = "cpu", repeats: int = 5,
-                   quiet: float | None = None, max_wait: float = 600.0) -> dict[str, Any]:
+                   quiet: float | None = None, max_wait: float = 600.0, seconds: float = 30.0,
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """fp32 and bf16 GEMM GFLOP/s and copy bandwidth at each thread count (the thread setting is restored).
 
+    The whole measurement takes about ``seconds``: each GEMM measurement gets an equal share, its matrix size chosen
+    so that ``repeats`` products fit in it (``gemm_size``). ``progress`` receives one line per finished measurement.
     With ``quiet`` (cores), every sample waits for other processes to use at most that much CPU and is repeated
     if they disturbed it, for up to ``max_wait`` seconds in total.
     """
     before = torch.get_num_threads()
     deadline = time.monotonic() + max_wait
+    share = seconds / (2 * len(threads) + 1)  # two GEMM measurements per thread count, copies in the rest
     out: dict[str, Any] = {"device": str(device), "torch": torch.__version__,
-                           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "by_threads": {}}
-    kw = dict(repeats=repeats, device=device, quiet=quiet, deadline=deadline)
+                           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "by_threads": {},
+                           "seconds_allowed": seconds}
+    start = time.monotonic()
+    say = progress or (lambda message: None)
     try:
         for t in threads:
             torch.set_num_threads(t)
-            out["by_threads"][t] = {
-                "gemm_fp32_gflops": gemm_peak(torch.float32, **kw),
-                "gemm_bf16_gflops": gemm_peak(torch.bfloat16, **kw),
-                "copy_gbps": copy_bandwidth(**kw),
-            }
+            row: dict[str, Any] = {}
+            for key, dtype in (("gemm_fp32_gflops", torch.float32), ("gemm_bf16_gflops", torch.bfloat16)):
+                n = gemm_size(dtype, device, share / (repeats + 1))
+                row[key] = {**gemm_peak(dtype, (n,), repeats, device, quiet, deadline), "size": n}
+                say(f"threads={t}: {key.split('_')[1]} GEMM {row[key]['median']:.1f} GFLOP/s ({repeats} products "
+                    f"of {n}x{n}; {time.monotonic() - start:.0f} s)")
+            row["copy_gbps"] = copy_bandwidth(256, repeats, device, quiet, deadline)
+            say(f"threads={t}: copy {row['copy_gbps']['median']:.1f} GB/s ({time.monotonic() - start:.0f} s)")
+            out["by_threads"][t] = row
     finally:
         torch.set_num_threads(before)
+    out["seconds"] = time.monotonic() - start
     return out

@@ -26,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", "--override", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="architecture override passed to create_model, e.g. --set depth=7 (repeatable)")
     parser.add_argument("--pretrained", help="checkpoint to load (default: random weights)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast, fp32 weights")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="bf16 = autocast, fp32 weights; auto (default): bf16 where the device runs it natively, "
+                             "else fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (compile time excluded)")
     parser.add_argument("--mode", choices=("infer", "train"), default="infer",
                         help="infer: forward under inference_mode; train: forward + backward + AdamW step")
@@ -43,12 +45,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds after which --quiet accepts every round (default 600)")
     parser.add_argument("--compare", choices=("transformers",), help="also run the same model in this library")
     parser.add_argument("--machine", action="store_true", help="measure the machine's GEMM peak and copy bandwidth")
+    parser.add_argument("--seconds", type=float, default=30.0,
+                        help="time allowed for --machine (default 30; progress is printed as it goes)")
     parser.add_argument("--json", metavar="OUT", help="write every number (and the settings) to this JSON file")
 
 
 def environment() -> dict[str, Any]:
     import torch
+
+    from vitkit.hardware import machine_line
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "cpu": machine_line(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
             "python": platform.python_version(), "loadavg_start": list(os.getloadavg())}
 
@@ -83,7 +90,8 @@ def _run_machine(args: argparse.Namespace, report: dict[str, Any]) -> None:
     import torch
     from vitkit.bench.machine import machine_limits
     threads = (args.threads,) if args.threads else tuple(sorted({1, torch.get_num_threads()}))
-    limits = machine_limits(threads, device=args.device, quiet=args.quiet, max_wait=args.max_wait)
+    limits = machine_limits(threads, device=args.device, quiet=args.quiet, max_wait=args.max_wait,
+                            seconds=args.seconds, progress=_progress_line)
     report["machine"] = limits
     for t, v in limits["by_threads"].items():
         print(f"threads={t}: fp32 GEMM {v['gemm_fp32_gflops']['median']:.1f} GFLOP/s "
@@ -92,10 +100,24 @@ def _run_machine(args: argparse.Namespace, report: dict[str, Any]) -> None:
               f"(best {v['copy_gbps']['best']:.1f})")
 
 
+def _progress_line(message: str) -> None:
+    import sys
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
+def _dtype(args: argparse.Namespace) -> str:
+    """``--dtype auto`` resolved by the hardware probe (bf16 only where it is native)."""
+    from vitkit.hardware import resolve_amp
+    if args.dtype != "auto":
+        return args.dtype
+    return "bf16" if resolve_amp("auto", args.device) == "bf16" else "fp32"
+
+
 def _run_model(args: argparse.Namespace, report: dict[str, Any]) -> None:
     from vitkit.bench.compare import compare_to_transformers
     from vitkit.bench.runner import BenchSettings, benchmark
-    settings = BenchSettings(batch_size=args.batch_size, dtype=args.dtype, compile=args.compile, mode=args.mode,
+    dtype = _dtype(args)
+    settings = BenchSettings(batch_size=args.batch_size, dtype=dtype, compile=args.compile, mode=args.mode,
                              warmup=args.warmup, iters=args.iters, device=args.device, probes=args.probes,
                              probe_size=args.probe_size, quiet=args.quiet, max_wait=args.max_wait)
     from vitkit.config import parse_overrides
@@ -104,7 +126,8 @@ def _run_model(args: argparse.Namespace, report: dict[str, Any]) -> None:
     input_size = tuple(model.data_cfg.input_size)
     report.update(model=args.model, overrides=overrides, input_size=list(input_size),
                   settings=dataclasses.asdict(settings))
-    print(f"{args.model} {'x'.join(map(str, input_size))}, batch {args.batch_size}, {args.dtype}, "
+    print(f"{args.model} {'x'.join(map(str, input_size))}, batch {args.batch_size}, {dtype}"
+          f"{' (auto)' if args.dtype == 'auto' else ''}, "
           f"{'compiled' if args.compile else 'eager'}, {args.mode}, {report['env']['threads']} threads")
     if args.compare:
         cmp = compare_to_transformers(model, settings, input_size)
@@ -122,7 +145,7 @@ def _run_model(args: argparse.Namespace, report: dict[str, Any]) -> None:
         print(f"warning: the machine did not become quiet within --max-wait {args.max_wait:.0f} s; "
               f"these numbers include steps disturbed by other processes (see 'other load')")
     if peak:
-        print(f"GEMM peak ({args.dtype}, {args.device}, same run): {peak:.1f} GFLOP/s median")
+        print(f"GEMM peak ({dtype}, {args.device}, same run): {peak:.1f} GFLOP/s median")
     if args.compare:
         print(f"vitkit / transformers images/s: {cmp.speed_ratio:.3f}   max |logits diff|: {cmp.max_abs_diff:.2e}   "
               f"(transformers attention: {cmp.attn_implementation})")
@@ -130,13 +153,17 @@ def _run_model(args: argparse.Namespace, report: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    if args.threads:
-        torch.set_num_threads(args.threads)
+
+    from vitkit.hardware import parse_device
     if not args.model and not args.machine:
         raise ValueError("give a MODEL to benchmark, or --machine")
+    args.device = str(parse_device(args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
                               "env": environment(),
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    print(f"machine: {report['env']['cpu']}; torch {torch.__version__}, {report['env']['threads']} threads")
     if args.machine:
         _run_machine(args, report)
     if args.model:

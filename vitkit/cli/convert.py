@@ -25,8 +25,10 @@ ignored) is printed; the written folder loads with vitkit.load_model(DST)."""
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    parser.add_argument("src", help="checkpoint file or folder, in any format vitkit reads")
-    parser.add_argument("dst", help="output folder (created; must be empty or an earlier vitkit model folder)")
+    parser.add_argument("src", help="checkpoint file or folder, in any format vitkit reads, or a run folder (its "
+                                    "checkpoints/best, else last)")
+    parser.add_argument("dst", help="output folder (created; must be empty, or a vitkit model folder with --force)")
+    parser.add_argument("--force", action="store_true", help="replace the model in a non-empty vitkit model folder")
     parser.add_argument("--model", help="registered variant name (`vitkit models`); inferred when omitted, if possible")
     parser.add_argument("--num-classes", type=int, metavar="N", help="classifier size (a new zero-initialised head)")
     parser.add_argument("--img-size", type=_img_size, metavar="S", help="input size, e.g. 384 or 224x160 "
@@ -65,14 +67,29 @@ def _quiet(logger_name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _check_destination(src: str, dst: str) -> None:
+def _check_destination(src: str, dst: str, force: bool) -> None:
+    """Nothing is overwritten unless asked: a non-empty DST needs --force, and even then only a vitkit model folder
+    (model.safetensors + config.json) is replaced."""
     if os.path.exists(dst) and not os.path.isdir(dst):
-        raise ValueError(f"{dst} exists and is a file; DST must be a folder")
+        raise FileExistsError(f"{dst} exists and is a file; DST must be a folder")
     if os.path.isdir(dst) and os.listdir(dst):
         if os.path.realpath(dst) == os.path.realpath(src):
             raise ValueError(f"SRC and DST are the same folder ({dst}); write the conversion elsewhere")
         if not os.path.isfile(os.path.join(dst, "config.json")) or _config_format(dst) != "vitkit":
-            raise ValueError(f"{dst} is not empty and not a vitkit model folder; refusing to write into it")
+            raise FileExistsError(f"{dst} is not empty and not a vitkit model folder; refusing to write into it")
+        if not force:
+            raise FileExistsError(f"{dst} already holds a vitkit model; pass --force to replace it, or choose "
+                                  f"another DST")
+
+
+def _source(src: str) -> str:
+    """SRC itself, or for a run folder its best (else last) checkpoint, as `vitkit eval` and `predict` take it."""
+    from vitkit.evaluate.targets import is_run_folder, run_checkpoint
+    if os.path.isdir(src) and is_run_folder(src):
+        folder = run_checkpoint(src)
+        print(f"{src} is a run folder: converting {folder}")
+        return folder
+    return src
 
 
 def _config_format(folder: str) -> str | None:
@@ -100,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     src, dst = os.fspath(args.src), os.fspath(args.dst)
     if not os.path.exists(src):
         raise FileNotFoundError(f"checkpoint not found: {src}")
-    _check_destination(src, dst)
+    src = _source(src)
+    _check_destination(src, dst, args.force)
     from vitkit.config import parse_overrides
     overrides = parse_overrides(args.overrides)
     name, inferred = (args.model, {}) if args.model else vitkit.registry.infer_variant(src)

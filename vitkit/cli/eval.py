@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 from typing import Any
-
-import torch
-from torch import nn
 
 HELP = "evaluate a run, a saved model or any checkpoint on a dataset (top-1/top-5, per-class, confusion matrix)"
 
@@ -20,7 +18,6 @@ EPILOG = """examples:
 writes metrics.json, per_class.csv, confusion_matrix.csv and confusion_matrix.png into --out.
 exit status: 0 done, 2 bad arguments or configuration."""
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_PRINTED_CLASSES = 20
 
 
@@ -41,8 +38,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                      "./eval/<model>-<split>)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     parser.add_argument("--device", help="e.g. cpu, cuda, mps (default: an accelerator if present)")
-    parser.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast dtype (default: full float32)")
+    add_amp_argument(parser)
     add_probe_arguments(parser)
+
+
+def add_amp_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
+                        help="autocast dtype; auto (default): bf16 where the device runs it natively, else fp32; "
+                             "none: fp32")
+
+
+def precision(args: argparse.Namespace, device):
+    """The autocast dtype for ``--amp`` on ``device`` (``auto`` resolved by the hardware probe); the line that says
+    which is kept in ``args.precision_line`` for the report."""
+    from vitkit.hardware import amp_dtype, precision_line, resolve_amp
+    resolved = resolve_amp(args.amp, device)
+    args.precision_line = precision_line(args.amp, resolved, device)
+    logging.getLogger("vitkit").debug("%s", args.precision_line)
+    return amp_dtype(resolved)
 
 
 def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +80,7 @@ def _shots(text: str) -> tuple[int, ...]:
     return shots
 
 
-def run_probes(model: nn.Module, data_cfg, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def run_probes(model, data_cfg, args: argparse.Namespace, device, amp) -> dict[str, Any]:
     """Run the feature probes requested in ``args``; the result is stored under ``probes`` in metrics.json."""
     if not (args.few_shot or args.linear_probe):
         return {}
@@ -76,7 +89,7 @@ def run_probes(model: nn.Module, data_cfg, args: argparse.Namespace, device: tor
     from vitkit.evaluate.probe import run_probes as probe
     report = probe(model, build_splits(data_cfg), dataset_transform(data_cfg, model), args.few_shot,
                    args.linear_probe, args.draws, args.l2, args.probe_seed, args.batch_size, data_cfg.num_workers,
-                   device, amp_dtype=AMP_DTYPES.get(args.amp))
+                   device, amp_dtype=amp)
     _print_probes(report)
     return report.to_dict()
 
@@ -94,17 +107,24 @@ def _print_probes(report) -> None:
 def run(args: argparse.Namespace) -> int:
     from vitkit.evaluate.eval_data import build_eval_loader, resolve_data_config
     from vitkit.evaluate.metrics import evaluate, save_eval_artifacts
-    from vitkit.evaluate.targets import default_device, load_target
+    from vitkit.evaluate.targets import is_run_folder, load_target
+    from vitkit.hardware import parse_device
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
     if args.target and args.pretrained:
         raise ValueError("give either TARGET or --pretrained, not both")
-    target = load_target(args.target or args.pretrained, args.model)
+    device = parse_device(args.device)
+    path = args.target or args.pretrained
+    if not (path and is_run_folder(path)) and not args.data_config and not args.set:  # no data option: no guess
+        raise ValueError("which data? give a run folder (its data section is used), --data-config RECIPE.yaml, or "
+                         "--set data.name=NAME: cifar10 or cifar100 (with data.root=DIR), folder (data.root=DIR "
+                         "holding test/<class>/<images>), digits")
+    target = load_target(path, args.model)
     run_data = (target.run_config or {}).get("data")
     data_cfg = resolve_data_config(target.model, run_data, args.data_config, args.set)
-    device = default_device(args.device)
+    amp = precision(args, device)
     model = target.model.to(device)
-    probes = run_probes(model, data_cfg, args, device)
+    probes = run_probes(model, data_cfg, args, device, amp)
     out_dir = args.out or _default_out(target, args.split)
     if probes and not _head_fits(model, data_cfg):  # e.g. an ImageNet head probed on CIFAR-10: probes only
         print(f"the model's {model.num_classes}-class head does not fit data.name={data_cfg.name}; "
@@ -114,16 +134,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {os.path.join(out_dir, 'probes.json')}")
         return 0
     loader, classes = build_eval_loader(data_cfg, model, args.split, args.batch_size)
-    result = evaluate(model, loader, device, AMP_DTYPES.get(args.amp), class_names=classes)
+    result = evaluate(model, loader, device, amp, class_names=classes)
     result.extra.update(_context(target, data_cfg, args))
     if probes:
         result.extra["probes"] = probes
     paths = save_eval_artifacts(result, out_dir)
-    _print_report(target, result, paths)
+    _print_report(target, result, paths, args.precision_line)
     return 0
 
 
-def _head_fits(model: nn.Module, data_cfg) -> bool:
+def _head_fits(model, data_cfg) -> bool:
     from vitkit.data import build_splits
     return int(model.num_classes) == len(build_splits(data_cfg).classes)
 
@@ -150,8 +170,9 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{100 * x:.2f}%"
 
 
-def _print_report(target, result, paths: dict[str, str]) -> None:
+def _print_report(target, result, paths: dict[str, str], precision: str) -> None:
     print(f"model:   {target.description}")
+    print(precision)
     print(f"samples: {result.num_samples}  classes: {result.num_classes}")
     print(f"top-1 {_pct(result.top1)}   top-5 {_pct(result.top5)}   loss {result.loss:.4f}")
     names = result.class_names or [f"class_{i}" for i in range(result.num_classes)]

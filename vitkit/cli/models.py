@@ -1,7 +1,9 @@
 """`vitkit models [PATTERN]`: registered variants with family, input size, parameters and GFLOPs.
 
 GFLOPs follow the papers: multiply-accumulates of one image's forward pass at the native resolution, attention
-products included (``vitkit.bench.flops``). Counted on the meta device, so nothing is allocated or computed.
+products included (``vitkit.bench.flops``). They are read from the per-family files in ``vitkit/models/stats`` (no
+model is built, torch is not imported) while those are current; a variant added or changed since is counted on the
+meta device, with progress on stderr (``python -m vitkit.bench.flops --update`` saves the counts).
 """
 from __future__ import annotations
 
@@ -19,12 +21,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def rows(pattern: str = "*") -> list[dict]:
-    import vitkit
-    from vitkit.bench.flops import model_stats
-    names = vitkit.list_models(pattern)
-    if not names:
+    import fnmatch
+
+    from vitkit.models.stats import fresh, read_all
+    files = read_all()
+    if fresh(files):  # every family file is as its stats were computed: the files are the registry's numbers
+        table = sorted((_row(name, data["family"], entry) for data in files.values()
+                        for name, entry in data["variants"].items() if fnmatch.fnmatchcase(name, pattern)),
+                       key=lambda r: r["name"])
+    else:
+        import vitkit
+        from vitkit.bench.flops import stats_rows
+        table = stats_rows(vitkit.list_models(pattern))
+    if not table:
         raise ValueError(f"no model matches {pattern!r}")
-    return [model_stats(name).as_dict() for name in names]
+    return table
+
+
+def _row(name: str, family: str, entry: dict) -> dict:
+    """The row ``vitkit.bench.flops.ModelStats.as_dict`` gives, from a stats-file entry (without importing torch)."""
+    return {"name": name, "family": family, "input_size": list(entry["input_size"]), "params": entry["params"],
+            "macs": entry["macs"], "params_m": round(entry["params"] / 1e6, 3), "gflops": round(entry["macs"] / 1e9, 3)}
 
 
 def _size(row: dict) -> str:

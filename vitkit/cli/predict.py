@@ -5,9 +5,10 @@ import argparse
 import csv
 import json
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from vitkit.evaluate.predict import Prediction
+if TYPE_CHECKING:
+    from vitkit.evaluate.predict import Prediction
 
 HELP = "top-k predicted classes for images or folders of images"
 
@@ -37,19 +38,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1, mps (default: an accelerator if present)")
+    from vitkit.cli.eval import add_amp_argument
+    add_amp_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from vitkit.evaluate.predict import expand_inputs, predict_files
-    from vitkit.evaluate.targets import default_device, load_target
+    from vitkit.cli.eval import precision
+    from vitkit.evaluate.targets import load_target
+    from vitkit.hardware import parse_device
     if args.topk < 1 or args.batch_size < 1:
         raise ValueError("--topk and --batch-size must be >= 1")
     files = expand_inputs(args.images)
     if not files:
         raise FileNotFoundError(f"no image files found in {' '.join(args.images)}")
+    device = parse_device(args.device)
+    amp = precision(args, device)
     target = load_target(args.pretrained, args.model)
-    model = target.model.to(default_device(args.device))
-    predictions = predict_files(model, files, topk=args.topk, batch_size=args.batch_size)
+    model = target.model.to(device)
+    predictions = predict_files(model, files, topk=args.topk, batch_size=args.batch_size, amp_dtype=amp)
     WRITERS[args.format](predictions, sys.stdout)
     return 0 if any(p.ok for p in predictions) else 1
 

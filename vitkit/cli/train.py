@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 HELP = "train a model from a YAML recipe, or resume an interrupted run"
@@ -51,32 +52,42 @@ def _print_result(result) -> None:
     d = result.run_dir
     model = d / "checkpoints" / ("best" if (d / "checkpoints" / "best").is_dir() else "last")
     print(f"  run folder      {d}\n  model           {model} (vitkit.load_model)\n"
-          f"  metrics         {d / 'metrics.csv'}, {d / 'summary.json'}\n  plots           {d / 'plots'}\n"
-          f"  test report     {d / 'eval' / 'test'}")
+          f"  metrics         {d / 'metrics.csv'}, {d / 'summary.json'}")
+    for label, path in (("plots", d / "plots"), ("TensorBoard", d / "tensorboard"),
+                        ("test report", d / "eval" / "test")):
+        if path.is_dir():
+            print(f"  {label:<15} {path}")
+
+
+def _stopped_before_training(signum, frame) -> None:
+    from vitkit.train.runtime import Aborted
+    raise Aborted(f"stopped by {signal.Signals(signum).name} before training started; no checkpoint was written",
+                  signum=signum)
 
 
 def run(args: argparse.Namespace) -> int:
     from vitkit.train import NonFiniteLossError, resume, train
+    from vitkit.train.runtime import process_age
     stray = [s for s in args.sets if "=" not in s]  # `--set a=1 recipe.yaml`: the recipe was taken as a value
     if stray and not args.recipe and len(stray) == 1:
         args.recipe, args.sets = stray[0], [s for s in args.sets if "=" in s]
-    if bool(args.recipe) == bool(args.resume):
-        print("vitkit train: error: give a RECIPE or --resume RUN_DIR (not both)", file=sys.stderr)
-        return 2
+    if not args.recipe and not args.resume:
+        raise ValueError("give a RECIPE or --resume RUN_DIR")
+    if args.recipe and args.resume:
+        raise ValueError("give a RECIPE or --resume RUN_DIR, not both")
+    clock_start = time.perf_counter() - process_age()  # a time budget is this command's wall clock
+    previous = signal.signal(signal.SIGTERM, _stopped_before_training)  # the run installs its own handlers
     try:
         if args.resume:
-            result = resume(args.resume, args.sets)
+            result = resume(args.resume, args.sets, clock_start)
         else:
-            result = train(args.recipe, args.out or _default_out(args.recipe), args.sets)
-    except FileExistsError as e:
-        print(f"vitkit train: error: {e}", file=sys.stderr)
-        return 2
+            result = train(args.recipe, args.out or _default_out(args.recipe), args.sets, clock_start)
     except NonFiniteLossError as e:
         print(f"vitkit train: run failed: {e}", file=sys.stderr)
         return 1
-    if result.status == "interrupted":
-        print(f"stopped by {result.signal} at step {result.step} of {result.total_steps}; resume with: "
-              f"vitkit train --resume {result.run_dir}", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if result.status == "interrupted":  # the run logged what it saved and how to continue
         return 128 + int(getattr(signal.Signals, result.signal, signal.SIGTERM))
     if result.summary is not None:
         _print_result(result)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .download import download_url, md5sum, safe_extract
+from .download import DownloadError, download_url, md5sum, safe_extract
 from .images import IMG_EXTENSIONS, ImageLoadError, load_image, pil_to_tensor
 from .rng import sample_generator
 
@@ -116,7 +116,9 @@ class _CIFAR(Dataset):
         if folder is None:
             raise FileNotFoundError(
                 f"{type(self).__name__} not found: expected {self.root / self.base_folder} (or {self.root}) to hold "
-                f"{', '.join(self._files())}; pass download=True to fetch it")
+                f"{', '.join(self._files())}. Put the extracted {self.base_folder}/ folder, or {self.filename} "
+                f"(from {self.url}), in {self.root}, or point --set data.root=DIR at the folder that holds it; "
+                f"with network, --set data.download=true fetches it")
         self.folder = folder
         self.classes = list(load_cifar_pickle(folder / self.meta_file)[self.meta_key])
         self.data, self.targets = self._load(folder)  # (N, 3, 32, 32) uint8, list[int]
@@ -135,7 +137,12 @@ class _CIFAR(Dataset):
         if archive.is_file() and md5sum(archive) == md5:
             log.info("using the archive already at %s", archive)
         else:
-            download_url(url, archive, md5, progress=progress)
+            try:
+                download_url(url, archive, md5, progress=progress)
+            except DownloadError as e:
+                raise DownloadError(f"{e}. Offline? Download {url} elsewhere and put {self.filename} (or the "
+                                    f"extracted {self.base_folder}/ folder) in {self.root}, or point --set "
+                                    f"data.root=DIR at the folder that holds it") from None
         safe_extract(archive, self.root)
 
     def _load(self, folder: Path) -> tuple[torch.Tensor, list[int]]:

@@ -17,7 +17,7 @@ import tempfile
 import urllib.request
 from pathlib import Path, PurePosixPath
 
-from tqdm import tqdm
+from ..progress import progress as bar_for
 
 __all__ = ["DownloadError", "UnsafeArchiveError", "md5sum", "download_url", "safe_extract"]
 
@@ -62,11 +62,11 @@ def download_url(url: str, dest: str | os.PathLike, md5: str | None = None, *, p
 
 
 def _stream(url: str, out, name: str, progress: bool, timeout: float) -> str:
-    """Copy the response body to ``out`` with a tqdm bar; return its MD5."""
+    """Copy the response body to ``out`` with a progress bar (plain lines off a terminal); return its MD5."""
     h = hashlib.md5(usedforsecurity=False)
     with urllib.request.urlopen(url, timeout=timeout) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
+        with bar_for(enabled=progress, total=total, unit="B", unit_scale=True, desc=name) as bar:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 h.update(chunk)

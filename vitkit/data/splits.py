@@ -2,8 +2,9 @@
 
 Conventions: the validation set is carved from the training set, stratified by class and seeded, as the ViT paper
 chose fine-tuning hyper-parameters on a held-out sub-split of the training set (2% for CIFAR, 10% for Pets and
-Flowers, 1% for ImageNet; Dosovitskiy et al. 2021, appendix B.1.1); the test split is never used for model selection. ``train_limit``/``test_limit`` keep the
-first N items, for smoke runs; the validation split is carved *after* ``train_limit``, so it shrinks with it.
+Flowers, 1% for ImageNet; Dosovitskiy et al. 2021, appendix B.1.1); the test split is never used for model selection.
+``train_limit``/``val_limit``/``test_limit`` keep the first N items, for smoke runs and budgets; the validation split
+is carved *after* ``train_limit``, so it shrinks with it, and ``val_limit`` then keeps the first N of it.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class DataConfig:
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bicubic"  # timm's ViT default
     crop_pct: float = 1.0  # eval centre crop (timm); 1.0 keeps the whole image, right for CIFAR
     train_limit: int | None = None  # use only the first N training items (smoke runs)
-    test_limit: int | None = None  # use only the first N test (and val-folder) items
+    val_limit: int | None = None  # use only the first N validation items (default for a val/ folder: test_limit)
+    test_limit: int | None = None  # use only the first N test items
 
     def validate(self) -> None:
         if self.name in ("cifar10", "cifar100", "folder") and not self.root:
@@ -53,7 +55,7 @@ class DataConfig:
             raise ConfigError(f"data.crop_pct: must be in (0, 1], got {self.crop_pct}")
         if self.std is not None and min(self.std) <= 0:
             raise ConfigError(f"data.std: must be positive, got {self.std}")
-        for name in ("train_limit", "test_limit"):
+        for name in ("train_limit", "val_limit", "test_limit"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"data.{name}: must be positive or null, got {value}")
@@ -123,7 +125,8 @@ def build_splits(cfg: DataConfig) -> Splits:
     train, val, test = _sources(cfg)
     classes = list(train.classes)
     train = limit(train, cfg.train_limit)
-    val, test = limit(val, cfg.test_limit), limit(test, cfg.test_limit)
+    val, test = limit(val, cfg.val_limit or cfg.test_limit), limit(test, cfg.test_limit)
     if val is None and cfg.val_fraction > 0:
         train, val = train_val_split(train, cfg.val_fraction, cfg.split_seed)
+        val = limit(val, cfg.val_limit)
     return Splits(train, val, test, classes)

@@ -109,9 +109,9 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
 
 
 def _progress(loader: Iterable, enabled: bool):
-    from tqdm.auto import tqdm
+    from vitkit.progress import progress
     total = len(loader) if hasattr(loader, "__len__") else None
-    return tqdm(loader, total=total, desc="eval", unit="batch", disable=not enabled, leave=False)
+    return progress(loader, enabled=enabled, total=total, desc="eval", unit="batch", leave=False)
 
 
 def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu",

@@ -7,6 +7,7 @@ evaluates). A file that cannot be read becomes a ``Prediction`` with ``error`` s
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -79,11 +80,13 @@ def load_batch(paths: Sequence[str], transform) -> tuple[list[torch.Tensor], lis
     return tensors, errors
 
 
-def predict_tensors(model: nn.Module, x: torch.Tensor, topk: int,
-                    class_names: Sequence[str]) -> list[list[tuple[int, str, float]]]:
-    """Top-k ``(index, name, probability)`` per row of a preprocessed batch ``x`` (B, 3, H, W)."""
+def predict_tensors(model: nn.Module, x: torch.Tensor, topk: int, class_names: Sequence[str],
+                    amp_dtype: torch.dtype | None = None) -> list[list[tuple[int, str, float]]]:
+    """Top-k ``(index, name, probability)`` per row of a preprocessed batch ``x`` (B, 3, H, W), under autocast to
+    ``amp_dtype`` when given (probabilities are computed in fp32)."""
     device = next(model.parameters()).device
-    with torch.inference_mode():
+    cast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    with torch.inference_mode(), cast:
         probs = model(x.to(device)).float().softmax(dim=-1)  # (B, K)
     values, indices = probs.topk(min(topk, probs.shape[-1]), dim=-1)  # (B, k) each
     return [[(int(i), class_names[int(i)], float(v)) for v, i in zip(vs, ids)]
@@ -91,7 +94,7 @@ def predict_tensors(model: nn.Module, x: torch.Tensor, topk: int,
 
 
 def predict_files(model: nn.Module, paths: Iterable[str | os.PathLike], topk: int = 5,
-                  batch_size: int = 16) -> list[Prediction]:
+                  batch_size: int = 16, amp_dtype: torch.dtype | None = None) -> list[Prediction]:
     """One ``Prediction`` per path (in order); ``paths`` may include folders (see ``expand_inputs``). The model
     runs on the device its parameters are on, in eval mode (its previous mode is restored)."""
     if topk < 1 or batch_size < 1:
@@ -105,19 +108,18 @@ def predict_files(model: nn.Module, paths: Iterable[str | os.PathLike], topk: in
     model.eval()
     try:
         return [p for start in range(0, len(files), batch_size)
-                for p in _predict_chunk(model, files[start:start + batch_size], transform, topk, names)]
+                for p in _predict_chunk(model, files[start:start + batch_size], transform, topk, names, amp_dtype)]
     finally:
         model.train(was_training)
 
 
-def _predict_chunk(model: nn.Module, paths: Sequence[str], transform, topk: int,
-                   names: Sequence[str]) -> list[Prediction]:
+def _predict_chunk(model: nn.Module, paths: Sequence[str], transform, topk: int, names: Sequence[str],
+                   amp_dtype: torch.dtype | None) -> list[Prediction]:
     tensors, errors = load_batch(paths, transform)
-    results = iter(predict_tensors(model, torch.stack(tensors), topk, names) if tensors else [])
+    results = iter(predict_tensors(model, torch.stack(tensors), topk, names, amp_dtype) if tensors else [])
     out = []
     for path, error in zip(paths, errors):
-        if error is not None:
-            log.warning("cannot predict %s: %s", path, error)
+        if error is not None:  # reported once, in the Prediction (the CLI prints it), not also logged
             out.append(Prediction(path, [], error))
         else:
             out.append(Prediction(path, next(results)))

@@ -36,11 +36,12 @@ class Features:
 def extract_features(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu",
                      amp_dtype: torch.dtype | None = None, progress: bool = True, desc: str = "features") -> Features:
     """Pre-logit features (the pooled, normalised token that feeds the classifier) for every batch of ``loader``."""
-    from tqdm import tqdm
+    from vitkit.progress import progress as bar_for
     device = torch.device(device)
     model.eval().to(device)
     xs, ys, seen, start = [], [], 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, disable=not progress, unit="batch")
+    bar = bar_for(loader, enabled=progress, total=len(loader) if hasattr(loader, "__len__") else None, desc=desc,
+                  unit="batch")
     for images, labels in bar:
         images = images.to(device, non_blocking=True)
         with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,

@@ -96,12 +96,7 @@ def load_target(path: str | os.PathLike | None = None, model_name: str | None = 
 
 
 def default_device(requested: str | None = None) -> torch.device:
-    """``requested`` if given, else the first accelerator PyTorch reports (CUDA, then Apple MPS), else the CPU."""
-    if requested:
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """``requested`` if given (checked: ``vitkit.hardware.parse_device``), else the first accelerator PyTorch reports
+    (CUDA, then Apple MPS), else the CPU."""
+    from vitkit.hardware import parse_device
+    return parse_device(requested)

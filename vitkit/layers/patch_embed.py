@@ -12,7 +12,7 @@ from typing import Callable, Literal
 
 from torch import Tensor, nn
 
-__all__ = ["PatchEmbed", "to_2tuple"]
+__all__ = ["PatchEmbed", "to_2tuple", "check_image_batch"]
 
 
 def to_2tuple(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -21,6 +21,19 @@ def to_2tuple(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
             raise ValueError(f"expected an int or a pair, got {x!r}")
         return int(x[0]), int(x[1])
     return int(x), int(x)
+
+
+def check_image_batch(x: object, in_chans: int) -> None:
+    """A batch of images (B, C, H, W), floating point, with the channels the model takes: anything else is a
+    ValueError saying so (a single (C, H, W) image needs a batch dimension)."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"expected a batch of images of shape (B, {in_chans}, H, W), got {type(x).__name__}")
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        hint = "; add a batch dimension: x.unsqueeze(0)" if x.ndim == 3 and x.shape[0] == in_chans else ""
+        raise ValueError(f"expected a batch of images of shape (B, {in_chans}, H, W), got a tensor of shape "
+                         f"{tuple(x.shape)}{hint}")
+    if not x.is_floating_point():
+        raise ValueError(f"expected a floating-point batch of images, got {x.dtype} (normalise the images first)")
 
 
 class PatchEmbed(nn.Module):
@@ -52,6 +65,9 @@ class PatchEmbed(nn.Module):
         (kh, kw), (sh, sw), (ph, pw) = self.patch_size, self.stride, self.padding
         return (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
 
+    def check_input(self, x: Tensor) -> None:
+        check_image_batch(x, self.proj.in_channels)
+
     def check_size(self, H: int, W: int) -> None:
         if self.strict_img_size and (H, W) != self.img_size:
             raise ValueError(f"input is {H}x{W} but the model was built for {self.img_size[0]}x{self.img_size[1]}; "
@@ -61,6 +77,7 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"input {H}x{W} is not a multiple of the patch size {ph}x{pw}")
 
     def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)  # callers that unpack the shape earlier call it themselves
         B, C, H, W = x.shape
         self.check_size(H, W)
         x = self.proj(x)  # (B, D, h, w)

@@ -16,6 +16,8 @@ from typing import Any, ClassVar, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from vitkit.layers.patch_embed import check_image_batch
+
 __all__ = ["FamilyModel", "check_contract", "select_indices", "staged_layer_id", "block_layer_id", "block_outputs",
            "zero_init_", "trunc_normal_linears_", "check_input"]
 
@@ -111,13 +113,7 @@ def check_contract(model_cls: type) -> None:
 # ------------------------------------------------------------------------------------------------------ helpers
 def check_input(x: Any, in_chans: int) -> None:
     """A model takes a (B, C, H, W) float tensor; anything else is a ValueError that says so."""
-    if not isinstance(x, Tensor):
-        raise ValueError(f"expected a (B, {in_chans}, H, W) tensor, got {type(x).__name__}")
-    if x.ndim != 4 or x.shape[1] != in_chans:
-        hint = " (add a batch dimension: x.unsqueeze(0))" if x.ndim == 3 and x.shape[0] == in_chans else ""
-        raise ValueError(f"expected a (B, {in_chans}, H, W) tensor, got shape {tuple(x.shape)}{hint}")
-    if not x.is_floating_point():
-        raise ValueError(f"expected a floating-point tensor, got {x.dtype} (normalise the images first)")
+    check_image_batch(x, in_chans)
 
 
 def select_indices(indices: int | Sequence[int] | None, count: int, what: str = "block") -> list[int]:

@@ -145,6 +145,7 @@ class VisionTransformer(FamilyModel):
         return self.pos_drop(x + pos)
 
     def embed(self, x: Tensor) -> Tensor:
+        self.patch_embed.check_input(x)  # (B, 3, H, W), or a ValueError that says so
         B, C, H, W = x.shape
         P = self.patch_embed.patch_size
         x = self.patch_embed(x)  # (B, N, D)

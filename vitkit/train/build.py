@@ -117,6 +117,9 @@ def total_steps(train: TrainSection, steps_per_epoch: int) -> int | None:
     return None
 
 
-def build_schedule(optim: OptimConfig, lr: float, total: int, steps_per_epoch: int) -> WarmupSchedule:
-    warmup = optim.warmup_steps or round(optim.warmup_epochs * steps_per_epoch)
+def build_schedule(optim: OptimConfig, lr: float, total: int, steps_per_epoch: int,
+                   warmup: int | None = None) -> WarmupSchedule:
+    """Warm-up + decay over ``total`` steps; ``warmup`` overrides the recipe's (e.g. shortened for a short plan)."""
+    if warmup is None:
+        warmup = optim.warmup_steps or round(optim.warmup_epochs * steps_per_epoch)
     return WarmupSchedule(lr, total, min(warmup, total), optim.min_lr, optim.schedule)

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["atomic_dir", "save_checkpoint", "find_checkpoint", "read_train_state", "load_model_weights", "capture_rng",
+__all__ = ["atomic_dir", "save_checkpoint", "find_checkpoint", "read_train_state", "read_train_state_meta",
+           "load_model_weights", "capture_rng",
            "restore_rng", "optimizer_state", "load_optimizer_state", "TRAIN_STATE_FORMAT"]
 
 log = logging.getLogger(__name__)
@@ -92,25 +93,47 @@ def save_checkpoint(folder: str | os.PathLike, model: nn.Module, class_names: li
     from safetensors.torch import save_file
 
     import vitkit
+    from vitkit.weights import follow_umask
     with atomic_dir(folder) as tmp:
         vitkit.save_pretrained(model, tmp, class_names=class_names)
         if meta is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()},
                       str(tmp / _STATE_TENSORS), metadata={"format": "vitkit-train-state"})
+            follow_umask(tmp / _STATE_TENSORS)
             (tmp / _STATE_JSON).write_text(json.dumps({"format": TRAIN_STATE_FORMAT, **meta}, indent=1))
     return Path(folder)
 
 
 # ------------------------------------------------------------------------------------------------------- read
-def read_train_state(folder: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    from safetensors.torch import load_file
-    folder = Path(folder)
-    if not (folder / _STATE_JSON).is_file():
+def read_train_state_meta(folder: str | os.PathLike, resumable: bool = False) -> dict[str, Any]:
+    """``train_state.json`` of a checkpoint, checked: a missing, unreadable or damaged file is an error naming it
+    (with ``resumable``, also one that lacks what a resumed run needs)."""
+    path = Path(folder) / _STATE_JSON
+    if not path.is_file():
         raise FileNotFoundError(f"{folder} has no {_STATE_JSON}: it is a model folder, not a resumable checkpoint")
-    meta = json.loads((folder / _STATE_JSON).read_text())
-    if meta.get("format") != TRAIN_STATE_FORMAT:
-        raise ValueError(f"{folder}: train state format {meta.get('format')} is not {TRAIN_STATE_FORMAT}")
-    return load_file(str(folder / _STATE_TENSORS)), meta
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged (not valid JSON: {e}); restore it or start a new run") from None
+    if not isinstance(meta, dict) or meta.get("format") != TRAIN_STATE_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{path}: train state format {found!r} is not {TRAIN_STATE_FORMAT}")
+    missing = [k for k in ("state", "optimizer", "rng", "data_order") if k not in meta] if resumable else []
+    if resumable and (missing or not isinstance(meta["state"], dict) or "step" not in meta["state"]):
+        raise ValueError(f"{path} is damaged (missing {', '.join(missing) or 'state.step'}); restore it or start a "
+                         f"new run")
+    return meta
+
+
+def read_train_state(folder: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    meta = read_train_state_meta(folder)
+    path = Path(folder) / _STATE_TENSORS
+    try:
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is damaged or missing ({e}); restore it or start a new run") from None
 
 
 def load_model_weights(model: nn.Module, folder: str | os.PathLike) -> None:

@@ -122,7 +122,9 @@ class TrainSection:
     seed: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms(True) + fixed threads: bitwise resumable
     threads: int | None = None  # intra-op threads per process; None = CPU cores / local processes
-    amp: Literal["none", "bf16", "fp16"] = "none"  # bf16 autocast on any device; fp16 + GradScaler on CUDA only
+    # auto: bf16 autocast where the device runs bf16 natively, else fp32 (vitkit.hardware); none: fp32;
+    # bf16: autocast on any device (emulated, slow, on CPUs without native bf16); fp16 + GradScaler on CUDA only
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     compile: bool = False  # torch.compile the model
     ema: bool = False  # keep an exponential moving average of the weights; it is evaluated and saved as best/
     ema_decay: float = 0.9998
@@ -196,8 +198,14 @@ def _sync_img_size(raw: dict[str, Any]) -> dict[str, Any]:
     if model.get("img_size") is not None and "img_size" not in data:
         data["img_size"] = model["img_size"]
     elif data.get("img_size") is not None and model.get("img_size") is None:
+        if not _is_int(data["img_size"]):  # let the data section's own check name the key the user wrote
+            from_dict(DataConfig, {"img_size": data["img_size"]}, where="data")
         model["img_size"] = data["img_size"]
     return raw
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def resolve(raw: dict[str, Any] | RecipeConfig) -> RecipeConfig:

@@ -47,22 +47,14 @@ class DistInfo:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → CUDA (this process's local GPU) if available, else MPS, else CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("train.device: cuda requested but no CUDA device is available")
+    """``auto`` → CUDA (this process's local GPU) if available, else MPS, else CPU; a device this build or machine
+    lacks is a ValueError naming ``train.device`` (``vitkit.hardware.parse_device``)."""
+    from vitkit.hardware import parse_device
+    device = parse_device(name, what="train.device")
+    if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("train.device: mps requested but MPS is not available")
-    return torch.device(name)
+    return device
 
 
 def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:

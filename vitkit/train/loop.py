@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,23 +36,30 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from vitkit.train import budget
 from vitkit.train import checkpoint as ckpt
 from vitkit.train.build import (build_data, build_model, build_schedule, build_splits, build_task, eval_loader,
                                 peak_lr, total_steps)
 from vitkit.train.config import RecipeConfig
-from vitkit.train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_float, stream_seed
+from vitkit.train.distributed import DistInfo, all_reduce_sum, broadcast_float, stream_seed
 from vitkit.train.ema import ModelEma
 from vitkit.train.optim import build_optimizer
 from vitkit.train.report import MetricsLog, TensorBoard, environment, write_plots
-from vitkit.train.runtime import StopFlag, amp_dtype, autocast
+from vitkit.hardware import amp_dtype, precision_line, resolve_amp
+from vitkit.train.runtime import StopFlag, autocast
 from vitkit.train.schedule import set_lr
 
 __all__ = ["Trainer", "RunState", "RunResult", "NonFiniteLossError"]
 
 log = logging.getLogger(__name__)
 
-_WARMUP_STEPS = 3  # steps excluded from time-budget calibration (allocator and kernel warm-up)
+_WARMUP_STEPS = 3  # steps excluded from time-budget calibration (allocator and kernel warm-up) ...
+_CALIBRATION_SHARE = 0.05  # ... unless they take this much of the budget; planning waits at most twice as long
 _UNPLANNED = 10**9  # schedule length while a time-budgeted run is still calibrating (cosine factor ~1)
+
+
+class _Stopped(Exception):
+    """A SIGINT/SIGTERM arrived during an evaluation: it is abandoned and the run stops at once."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -74,6 +82,9 @@ class RunState:
     images: int = 0
     last_eval: dict[str, Any] = field(default_factory=dict)
     window: dict[str, float] = field(default_factory=dict)  # training sums since the last metrics row
+    eval_pending: bool = False  # a signal stopped the validation of ``step``: it runs first when resumed
+    test_curve: bool = True  # false once a time budget dropped log.test_curve (budget.plan)
+    test_images: int | None = None  # final test images when a time budget limited them
 
 
 @dataclass
@@ -81,7 +92,7 @@ class RunResult:
     run_dir: Path
     status: str  # completed | interrupted
     step: int
-    total_steps: int
+    total_steps: int | None  # None: a time-budgeted run stopped before its plan was made
     summary: dict[str, Any] | None = None
     signal: str | None = None
 
@@ -120,9 +131,17 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 class Trainer:
     def __init__(self, cfg: RecipeConfig, run_dir: str | os.PathLike, info: DistInfo, device: torch.device,
-                 threads: int, resume_from: Path | None = None):
+                 threads: int, resume_from: Path | None = None, clock_start: float | None = None):
+        # the budget's clock: from ``clock_start`` (``time.perf_counter()``; the CLI passes its process start), else
+        # from now, so it includes building the data and the model
+        self._session_start = time.perf_counter() if clock_start is None else clock_start
+        self._step_times: list[float] = []  # budgeted runs: recent step durations
+        self._image_s: float | None = None  # budgeted runs: measured seconds per evaluation image
+        self._checkpoint_s: float | None = None  # measured seconds of one checkpoints/last save
+        self._warned: set[str] = set()
         self.cfg, self.run_dir, self.info, self.device, self.threads = cfg, Path(run_dir), info, device, threads
-        self.amp = amp_dtype(cfg.train.amp)
+        self.precision = resolve_amp(cfg.train.amp, device)  # auto: by the hardware probe (logged by fit)
+        self.amp = amp_dtype(self.precision)
         splits = build_splits(cfg.data)
         self.model = self._build_model(len(splits.classes), resume_from).to(device)
         self.model.class_names = list(splits.classes)
@@ -131,7 +150,7 @@ class Trainer:
         self.task.prepare(self.model)
         self.lr = peak_lr(cfg.optim, cfg.train.batch_size)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.lr)
-        self.scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
         self.ema = ModelEma(self.model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema else None
         configured = total_steps(cfg.train, self.data.sampler.steps_per_epoch)
         self.state = RunState(total_steps=configured or _UNPLANNED)
@@ -139,16 +158,11 @@ class Trainer:
         self.max_steps = configured or _UNPLANNED
         if resume_from is not None:
             self._restore(resume_from)
-        self.schedule = build_schedule(cfg.optim, self.lr, self.state.total_steps, self.data.sampler.steps_per_epoch)
+        self._saved_step: int | None = self.state.step if resume_from is not None else None
+        self.schedule = self._schedule()
         self.net = self._wrap(self.model)
         self.reporting = info.is_main
-        resumed_step = self.state.step if resume_from is not None else None
-        if self.reporting:
-            self.metrics = MetricsLog(self.run_dir / "metrics.csv", resumed_step)
-            self.tb = TensorBoard(self.run_dir / "tensorboard", cfg.log.tensorboard,
-                                  purge_step=resumed_step + 1 if resumed_step is not None else None)
-        self._step_times: list[float] = []
-        self._eval_s_per_image: float | None = None
+        self._resumed_step = self.state.step if resume_from is not None else None
 
     # ------------------------------------------------------------------------------------------------ building
     def _build_model(self, num_classes: int, resume_from: Path | None) -> nn.Module:
@@ -239,17 +253,51 @@ class Trainer:
     def elapsed(self) -> float:
         return self.state.elapsed_s + (time.perf_counter() - self._session_start)
 
+    def _open_reports(self) -> None:
+        """metrics.csv and TensorBoard events: opened when training starts, so building a Trainer (data, model) writes
+        nothing and a failure there leaves no trace in the run folder."""
+        if not self.reporting:
+            return
+        resumed = self._resumed_step
+        summary = self.run_dir / "summary.json"
+        if resumed is not None and summary.is_file():  # it described an end this run is going past or redoing
+            log.info("%s is removed until the resumed run ends (it would contradict metrics.csv)", summary)
+            summary.unlink()
+        self.metrics = MetricsLog(self.run_dir / "metrics.csv", resumed)
+        self.tb = TensorBoard(self.run_dir / "tensorboard", self.cfg.log.tensorboard,
+                              purge_step=resumed + 1 if resumed is not None else None)
+
     def fit(self) -> RunResult:
-        self._session_start = self._tick = time.perf_counter()
+        """Train to the end (or the budget), validate, test and report; a SIGINT/SIGTERM at any point (a step, an
+        evaluation, a checkpoint, the final report) stops it within a step or an evaluation batch, with
+        ``checkpoints/last`` saved."""
+        self._open_reports()
+        if self.reporting:
+            log.info("%s", precision_line(self.cfg.train.amp, self.precision, self.device))
+        self._tick = time.perf_counter()
         self.model.train()
         self._signalled = False
-        with StopFlag() as self.stop, self._progress() as self.bar:
-            stopped = False
+        with StopFlag(self._saved_description) as self.stop, self._progress() as self.bar:
+            if self.state.eval_pending:  # the validation a signal interrupted, before anything else
+                self._signalled = self._validate(self.schedule(max(0, self.state.step - 1))) | self._save_last()
+            stopped = self._signalled
             while self.state.step < self.state.total_steps and not stopped:
                 stopped = self._run_epoch()
-        if self._signalled:
-            return self._interrupted()
-        return self._finish()
+            if not self._signalled:
+                try:
+                    return self._finish()
+                except _Stopped:
+                    self._signalled = True
+        return self._interrupted()
+
+    def _saved_description(self) -> str:
+        """For a second Ctrl-C: what is on disk and what is not."""
+        last = self.run_dir / "checkpoints" / "last"
+        if self._saved_step is None:
+            return f"no checkpoint had been saved; {self.state.step} step(s) were lost"
+        lost = self.state.step - self._saved_step
+        return (f"{last} holds step {self._saved_step} (continue with: vitkit train --resume {self.run_dir}); "
+                + (f"the {lost} step(s) after it were not saved" if lost else "nothing after it was lost"))
 
     def _run_epoch(self) -> bool:
         """Train from the saved data position to the end of the epoch; True when the run must stop early."""
@@ -262,9 +310,9 @@ class Trainer:
                 continue
             m = self._train_step(micro, self.stop.signum is not None, self._over_budget())
             micro = []
-            self._signalled = bool(m["stop"])  # on any process: all stop at this step
+            self._signalled = self._signalled or bool(m["stop"])  # on any process: all stop at this step
             if self._after_step(m) or s.step >= s.total_steps:
-                return bool(m["stop"] or m["budget"])
+                return bool(m["stop"] or m["budget"] or self._signalled)
         return False
 
     def _advance(self, m: dict[str, float], seconds: float) -> bool:
@@ -288,17 +336,26 @@ class Trainer:
         every = self.cfg.train.checkpoint_every_steps
         seconds = time.perf_counter() - self._tick
         epoch_end = self._advance(m, seconds)
-        self._calibrate(seconds)
-        self._log_step(m)
+        self._budget_step(seconds, stopping=bool(m["budget"]))
         stop = bool(m["stop"] or m["budget"])
         final = stop or self.state.step >= self.state.total_steps
-        if not m["stop"] and self._eval_due(epoch_end, final):  # a signal: checkpoint now, validate later
-            self._validate(m["lr"])
-            self._save_last()
+        eval_due = not m["stop"] and self._eval_due(epoch_end, final)  # a signal: checkpoint now, validate later
+        self._log_step(m, row=not eval_due)
+        signalled = False
+        if eval_due:
+            signalled = self._validate(m["lr"])
+            signalled = self._save_last() or signalled
         elif final or (every > 0 and self.state.step % every == 0):
-            self._save_last()
+            signalled = self._save_last()
+        self._signalled = self._signalled or signalled
         self._tick = time.perf_counter()  # evaluation and checkpoint time is not step time
-        return stop
+        return stop or signalled
+
+    def _stop_agreed(self, local: bool) -> bool:
+        """Whether any process was signalled (or ``local`` on this one); every process calls it at the same point,
+        so all of them stop at the same step."""
+        flag = torch.tensor([float(local or self.stop.signum is not None)], device=self.device)
+        return bool(all_reduce_sum(flag, self.info).item() > 0)
 
     # ----------------------------------------------------------------------------------- logging, progress
     @contextlib.contextmanager
@@ -313,49 +370,88 @@ class Trainer:
         finally:
             bar.close()
 
-    def _log_step(self, m: dict[str, float]) -> None:
+    def _total_text(self) -> str:
+        return "?" if self.state.total_steps == _UNPLANNED else str(self.state.total_steps)
+
+    def _log_step(self, m: dict[str, float], row: bool) -> None:
+        """A step line (and, when ``row``, a training row of metrics.csv) every ``log.every_steps`` steps; the
+        first step gets a line too, so a run shows life at once."""
         self.bar.update(1)
-        if not self.reporting or self.state.step % self.cfg.log.every_steps:
+        step, every = self.state.step, self.cfg.log.every_steps
+        if not self.reporting or (step % every and step != 1):
             return
         w = self.log_window.means()
         self.log_window = _Window()
-        self.tb.scalars({"train/loss": w["train_loss"], "train/acc": w["train_acc"], "train/lr": m["lr"],
-                         "train/images_per_s": w["images_per_s"]}, self.state.step)
+        if step % every == 0:
+            self.tb.scalars({"train/loss": w["train_loss"], "train/acc": w["train_acc"], "train/lr": m["lr"],
+                             "train/images_per_s": w["images_per_s"]}, step)
+            if row:
+                self._append_row({"epoch": self.state.epoch, "step": step, "lr": m["lr"], **self.window.means()})
+                self.window = _Window()
         fmt = {k: v for k, v in w.items() if v is not None}
         self.bar.set_postfix(loss=f"{fmt.get('train_loss', 0):.4f}", acc=f"{fmt.get('train_acc', 0):.3f}",
                              img_s=f"{fmt.get('images_per_s', 0):.0f}", lr=f"{m['lr']:.2e}", refresh=False)
         if not self.show_bar:
-            log.info("step %d/%d  loss %.4f  acc %.3f  %.0f img/s  lr %.3g", self.state.step,
-                     self.state.total_steps, fmt.get("train_loss", math.nan), fmt.get("train_acc", math.nan),
-                     fmt.get("images_per_s", 0.0), m["lr"])
+            log.info("step %d/%s  loss %.4f  acc %.3f  %.0f img/s  lr %.3g  (%s elapsed)", step, self._total_text(),
+                     fmt.get("train_loss", math.nan), fmt.get("train_acc", math.nan), fmt.get("images_per_s", 0.0),
+                     m["lr"], _clock(self.elapsed()))
+
+    def _append_row(self, row: dict[str, Any]) -> None:
+        row["elapsed_s"] = self.elapsed()
+        self.metrics.append(row)
 
     # --------------------------------------------------------------------------------------- evaluation
     def _eval_batch_size(self) -> int:
         return max(1, min(256, self.cfg.train.batch_size // self.cfg.train.accum_steps))
 
-    def _evaluate(self, dataset, model: nn.Module | None = None):
-        loader = eval_loader(dataset, self._eval_batch_size(), self.cfg.data.num_workers)
-        return self.task.evaluate(model or self.eval_model(), loader, self.device, self.amp, self.data.classes)
+    def _interruptible(self, loader):
+        """The loader's batches until a SIGINT/SIGTERM arrives (then ``_Stopped``)."""
+        for batch in loader:
+            if self.stop.signum is not None:
+                raise _Stopped
+            yield batch
 
-    def _validate(self, lr: float) -> None:
+    def _evaluate(self, dataset, model: nn.Module | None = None):
+        """Evaluate ``dataset``; its cost per image feeds the time-budget plan."""
+        start = time.perf_counter()
+        loader = eval_loader(dataset, self._eval_batch_size(), self.cfg.data.num_workers)
+        result = self.task.evaluate(model or self.eval_model(), self._interruptible(loader), self.device, self.amp,
+                                    self.data.classes)
+        if len(dataset):
+            self._image_s = (time.perf_counter() - start) / len(dataset)
+        return result
+
+    def _validate(self, lr: float) -> bool:
+        """Validate (rank 0) and tell every process whether a signal stopped it (True: stop the run now)."""
+        self.state.eval_pending = True
+        stopped = False
         if self.reporting:
-            self._validate_main(lr)
-        barrier(self.info)
+            try:
+                self._validate_main(lr)
+            except _Stopped:
+                stopped = True
+        if not stopped:
+            self.state.eval_pending = False
+        return self._stop_agreed(stopped)
+
+    def _test_curve_on(self) -> bool:
+        return self.cfg.log.test_curve and self.state.test_curve and self.data.test is not None
 
     def _validate_main(self, lr: float) -> None:
         s = self.state
-        row: dict[str, Any] = {"epoch": s.epoch, "step": s.step, "lr": lr, **self.window.means()}
-        self.window = _Window()
+        row: dict[str, Any] = {"epoch": s.epoch, "step": s.step, "lr": lr}
         if self.data.val is not None:
             val = self._evaluate(self.data.val)
             row.update({f"val_{k}": v for k, v in val.metrics.items() if f"val_{k}" in _ROW_KEYS})
-            s.last_eval = dict(val.metrics)
-            self._update_best(val.metrics[self.task.metric])
-        if self.cfg.log.test_curve and self.data.test is not None:
+        if self._test_curve_on():
             test = self._evaluate(self.data.test)  # for accuracy-vs-time plots only: never used for any decision
             row.update({f"test_{k}": v for k, v in test.metrics.items() if f"test_{k}" in _ROW_KEYS})
-        row["elapsed_s"] = self.elapsed()
-        self.metrics.append(row)
+        if self.data.val is not None:  # only now that nothing can interrupt the validation any more
+            s.last_eval = dict(val.metrics)
+            self._update_best(val.metrics[self.task.metric])
+        row.update(self.window.means())
+        self.window = _Window()
+        self._append_row(row)
         self.tb.scalars({f"eval/{k}": v for k, v in row.items() if k.startswith(("val_", "test_"))}, s.step)
         self._log_eval(row)
 
@@ -374,66 +470,121 @@ class Trainer:
             ckpt.save_checkpoint(self.run_dir / "checkpoints" / "best", self.eval_model(), self.data.classes)
 
     # ------------------------------------------------------------------------------------------ time budget
-    def _calibrate(self, seconds: float) -> None:
-        """Once ``budget_calibration_steps`` steps are timed, fit the schedule to the steps the budget allows."""
-        t, s = self.cfg.train, self.state
-        if t.time_budget_minutes is None or s.planned:
-            return
-        self._step_times.append(seconds)
-        if len(self._step_times) < _WARMUP_STEPS + t.budget_calibration_steps:
-            return
-        step_s = sum(self._step_times[_WARMUP_STEPS:]) / t.budget_calibration_steps
-        planned = self._plan(step_s)
-        s.total_steps = int(broadcast_float(planned, self.info, self.device))
-        s.planned = True
-        self.schedule = build_schedule(self.cfg.optim, self.lr, s.total_steps, self.data.sampler.steps_per_epoch)
-        self.bar.total = s.total_steps
-        self.bar.refresh()
-        log.info("time budget %.1f min: %.3f s/step measured, schedule laid out over %d steps",
-                 t.time_budget_minutes, step_s, s.total_steps)
+    def _schedule(self):
+        """The LR schedule over the current length; a warm-up longer than half a time-budget plan is shortened
+        (warned once)."""
+        o, total = self.cfg.optim, self.state.total_steps
+        configured = o.warmup_steps or round(o.warmup_epochs * self.data.sampler.steps_per_epoch)
+        if not self.state.planned:  # a length the recipe gave explicitly (or no plan yet) keeps its warm-up
+            return build_schedule(o, self.lr, total, self.data.sampler.steps_per_epoch)
+        warmup = budget.warmup_for(configured, total)
+        if warmup != configured:
+            self._warn(f"optim.warmup: {configured} warm-up steps do not fit a run of {total} steps; warming up "
+                       f"over {warmup} steps so the learning rate still decays")
+        return build_schedule(o, self.lr, total, self.data.sampler.steps_per_epoch, warmup)
 
-    def _eval_seconds_per_image(self) -> float:
-        """Time one eval batch (after one warm-up batch) of the validation or test split."""
-        dataset = self.data.val or self.data.test
+    def _warn(self, message: str) -> None:
+        """Log a warning once per kind (its first two words): a re-plan does not repeat it with new numbers."""
+        key = " ".join(message.split()[:2])
+        if key not in self._warned and self.info.is_main:
+            self._warned.add(key)
+            self.bar.write(f"warning: {message}") if getattr(self, "show_bar", False) else log.warning("%s", message)
+
+    def _calibrated(self) -> bool:
+        """Enough steps timed to plan: ``budget_calibration_steps`` after the warm-up ones, or fewer (at least two)
+        when steps are so slow that waiting would spend a noticeable part of the budget."""
+        t, n = self.cfg.train, len(self._step_times)
+        share = self.elapsed() / (t.time_budget_minutes * 60.0)
+        warm = min(_WARMUP_STEPS, n - 2) if share > _CALIBRATION_SHARE else _WARMUP_STEPS
+        return n - warm >= t.budget_calibration_steps or (share > 2 * _CALIBRATION_SHARE and n >= 2)
+
+    def _budget_step(self, seconds: float, stopping: bool = False) -> None:
+        """Time-budgeted runs: plan once enough steps are timed, then again after every step with the latest
+        measurements (a shared machine's speed drifts; the schedule follows the new length), all processes at the
+        same step with rank 0's numbers. A run the budget stops before it was planned (``stopping``) is planned now,
+        so its end (what the final test may take) still fits; its length is then the steps it made."""
+        t, s = self.cfg.train, self.state
+        if t.time_budget_minutes is None:
+            return
+        self._step_times = (self._step_times + [seconds])[-(_WARMUP_STEPS + t.budget_calibration_steps):]
+        if not s.planned and not (stopping or self._calibrated()):
+            return
+        n = len(self._step_times)
+        recent = self._step_times[min(_WARMUP_STEPS, n - 2):] if not s.planned else self._step_times[-10:]
+        step_s = statistics.median(recent)
+        p, costs = self._plan(step_s)
+        values = [broadcast_float(v, self.info, self.device) for v in (p.total_steps, p.test_curve, p.test_images)]
+        total, first = int(values[0]), not s.planned
+        s.planned, s.test_curve, s.test_images = True, s.test_curve and bool(values[1]), int(values[2])
+        if stopping:
+            total = s.step
+        if total != s.total_steps:
+            s.total_steps = total
+            self.schedule = self._schedule()
+            self.bar.total = total
+            self.bar.refresh()
+        if stopping and first:
+            log.info("time budget %s reached at step %d, before the run could be planned", _clock(
+                t.time_budget_minutes * 60), s.step)
+        elif first:
+            log.info("time budget %s: %.2f s/step measured, %.4f s per evaluation image; the schedule is laid out over "
+                     "%d steps (ending at ~%s) and follows the measured speed", _clock(t.time_budget_minutes * 60),
+                     step_s, costs.image_s, total, _clock(self.elapsed() + (total - s.step) * step_s + p.end_s))
+        for note in p.notes(costs, self.cfg.log.test_curve and self.data.test is not None):
+            self._warn(note)
+
+    def _measure_eval_image_s(self) -> float:
+        """Seconds per evaluation image, from up to 2 timed batches (after one warm-up batch) of the test or
+        validation split, loading included; replaced by the real cost once a validation has run."""
+        dataset = self.data.test or self.data.val
         if dataset is None:
             return 0.0
-        images, _ = next(iter(eval_loader(dataset, self._eval_batch_size(), 0)))
-        model, x = self.eval_model(), images.to(self.device)
+        model = self.eval_model()
+        loader = eval_loader(dataset, self._eval_batch_size(), self.cfg.data.num_workers)
+        was_training = model.training
         model.eval()
+        images, seconds = 0, 0.0
         with torch.inference_mode(), autocast(self.device, self.amp):
-            model(x)
-            start = time.perf_counter()
-            model(x)
-            seconds = time.perf_counter() - start
-        self.model.train()
-        return seconds / len(x)
+            it = iter(loader)
+            for i, (x, _) in enumerate(it):
+                start = time.perf_counter()
+                model(x.to(self.device))
+                if i:
+                    seconds, images = seconds + time.perf_counter() - start, images + len(x)
+                if i == 2:
+                    break
+            if not images:  # a split of one batch: the warm-up batch is all there is
+                images, seconds = len(x), time.perf_counter() - start
+        model.train(was_training)
+        return seconds / images
 
-    def _plan(self, step_s: float) -> int:
-        """Steps that fit: remaining budget minus the final evaluation, over step time plus amortised evaluation."""
+    def _costs(self, step_s: float) -> budget.Costs:
+        if self._image_s is None:
+            self._image_s = self._measure_eval_image_s()
+        n_val, n_test = (len(d) if d is not None else 0 for d in (self.data.val, self.data.test))
+        if self._checkpoint_s is None:  # estimate before the first save: weights + optimizer state at ~200 MB/s
+            nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            self._checkpoint_s = 0.2 + 3 * nbytes / 200e6
+        end = 1.0 + (3.0 if self.cfg.log.plots else 0.0)  # reports; plots (matplotlib) when on
+        return budget.Costs(step_s, self._image_s, n_val, n_test, self._checkpoint_s, end)
+
+    def _plan(self, step_s: float) -> tuple[budget.Plan, budget.Costs]:
         t, s = self.cfg.train, self.state
-        per_img = self._eval_s_per_image = self._eval_seconds_per_image()
-        n_val, n_test = self._eval_sizes()
-        per_eval = per_img * (n_val + (n_test if self.cfg.log.test_curve else 0))
+        costs = self._costs(step_s)
+        target = (1.0 - budget.MARGIN) * t.time_budget_minutes * 60.0
         interval = t.eval_every or self.data.sampler.steps_per_epoch
-        remaining = 0.97 * t.time_budget_minutes * 60.0 - self.elapsed() - self._final_reserve()
-        fit = int(max(0.0, remaining) / (step_s + per_eval / interval))
-        return max(s.step + 1, min(self.max_steps, s.step + fit))
+        p = budget.plan(target, self.elapsed(), s.step, self.max_steps, costs, interval, t.checkpoint_every_steps,
+                        self._test_curve_on(), s.test_images if s.planned else None)
+        self._end_s = p.end_s
+        return p, costs
 
     def _over_budget(self) -> bool:
+        """True when the end of the run (last validation, final test, reports) must start now to end in time."""
         t = self.cfg.train
         if t.time_budget_minutes is None:
             return False
-        return self.elapsed() + self._final_reserve() >= t.time_budget_minutes * 60.0
-
-    def _eval_sizes(self) -> tuple[int, int]:
-        return tuple(len(d) if d is not None else 0 for d in (self.data.val, self.data.test))
-
-    def _final_reserve(self) -> float:
-        """Seconds the end of a run takes after its last step: the last validation (with the test curve, a test pass
-        too), the test pass of the selected weights, checkpoints and plots; 1.5x the measured evaluation rate."""
-        n_val, n_test = self._eval_sizes()
-        images = n_val + n_test * (2 if self.cfg.log.test_curve else 1)
-        return (self._eval_s_per_image or 0.0) * images * 1.5 + 5.0
+        end_s = getattr(self, "_end_s", 5.0)
+        return self.elapsed() + end_s >= (1.0 - budget.MARGIN) * t.time_budget_minutes * 60.0
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def _train_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -452,11 +603,15 @@ class Trainer:
                 "schedule": dataclasses.asdict(self.schedule)}
         return tensors, meta
 
-    def _save_last(self) -> None:
+    def _save_last(self) -> bool:
+        """Save ``checkpoints/last`` (rank 0); True when a signal arrived meanwhile on any process (stop now)."""
         if self.reporting:
+            start = time.perf_counter()
             tensors, meta = self._train_state()
             ckpt.save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, self.data.classes, tensors, meta)
-        barrier(self.info)
+            self._checkpoint_s = time.perf_counter() - start
+        self._saved_step = self.state.step
+        return self._stop_agreed(False)
 
     def _restore(self, folder: Path) -> None:
         tensors, meta = ckpt.read_train_state(folder)
@@ -481,14 +636,23 @@ class Trainer:
         s = self.state
         if self.reporting:
             self._plots()
-            log.warning("stopped by %s at step %d of %d; checkpoint saved in %s. Continue with: "
-                        "vitkit train --resume %s", self.stop.name, s.step, s.total_steps,
-                        self.run_dir / "checkpoints" / "last", self.run_dir)
-        return RunResult(self.run_dir, "interrupted", s.step, s.total_steps, None, self.stop.name or "SIGTERM")
+            pending = " (its validation runs first when resumed)" if s.eval_pending else ""
+            log.warning("stopped by %s at step %d of %s; checkpoint saved in %s%s. Continue with: "
+                        "vitkit train --resume %s", self.stop.name or "a signal", s.step, self._total_text(),
+                        self.run_dir / "checkpoints" / "last", pending, self.run_dir)
+        total = None if s.total_steps == _UNPLANNED else s.total_steps
+        return RunResult(self.run_dir, "interrupted", s.step, total, None, self.stop.name or "SIGTERM")
 
     def _finish(self) -> RunResult:
-        summary = self._final_report() if self.reporting else None
-        barrier(self.info)
+        """The final report (rank 0); a signal during its test pass leaves the run resumable (it re-reports)."""
+        summary, stopped = None, False
+        if self.reporting:
+            try:
+                summary = self._final_report()
+            except _Stopped:
+                stopped = True
+        if self._stop_agreed(stopped) and summary is None:
+            raise _Stopped
         return RunResult(self.run_dir, "completed", self.state.step, self.state.total_steps, summary)
 
     def _test_model(self) -> tuple[nn.Module, str]:
@@ -504,7 +668,10 @@ class Trainer:
         test, weights = None, None
         if self.data.test is not None:
             model, weights = self._test_model()
-            test = self._evaluate(self.data.test, model)
+            dataset = self.data.test
+            if self.state.test_images is not None and self.state.test_images < len(dataset):
+                dataset = torch.utils.data.Subset(dataset, range(self.state.test_images))  # the budget's limit
+            test = self._evaluate(dataset, model)
             save_eval_artifacts(test.details, self.run_dir / "eval" / "test", self.data.classes)
         summary = self._summary(test, weights)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -523,11 +690,16 @@ class Trainer:
                 "time_budget_minutes": t.time_budget_minutes, "planned_steps": s.total_steps if s.planned else None,
                 "data": {"train": len(self.data.train), "val": len(self.data.val) if self.data.val else 0,
                          "test": len(self.data.test) if self.data.test else 0, "classes": len(self.data.classes)},
-                "environment": environment(self.device, self.threads, self.info.world_size)}
+                "environment": {**environment(self.device, self.threads, self.info.world_size),
+                                "precision": "fp32" if self.precision == "none" else self.precision}}
 
     def _plots(self) -> None:
         if self.cfg.log.plots:
             write_plots(self.run_dir / "metrics.csv", self.run_dir / "plots", self.schedule, self.state.total_steps)
+
+
+def _clock(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 _ROW_KEYS = {"val_loss", "val_top1", "val_top5", "test_loss", "test_top1", "test_top5"}

@@ -27,7 +27,11 @@ class MetricsLog:
     def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
         self.path = Path(path)
         if resume_step is not None and self.path.is_file():
-            kept = [r for r in self.read(self.path) if int(r["step"]) <= resume_step]
+            rows = self.read(self.path)
+            kept = [r for r in rows if int(r["step"]) <= resume_step]
+            if len(kept) < len(rows):
+                log.info("metrics.csv: %d row(s) after step %d were written after the checkpoint; they are replaced "
+                         "by the resumed run's", len(rows) - len(kept), resume_step)
             self._write_all(kept)
         else:
             self._write_all([])
@@ -176,9 +180,10 @@ def _git_commit() -> str | None:
 
 def environment(device: torch.device, threads: int, world_size: int) -> dict[str, Any]:
     import vitkit
+    from vitkit.hardware import machine_line
     return {"vitkit": vitkit.__version__, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "device": str(device), "threads": threads, "world_size": world_size,
-            "cpu_count": os.cpu_count(), "git_commit": _git_commit()}
+            "platform": platform.platform(), "cpu": machine_line(), "device": str(device), "threads": threads,
+            "world_size": world_size, "cpu_count": os.cpu_count(), "git_commit": _git_commit()}
 
 
 def plot_accuracy_vs_minutes(runs: dict[str, str | os.PathLike], path: str | os.PathLike,

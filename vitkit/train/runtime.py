@@ -7,13 +7,13 @@ import contextlib
 import logging
 import os
 import signal
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from vitkit.train.config import TrainSection
 
-__all__ = ["runtime", "default_threads", "amp_dtype", "autocast", "StopFlag", "ignore_signals_in_worker"]
+__all__ = ["runtime", "default_threads", "autocast", "StopFlag", "Aborted", "process_age", "ignore_signals_in_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -44,32 +44,53 @@ def runtime(cfg: TrainSection, device: torch.device, local_processes: int = 1) -
         torch.backends.cudnn.benchmark = saved[2]
 
 
-def amp_dtype(amp: str) -> torch.dtype | None:
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def process_age() -> float:
+    """Seconds since this process started (Linux ``/proc``; 0 elsewhere): the interpreter and torch imports that a
+    command's wall clock includes before any vitkit code runs."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = float(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class Aborted(KeyboardInterrupt):
+    """A second Ctrl-C (or a signal before training started): the run stops at once; the message says what was
+    saved and what was not. ``signum`` gives the exit status 128 + signum."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
+
+
 class StopFlag:
-    """SIGINT / SIGTERM set a flag that the loop reads at the next step boundary; a second SIGINT interrupts at
-    once (the previous checkpoint stays intact: checkpoints are written atomically)."""
+    """SIGINT / SIGTERM set a flag that the loop reads at the next step boundary (and evaluation loops between
+    batches); a second SIGINT interrupts at once with ``Aborted``, whose message comes from ``describe`` (the
+    previous checkpoint stays intact: checkpoints are written atomically)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, describe: Callable[[], str] | None = None):
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self._describe = describe
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            saved = self._describe() if self._describe else "the last checkpoint written is intact"
+            raise Aborted(f"aborted by a second Ctrl-C: {saved}")
         self.signum = signum
-        log.warning("received %s: stopping after the current step and saving a checkpoint (Ctrl-C again to abort)",
-                    signal.Signals(signum).name)
+        log.warning("received %s: stopping at the next step or evaluation batch and saving a checkpoint "
+                    "(Ctrl-C again to abort)", signal.Signals(signum).name)
 
     def __enter__(self) -> "StopFlag":
         for s in self.SIGNALS:

@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 
 from vitkit.specs import CheckpointView, ModelSpec, SourceFormat
-from vitkit.weights.io import RawCheckpoint, read_raw
+from vitkit.weights.io import RawCheckpoint, follow_umask, read_raw
 from vitkit.weights.report import CheckpointError, CheckpointMismatchError, LoadReport, UnsafeCheckpointError
 
-__all__ = ["Loaded", "read_checkpoint", "unwrap", "checkpoint_view", "detect_format", "CheckpointError",
+__all__ = ["Loaded", "follow_umask", "read_checkpoint", "unwrap", "checkpoint_view", "detect_format", "CheckpointError",
            "CheckpointMismatchError", "UnsafeCheckpointError", "LoadReport", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1

@@ -21,7 +21,7 @@ import torch
 
 from vitkit.weights.report import CheckpointError, UnsafeCheckpointError
 
-__all__ = ["RawCheckpoint", "read_raw", "sniff"]
+__all__ = ["RawCheckpoint", "read_raw", "sniff", "follow_umask"]
 
 _SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
 
@@ -119,3 +119,10 @@ def read_raw(path: str | os.PathLike) -> RawCheckpoint:
     kind = sniff(path)
     reader = {"safetensors": _read_safetensors, "torch": _read_torch, "npz": _read_npz}[kind]
     return RawCheckpoint(path, kind, reader(path))
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a written file the permissions the user's umask asks for (safetensors creates its files 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

@@ -1,0 +1,160 @@
+"""Signals work everywhere (issue 9, item 4): SIGINT/SIGTERM during an evaluation stop a run within seconds with
+``checkpoints/last`` saved, and the interrupted validation runs first when resumed, so the resumed run's metrics
+equal an uninterrupted run's; a second Ctrl-C exits with one line saying what was and was not saved.
+
+The runs are real ``vitkit train`` processes: two steps, then a validation with a test pass over 40,000 generated
+images, which takes far longer than the few seconds a stop may take."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+SLOW_EVAL = {
+    "model": {"name": "vit_tiny_patch16_224", "overrides": {"patch_size": 4, "depth": 1, "embed_dim": 24,
+                                                            "num_heads": 2}},
+    "data": {"name": "fake", "img_size": 16, "train_limit": 64, "test_limit": 40000, "num_workers": 0,
+             "val_fraction": 0.25},
+    "optim": {"lr": 1e-3},
+    "train": {"steps": 2, "batch_size": 16, "eval_every": 2, "seed": 0, "deterministic": True, "threads": 1},
+    "log": {"progress": False, "plots": False, "tensorboard": False, "test_curve": True, "every_steps": 1},
+}
+
+
+def start(tmp_path: Path, recipe: dict, *args: str) -> subprocess.Popen:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "vitkit", "train", str(path), *args], stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+
+
+def wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 120) -> list[str]:
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    proc.kill()
+    raise AssertionError(f"no {text!r} in: {''.join(lines)}")
+
+
+def wait_for_open_file(proc: subprocess.Popen, fragment: str, timeout: float = 120) -> None:
+    """Poll the process's open files (Linux /proc) until one of them has ``fragment`` in its path."""
+    fd_dir = Path(f"/proc/{proc.pid}/fd")
+    if not fd_dir.is_dir():
+        proc.kill()
+        pytest.skip("needs /proc to see the files a process has open")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if any(fragment in os.readlink(fd) for fd in fd_dir.iterdir()):
+                return
+        except OSError:  # a descriptor closed while we looked
+            pass
+        time.sleep(0.005)
+    proc.kill()
+    raise AssertionError(f"the process never opened a file under {fragment}")
+
+
+def stop_during_validation(tmp_path: Path, signum: int) -> tuple[subprocess.Popen, float, str]:
+    """Start the slow-evaluation run, signal it once step 2 has been logged (validation is then running), and return
+    the process, the seconds from the signal to its exit, and its stderr."""
+    proc = start(tmp_path, SLOW_EVAL, "--out", "run")
+    seen = wait_for_line(proc, "step 2/2")
+    time.sleep(1.0)  # inside the 40,000-image test pass of the validation at step 2
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    return proc, time.monotonic() - sent, "".join(seen) + err
+
+
+def state(run: Path) -> dict:
+    return json.loads((run / "checkpoints" / "last" / "train_state.json").read_text())["state"]
+
+
+def check_stopped_in_validation(proc, seconds: float, err: str, run: Path, signum: int) -> None:
+    from timing import overloaded
+    assert proc.returncode == 128 + signum, err
+    assert seconds < 10 or overloaded(), f"took {seconds:.1f} s to stop"
+    assert "Traceback" not in err
+    s = state(run)
+    assert s["step"] == 2 and s["eval_pending"] is True
+    assert "its validation runs first when resumed" in err
+    assert not (run / "summary.json").exists()
+
+
+def test_sigterm_during_evaluation_stops_within_seconds_and_saves_last(tmp_path):
+    proc, seconds, err = stop_during_validation(tmp_path, signal.SIGTERM)
+    check_stopped_in_validation(proc, seconds, err, tmp_path / "run", signal.SIGTERM)
+
+
+def test_sigint_during_evaluation_then_resume_runs_the_validation_first(tmp_path):
+    """Stopped by SIGINT within seconds; resumed, the interrupted validation runs first and the run ends exactly as
+    an uninterrupted one (metrics rows, test result)."""
+    stopped = tmp_path / "a"
+    stopped.mkdir()
+    proc, seconds, err = stop_during_validation(stopped, signal.SIGINT)
+    run = stopped / "run"
+    check_stopped_in_validation(proc, seconds, err, run, signal.SIGINT)
+    config = yaml.safe_load((run / "config.yaml").read_text())  # the same run with a test split that ends quickly
+    config["data"]["test_limit"] = 300
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    resumed = subprocess.run([sys.executable, "-m", "vitkit", "train", "--resume", str(run)], capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "r.yaml").write_text(yaml.safe_dump({**SLOW_EVAL, "data": {**SLOW_EVAL["data"], "test_limit": 300}}))
+    done = subprocess.run([sys.executable, "-m", "vitkit", "train", str(ref / "r.yaml"), "--out", str(ref / "run")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    keys = ("step", "train_loss", "val_loss", "val_top1", "test_top1", "lr")
+    rows = [[[r[k] for k in keys] for r in csv.DictReader(open(d / "metrics.csv"))] for d in (run, ref / "run")]
+    assert rows[0] == rows[1] and rows[0][-1][0] == "2" and rows[0][-1][2]  # the validation row, once
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (run, ref / "run")]
+    assert summaries[0]["test"] == summaries[1]["test"]
+
+
+def test_second_ctrl_c_says_what_was_saved(tmp_path):
+    """The first Ctrl-C waits for the end of a long step; the second one aborts it and says what is on disk."""
+    slow_step = {**SLOW_EVAL, "model": {"name": "vit_tiny_patch16_224", "overrides": {
+        "patch_size": 2, "depth": 4, "embed_dim": 192, "num_heads": 3}},
+        "data": {**SLOW_EVAL["data"], "train_limit": 512, "test_limit": 16},
+        "train": {**SLOW_EVAL["train"], "steps": 50, "batch_size": 128, "eval_every": 0}}
+    proc = start(tmp_path, slow_step, "--out", "run")
+    wait_for_line(proc, "step 1/50")  # step 2 (seconds long) is running
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("vitkit train: aborted by a second Ctrl-C: no checkpoint had been saved; "
+                                            "1 step(s) were lost"), err
+
+
+def test_sigterm_while_loading_data_is_one_line_and_writes_nothing(tmp_path):
+    root = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not (root / "cifar-10-batches-py").is_dir():
+        pytest.skip(f"CIFAR-10 not found under {root}")
+    recipe = {**SLOW_EVAL, "data": {**SLOW_EVAL["data"], "name": "cifar10", "root": str(root), "img_size": 16}}
+    proc = start(tmp_path, recipe, "--out", "run")
+    wait_for_open_file(proc, "cifar-10-batches-py")  # while the 60,000 images are being read
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == ("vitkit train: stopped by SIGTERM before training started; no checkpoint "
+                                            "was written")
+    assert not (tmp_path / "run").exists()
