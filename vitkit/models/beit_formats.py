@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import torch
 from torch import Tensor, nn
 
 from vitkit.specs import CheckpointView, SourceFormat, WeightSpec
@@ -38,36 +39,42 @@ def _looks_official(view: CheckpointView) -> bool:
                                        or any(k.endswith("relative_position_index") for k in view.keys))
 
 
-def official_hints(state: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """What an official/timm state dict implies where it differs from BEiT-base's fine-tuning defaults."""
-    keys = set(state)
-    per_block = "blocks.0.attn.relative_position_bias_table" in keys
-    shared = "rel_pos_bias.relative_position_bias_table" in keys
-    pretraining = "lm_head.weight" in keys or "mask_token" in keys
+def _layout_names(convert, state: Mapping[str, Any]) -> set[str]:
+    """The vitkit-layout names ``convert`` gives a checkpoint's keys (on empty placeholders: nothing is copied)."""
+    placeholder = torch.empty(0)
+    try:
+        return set(convert({k: placeholder for k in state}, None))
+    except CheckpointError:  # a key outside the table: the conversion itself reports it, naming the file
+        return set(state)
+
+
+def _structure_hints(names: set[str]) -> dict[str, Any]:
+    """The architecture switches a checkpoint's tensors imply (vitkit-layout names), as config hints where they
+    differ from BEiT's fine-tuning defaults. A shared table alone (pre-training) means per-block tables:
+    ``Beit.load_pretrained_state`` copies it into each block."""
+    per_block = "blocks.0.attn.rel_pos.relative_position_bias_table" in names
+    shared = "rel_pos_bias.relative_position_bias_table" in names
+    pretraining = "mask_token" in names or "lm_head.weight" in names
     hints: dict[str, Any] = {}
-    if "head.weight" in keys:
-        hints["num_classes"] = int(state["head.weight"].shape[0])
-    return _structure_hints(hints, abs_pos="pos_embed" in keys, per_block=per_block, shared=shared,
-                            layer_scale="blocks.0.gamma_1" in keys, qv_bias="blocks.0.attn.q_bias" in keys,
-                            cls_pool="norm.weight" in keys and "fc_norm.weight" not in keys and not pretraining)
-
-
-def _structure_hints(hints: dict[str, Any], *, abs_pos: bool, per_block: bool, shared: bool, layer_scale: bool,
-                     qv_bias: bool, cls_pool: bool) -> dict[str, Any]:
-    """Architecture switches a checkpoint holds, as config hints (only those that differ from the defaults). A shared
-    table alone (pre-training) means per-block tables: ``load_pretrained_state`` copies it into each block."""
-    if abs_pos:
+    if "pos_embed" in names:
         hints["use_abs_pos_emb"] = True
     if not (per_block or shared):
         hints["use_rel_pos_bias"] = False
     if per_block and shared:
         hints["use_shared_rel_pos_bias"] = True
-    if not layer_scale:
+    if "blocks.0.ls1.gamma" not in names:
         hints["init_values"] = None
-    if not qv_bias:
+    if "blocks.0.attn.q_bias" not in names:
         hints["qkv_bias"] = False
-    if cls_pool:
-        hints["global_pool"] = "token"
+    if "norm.weight" in names and "fc_norm.weight" not in names and not pretraining:
+        hints["global_pool"] = "token"  # official --use_cls
+    return hints
+
+
+def official_hints(state: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    hints = _structure_hints(_layout_names(OFFICIAL.forward, state))
+    if "head.weight" in state:
+        hints["num_classes"] = int(state["head.weight"].shape[0])
     return hints
 
 
@@ -148,10 +155,10 @@ def _looks_like_hf(view: CheckpointView) -> bool:
 
 
 def hf_hints(state: Mapping[str, Any], config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Architecture from config.json (transformers ``BeitConfig``; its defaults where a key is absent), the head size
-    from the tensors."""
-    hints: dict[str, Any] = {}
-    head = state.get("classifier.weight")
+    """Dimensions from config.json (transformers ``BeitConfig``; its defaults where a key is absent), the switches
+    (position embeddings, shared/per-block tables, layer scale, pooling) and the head size from the tensors."""
+    hints = _structure_hints(_layout_names(from_hf, state))
+    head = next((v for k, v in state.items() if k == "classifier.weight"), None)
     if head is not None:
         hints["num_classes"] = int(head.shape[0])
     if not config:
@@ -159,16 +166,10 @@ def hf_hints(state: Mapping[str, Any], config: Mapping[str, Any] | None) -> dict
     if config.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(f"transformers hidden_act {config['hidden_act']!r} is not supported for BEiT")
     D = config.get("hidden_size", 768)
-    hints.update(embed_dim=D, depth=config.get("num_hidden_layers", 12),
-                 num_heads=config.get("num_attention_heads", 12),
-                 mlp_ratio=config.get("intermediate_size", 4 * D) / D, patch_size=config.get("patch_size", 16),
-                 in_chans=config.get("num_channels", 3), norm_eps=float(config.get("layer_norm_eps", 1e-12)))
-    scale = config.get("layer_scale_init_value", 0.1)
-    return _structure_hints(hints, abs_pos=config.get("use_absolute_position_embeddings", False),
-                            per_block=config.get("use_relative_position_bias", False),
-                            shared=config.get("use_shared_relative_position_bias", False),
-                            layer_scale=scale > 0, qv_bias=True,
-                            cls_pool=not config.get("use_mean_pooling", True))
+    return dict(hints, embed_dim=D, depth=config.get("num_hidden_layers", 12),
+                num_heads=config.get("num_attention_heads", 12), mlp_ratio=config.get("intermediate_size", 4 * D) / D,
+                patch_size=config.get("patch_size", 16), in_chans=config.get("num_channels", 3),
+                norm_eps=float(config.get("layer_norm_eps", 1e-12)))
 
 
 def hf_infer(view: CheckpointView) -> tuple[str, dict[str, Any]] | None:
