@@ -3,7 +3,7 @@ model of microsoft/unilm ``beit/modeling_finetune.py``.
 
 A ViT (eq. 1-3 of the ViT paper, vitkit.models.vit) with four changes, each taken from the official code:
 
-    attention logits   A = q kᵀ / √d + B_rel,   B_rel[h, i, j] = table[index(i, j), h]   (BEiT §2.2; per block)
+    attention logits   A = q kᵀ / √d + B_rel,   B_rel[h, i, j] = table[index(i, j), h]   (official Attention; per block)
     projections        q = x W_q + b_q,  k = x W_k,  v = x W_v + b_v                       (no key bias)
     residual branches  x = x + γ₁ ⊙ MSA(LN(x)),  x = x + γ₂ ⊙ MLP(LN(x))                  (layer scale)
     pooling            y = LN_fc(mean of the patch tokens)                                  (no class-token head)
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from vitkit.config import ConfigError
-from vitkit.layers import Attention, Block, RelativePositionBias, num_relative_distances, to_2tuple
+from vitkit.layers import Attention, Block, RelativePositionBias, num_relative_distances
 from vitkit.models.beit_formats import BEIT_FORMATS, WEIGHTS
 from vitkit.models.vit import ViTConfig, VisionTransformer
 from vitkit.registry import register_family
@@ -159,13 +159,10 @@ class Beit(VisionTransformer):
         return out
 
     def _checkpoint_grid(self, state: dict[str, Tensor], report) -> tuple[int, int] | None:
-        """The patch grid the checkpoint was built for: its stated image size (a vitkit or transformers folder), else
-        the square grid its first bias table implies (the official code assumes square grids too)."""
-        size, patch = report.source_config.get("img_size"), report.source_config.get("patch_size", self.cfg.patch_size)
-        if size is not None and patch == self.cfg.patch_size:
-            return tuple(s // patch for s in to_2tuple(size))
+        """The patch grid the checkpoint was built for: the one it states (a vitkit folder), else the square grid its
+        first bias table implies (the official code assumes square grids too)."""
         table = next((v for k, v in state.items() if k.endswith("relative_position_bias_table")), None)
-        return None if table is None else _square_window(table.shape[0] - 3)
+        return self.source_grid(report) or (None if table is None else _square_window(table.shape[0] - 3))
 
 
 # -------------------------------------------------------------------------------------------------- variants

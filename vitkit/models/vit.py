@@ -216,18 +216,22 @@ class VisionTransformer(FamilyModel):
         return outs
 
     # ------------------------------------------------------------------------------------------ weight loading
+    def source_grid(self, report) -> tuple[int, int] | None:
+        """The patch grid a checkpoint was built for, when it says so (a vitkit folder's img_size: it may be
+        non-square); None otherwise, and for another patch size."""
+        source_size = report.source_config.get("img_size")
+        if not source_size or report.source_config.get("patch_size", self.cfg.patch_size) != self.cfg.patch_size:
+            return None
+        return tuple(s // p for s, p in zip(to_2tuple(source_size), self.patch_embed.patch_size))
+
     def load_pretrained_state(self, state: dict[str, Tensor], report) -> dict[str, Tensor]:
         """Adapt a vitkit-layout state dict to this model: resample the position embedding to this grid, drop a
         representation layer the model does not have (and re-initialise the head it fed), and zero-initialise heads
         whose class count differs."""
         from vitkit.weights.adapt import adapt_head, drop_keys, reinit_head, resample_pos_embed_state
-        source_size = report.source_config.get("img_size")  # a vitkit folder says its grid: it may be non-square
-        old_grid = tuple(s // p for s, p in zip(to_2tuple(source_size), self.patch_embed.patch_size)) \
-            if source_size and report.source_config.get("patch_size", self.cfg.patch_size) == self.cfg.patch_size \
-            else None
         if self.pos_embed is not None:
             state = resample_pos_embed_state(state, "pos_embed", self.pos_embed, self.num_prefix_tokens,
-                                             self.patch_embed.grid_size, report, old_grid)
+                                             self.patch_embed.grid_size, report, self.source_grid(report))
         if not self.cfg.representation_size and any(k.startswith("pre_logits.") for k in state):
             state = drop_keys(state, "pre_logits.", report,
                               "representation layer removed: transfer replaces the whole pre-training head "
