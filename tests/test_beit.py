@@ -324,7 +324,8 @@ def test_layer_decay_scales_follow_beit():
     expected = {"cls_token": 0, "pos_embed": 0, "patch_embed.proj.weight": 0,
                 "rel_pos_bias.relative_position_bias_table": L + 1, "fc_norm.weight": L + 1, "head.weight": L + 1,
                 **{f"blocks.{i}.{p}": i + 1 for i in range(L)
-                   for p in ("attn.q_bias", "attn.rel_pos.relative_position_bias_table", "ls1.gamma", "mlp.fc2.weight")}}
+                   for p in ("attn.q_bias", "attn.rel_pos.relative_position_bias_table", "ls1.gamma",
+                             "mlp.fc2.weight")}}
     for name, layer in expected.items():
         assert groups[name]["lr_scale"] == pytest.approx(0.65 ** (L + 1 - layer)), name
     assert groups["rel_pos_bias.relative_position_bias_table"]["weight_decay"] == 0.05  # official: decayed

@@ -93,7 +93,8 @@ class Attention(RecordsAttention):
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         B, N, C = x.shape
-        qkv = self.project_qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
+        qkv = self.project_qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, h, d)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
         q, k, v = qkv.unbind(0)
         if self.rel_pos is not None:
             bias = self.rel_pos() if bias is None else self.rel_pos() + bias  # (h, N, N)

@@ -71,7 +71,8 @@ class RelativePositionBias(nn.Module):
         return self.relative_position_bias_table.t()[:, self.relative_position_index]  # (heads, N, N)
 
     def extra_repr(self) -> str:
-        return f"window={self.window}, heads={self.relative_position_bias_table.shape[1]}, class_token={self.class_token}"
+        heads = self.relative_position_bias_table.shape[1]
+        return f"window={self.window}, heads={heads}, class_token={self.class_token}"
 
 
 def resize_rel_pos_bias_table(table: Tensor, old_window: tuple[int, int], new_window: tuple[int, int],

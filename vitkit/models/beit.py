@@ -3,10 +3,10 @@ model of microsoft/unilm ``beit/modeling_finetune.py``.
 
 A ViT (eq. 1-3 of the ViT paper, vitkit.models.vit) with four changes, each taken from the official code:
 
-    attention logits   A = q kᵀ / √d + B_rel,   B_rel[h, i, j] = table[index(i, j), h]   (official Attention; per block)
-    projections        q = x W_q + b_q,  k = x W_k,  v = x W_v + b_v                       (no key bias)
-    residual branches  x = x + γ₁ ⊙ MSA(LN(x)),  x = x + γ₂ ⊙ MLP(LN(x))                  (layer scale)
-    pooling            y = LN_fc(mean of the patch tokens)                                  (no class-token head)
+    attention logits   A = q kᵀ / √d + B_rel,  B_rel[h, i, j] = table[index(i, j), h]  (official Attention; per block)
+    projections        q = x W_q + b_q,  k = x W_k,  v = x W_v + b_v                     (no key bias)
+    residual branches  x = x + γ₁ ⊙ MSA(LN(x)),  x = x + γ₂ ⊙ MLP(LN(x))                (layer scale)
+    pooling            y = LN_fc(mean of the patch tokens)                                (no class-token head)
 
 The relative-position table has (2Wh−1)(2Ww−1) rows for the patch-to-patch offsets plus three for class-to-token,
 token-to-class and class-to-class (``vitkit.layers.pos_embed_rel``). Fine-tuned models have one table per block and
