@@ -99,8 +99,8 @@ class Beit(VisionTransformer):
     def load_pretrained_state(self, state: dict[str, Tensor], report) -> dict[str, Tensor]:
         """Fit a BEiT state dict (vitkit layout) to this model, as ``run_class_finetuning.py`` does:
 
-        1. a shared table (pre-training) is copied into every block's table when the model has per-block tables;
-        2. a pre-training checkpoint's final ``norm`` is dropped when the model pools with a fresh ``fc_norm``;
+        1. a pre-training checkpoint's MIM parts and final ``norm`` are dropped, ``fc_norm`` and the head start fresh;
+        2. a shared table (pre-training) is copied into every block's table when the model has per-block tables;
         3. ``relative_position_index`` buffers are checked against the model's (recomputed if the grid changed);
         4. tables of another grid are resized with BEiT's geometric-progression cubic interpolation;
         5. then ViT's steps: the absolute position embedding (if any) resampled, a head of another size replaced.
