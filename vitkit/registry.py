@@ -49,13 +49,15 @@ def register_family(family: str, model_cls: type, variants: Mapping[str, dict[st
                     formats: tuple[SourceFormat, ...] = (), weights: Mapping[str, WeightSpec] | None = None,
                     references: Mapping[str, Reference] | None = None,
                     tiny: dict[str, Any] | Callable[[str, dict[str, Any]], dict[str, Any]] | None = None,
-                    paper: str = "") -> None:
+                    train_defaults: Mapping[str, dict[str, Any]] | None = None, paper: str = "") -> None:
     """Register every ``name → config overrides`` entry of a family's variant table.
 
     ``data_cfgs``: per variant (or one for all), sized by the variant's ``img_size``. ``formats``: the checkpoint
     formats the family reads, most specific signature first. ``tiny``: overrides (or ``f(name, config) → overrides``)
-    that make a variant small enough for a forward and backward pass in the test suite. Contract and configs are
-    checked now; nothing is registered if one entry is bad.
+    that make a variant small enough for a forward and backward pass in the test suite. ``train_defaults``: per
+    variant, recipe values its official fine-tuning uses (e.g. BEiT's layer-wise learning-rate decay), applied under
+    any recipe that does not set them. Contract and configs are checked now; nothing is registered if one entry is
+    bad.
     """
     from vitkit.models.base import check_contract
     check_contract(model_cls)
@@ -69,7 +71,7 @@ def register_family(family: str, model_cls: type, variants: Mapping[str, dict[st
         tiny_cfg = tiny(name, dict(cfg)) if callable(tiny) else dict(tiny or {})
         specs.append(ModelSpec(name, family, model_cls, dict(cfg), data_cfg.with_size(img_size),
                                (weights or {}).get(name), paper, tuple(formats), (references or {}).get(name),
-                               tiny_cfg))
+                               tiny_cfg, dict((train_defaults or {}).get(name, {}))))
     for spec in specs:
         _REGISTRY[spec.name] = spec
 

@@ -116,6 +116,9 @@ class ModelSpec:
     formats: tuple[SourceFormat, ...] = ()
     reference: Reference | None = None
     tiny: dict[str, Any] = field(default_factory=dict)  # overrides for a fast forward/backward of this variant
+    # training-recipe values the family's official fine-tuning uses, in recipe-section layout, e.g.
+    # {"optim": {"layer_decay": 0.65}}; a recipe that sets a key itself wins (vitkit.train.config.resolve)
+    train_defaults: dict[str, Any] = field(default_factory=dict)
 
     def format(self, name: str) -> SourceFormat | None:
         return next((f for f in self.formats if f.name == name), None)

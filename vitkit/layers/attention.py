@@ -8,7 +8,7 @@ off (the recorder attribute is ``None`` and the fused kernel runs).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, scale: float, bias: Tensor | None
 
     ``record`` (a layer's ``attn_recorder``) receives the probabilities and ``info``: what a reader needs to place
     them on the image (e.g. a window layer's grid, window and shift)."""
+    if bias is not None and bias.ndim < 4:  # SDPA's CPU kernel was 1.8x slower with a 3-d (h, N, M) mask than with
+        bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)  # the same (1, h, N, M) view (BEiT-B block, B = 8)
     if record is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
     attn = (q * scale) @ k.transpose(-2, -1)  # (B, h, N, M)
@@ -56,25 +58,47 @@ class AttentionMaps(dict):
 class Attention(RecordsAttention):
     """ViT multi-head self-attention with a fused qkv projection in (q, k, v) order (timm's layout).
 
-    ``scale`` overrides the query scaling head_dim^-1/2 (the ``qk_scale`` argument of timm-era official code)."""
+    ``qkv_bias``: True = one bias on the fused projection (ViT); False = none; ``"qv"`` = separate ``q_bias`` and
+    ``v_bias`` parameters and no key bias (BEiT ``modeling_finetune.py: Attention``, timm's names; a key bias would
+    add a constant per query row to the logits, which the softmax cancels). ``rel_pos``: a module whose call returns
+    an additive (heads, N, N) bias, e.g. ``RelativePositionBias`` (BEiT's per-block table), added to any ``bias``
+    passed to ``forward``. ``scale`` overrides the query scaling head_dim^-1/2 (the ``qk_scale`` argument of
+    timm-era official code, e.g. T2T-ViT).
+    """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, *, scale: float | None = None):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool | Literal["qv"] = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, *, rel_pos: nn.Module | None = None, scale: float | None = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        if qkv_bias not in (True, False, "qv"):
+            raise ValueError(f"qkv_bias must be True, False or 'qv', got {qkv_bias!r}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5 if scale is None else scale
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias is True)
+        if qkv_bias == "qv":
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.rel_pos = rel_pos
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def project_qkv(self, x: Tensor) -> Tensor:
+        """(B, N, C) → (B, N, 3C), the fused q, k, v projections."""
+        if hasattr(self, "q_bias"):
+            return F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        return self.qkv(x)
+
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
+        qkv = self.project_qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, h, d)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
         q, k, v = qkv.unbind(0)
+        if self.rel_pos is not None:
+            bias = self.rel_pos() if bias is None else self.rel_pos() + bias  # (h, N, N)
         x = attend(q, k, v, scale=self.scale, bias=bias, dropout_p=self.attn_drop if self.training else 0.0,
                    record=self.attn_recorder)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)

@@ -152,12 +152,12 @@ def staged_layer_id(depths: Sequence[int], stage: int | None, block: int | None 
     return sum(depths[:stage]) + block + 1
 
 
-def block_outputs(blocks: Sequence[nn.Module], x: Tensor, wanted: list[int]) -> list[Tensor]:
-    """The outputs of blocks ``wanted`` (sorted indices, from ``select_indices``) of a chain of blocks run on ``x``;
-    blocks after the last wanted one are not run."""
+def block_outputs(blocks: Sequence[nn.Module], x: Tensor, wanted: list[int], *args) -> list[Tensor]:
+    """The outputs of blocks ``wanted`` (sorted indices, from ``select_indices``) of a chain of blocks run on ``x``
+    (each also given ``args``, e.g. a shared relative-position bias); blocks after the last wanted one are not run."""
     outs = []
     for i, blk in enumerate(blocks[: wanted[-1] + 1]):
-        x = blk(x)
+        x = blk(x, *args)
         if i in wanted:
             outs.append(x)
     return outs

@@ -86,12 +86,11 @@ class VisionTransformer(FamilyModel):
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D,
                                       strict_img_size=not cfg.dynamic_img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.patch_embed.num_patches, D))
+        self.pos_embed = (nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.patch_embed.num_patches, D))
+                          if self.has_pos_embed else None)
         self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
         rates = drop_path_rates(cfg.drop_path_rate, cfg.depth)
-        self.blocks = nn.Sequential(*[
-            Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.proj_drop_rate, cfg.attn_drop_rate, rates[i],
-                  cfg.init_values, cfg.act_layer, cfg.norm_eps) for i in range(cfg.depth)])
+        self.blocks = nn.Sequential(*[self.make_block(i, rates[i]) for i in range(cfg.depth)])
         use_fc_norm = cfg.global_pool == "avg" if cfg.fc_norm is None else cfg.fc_norm
         self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(D, eps=cfg.norm_eps)
         self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if use_fc_norm else nn.Identity()
@@ -102,13 +101,25 @@ class VisionTransformer(FamilyModel):
         self.init_weights()
 
     # ----------------------------------------------------------------------------------------------- construction
+    @property
+    def has_pos_embed(self) -> bool:
+        """Whether the model adds an absolute position embedding (BEiT's fine-tuned models do not)."""
+        return True
+
+    def make_block(self, i: int, drop_path: float) -> nn.Module:
+        """Block ``i`` of the encoder (eq. 2-3); a family with another attention overrides this."""
+        cfg = self.cfg
+        return Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.proj_drop_rate, cfg.attn_drop_rate,
+                     drop_path, cfg.init_values, cfg.act_layer, cfg.norm_eps)
+
     def _make_head(self, num_classes: int) -> nn.Module:
         return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def init_weights(self) -> None:
         """Truncated-normal(0.02) dense layers and position embedding, zero class token and zero head kernel (the
         JAX code's initialisers for the tokens and the head; timm's for the rest)."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_linears_(self)
         zero_init_(*self.classifiers())
 
@@ -138,10 +149,12 @@ class VisionTransformer(FamilyModel):
 
     def _pos_embed(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         """eq. 1: prepend the prefix tokens, then add the position embedding (resampled if the grid changed)."""
+        x = torch.cat(self.prefix_tokens(x.shape[0]) + [x], dim=1)  # (B, prefix + N, D)
         pos = self.pos_embed
+        if pos is None:
+            return self.pos_drop(x)
         if grid != self.patch_embed.grid_size:
             pos = resample_pos_embed(pos, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
-        x = torch.cat(self.prefix_tokens(x.shape[0]) + [x], dim=1)  # (B, prefix + N, D)
         return self.pos_drop(x + pos)
 
     def embed(self, x: Tensor) -> Tensor:
@@ -151,9 +164,17 @@ class VisionTransformer(FamilyModel):
         x = self.patch_embed(x)  # (B, N, D)
         return self._pos_embed(x, (H // P[0], W // P[1]))
 
+    def block_args(self) -> tuple:
+        """Extra arguments every block's forward receives (none for ViT; BEiT's shared relative-position bias)."""
+        return ()
+
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C, H, W) images → (B, prefix + N, D) normalised tokens (eq. 1-4 before pooling)."""
-        return self.norm(self.blocks(self.embed(x)))
+        x = self.embed(x)
+        args = self.block_args()
+        for blk in self.blocks:
+            x = blk(x, *args)
+        return self.norm(x)
 
     def pool(self, x: Tensor) -> Tensor:
         if self.cfg.global_pool == "avg":
@@ -173,26 +194,32 @@ class VisionTransformer(FamilyModel):
         Each is (B, prefix + N, D), or with ``reshape=True`` the patch tokens as a (B, D, H/P, W/P) map; ``norm``
         applies the final LayerNorm to each.
         """
+        self.patch_embed.check_input(x)
         B, _, H, W = x.shape
         P = self.patch_embed.patch_size
-        outs = block_outputs(self.blocks, self.embed(x), select_indices(indices, len(self.blocks)))
+        outs = block_outputs(self.blocks, self.embed(x), select_indices(indices, len(self.blocks)), *self.block_args())
         outs = [self.norm(y) for y in outs] if norm else outs
         if reshape:  # (B, D, h, w)
             outs = [y[:, self.num_prefix_tokens:].transpose(1, 2).reshape(B, -1, H // P[0], W // P[1]) for y in outs]
         return outs
 
     # ------------------------------------------------------------------------------------------ weight loading
+    def source_grid(self, report) -> tuple[int, int] | None:
+        """The patch grid a checkpoint was built for, when it says so (a vitkit folder's img_size: it may be
+        non-square); None otherwise, and for another patch size."""
+        source_size = report.source_config.get("img_size")
+        if not source_size or report.source_config.get("patch_size", self.cfg.patch_size) != self.cfg.patch_size:
+            return None
+        return tuple(s // p for s, p in zip(to_2tuple(source_size), self.patch_embed.patch_size))
+
     def load_pretrained_state(self, state: dict[str, Tensor], report) -> dict[str, Tensor]:
         """Adapt a vitkit-layout state dict to this model: resample the position embedding to this grid, drop a
         representation layer the model does not have (and re-initialise the head it fed), and zero-initialise heads
         whose class count differs."""
         from vitkit.weights.adapt import adapt_head, drop_keys, reinit_head, resample_pos_embed_state
-        source_size = report.source_config.get("img_size")  # a vitkit folder says its grid: it may be non-square
-        old_grid = tuple(s // p for s, p in zip(to_2tuple(source_size), self.patch_embed.patch_size)) \
-            if source_size and report.source_config.get("patch_size", self.cfg.patch_size) == self.cfg.patch_size \
-            else None
-        state = resample_pos_embed_state(state, "pos_embed", self.pos_embed, self.num_prefix_tokens,
-                                         self.patch_embed.grid_size, report, old_grid)
+        if self.pos_embed is not None:
+            state = resample_pos_embed_state(state, "pos_embed", self.pos_embed, self.num_prefix_tokens,
+                                             self.patch_embed.grid_size, report, self.source_grid(report))
         if not self.cfg.representation_size and any(k.startswith("pre_logits.") for k in state):
             state = drop_keys(state, "pre_logits.", report,
                               "representation layer removed: transfer replaces the whole pre-training head "

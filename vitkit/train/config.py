@@ -1,5 +1,7 @@
-"""The training recipe: one typed, validated dataclass per YAML section, layered as defaults → recipe file →
-``--set section.key=value`` (dinov2 ``utils/config.py`` / minGPT ``CfgNode`` convention).
+"""The training recipe: one typed, validated dataclass per YAML section, layered as defaults → the model family's
+training defaults → recipe file → ``--set section.key=value`` (dinov2 ``utils/config.py`` / minGPT ``CfgNode``
+convention). Family defaults are the official fine-tuning values a family registers (BEiT: ``optim.layer_decay``
+0.65 base / 0.75 large); they fill only keys the recipe leaves out, and the resolved config.yaml shows them.
 
 Everything that can be checked without data is checked here, before a run folder exists: unknown keys and ill-typed
 values (``vitkit.config.from_dict``), ranges, the model name and its architecture overrides, batch/accumulation
@@ -64,7 +66,7 @@ class OptimConfig:
     nesterov: bool = False  # sgd
     betas: tuple[float, float] = (0.9, 0.999)  # adamw
     eps: float = 1e-8  # adamw
-    layer_decay: float | None = None  # BEiT/MAE layer-wise LR decay, e.g. 0.65; None = off
+    layer_decay: float | None = None  # BEiT/MAE layer-wise LR decay, e.g. 0.65; None = off (BEiT: family default)
     clip_grad: float | None = None  # max global gradient norm; None = off
     warmup_steps: int = 0
     warmup_epochs: float = 0.0  # converted to steps; at most one of warmup_steps / warmup_epochs may be set
@@ -208,11 +210,29 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _family_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """The chosen variant's training defaults (``register_family(train_defaults=...)``, e.g. BEiT's official
+    ``optim.layer_decay`` 0.65) under the recipe: a key the recipe sets, even to null, wins."""
+    model = raw.get("model")
+    name = model.get("name") if isinstance(model, dict) else None
+    if not isinstance(name, str):
+        return raw
+    from vitkit.registry import get_spec
+    try:
+        defaults = get_spec(name).train_defaults
+    except ValueError:
+        return raw  # an unknown name: ModelSection.validate names it
+    return merge(copy.deepcopy(defaults), raw)
+
+
 def resolve(raw: dict[str, Any] | RecipeConfig) -> RecipeConfig:
-    """A plain (possibly partial) recipe dict → a validated ``RecipeConfig``; ``ConfigError`` names a bad key."""
+    """A plain (possibly partial) recipe dict → a validated ``RecipeConfig``; ``ConfigError`` names a bad key.
+
+    Layers, lowest first: the dataclass defaults, the model family's training defaults, then ``raw``. A resolved
+    ``RecipeConfig`` (or a run's saved config.yaml) sets every key, so resolving it again changes nothing."""
     if isinstance(raw, RecipeConfig):
         raw = to_dict(raw)
-    raw = _sync_img_size(copy.deepcopy(raw))
+    raw = _family_defaults(_sync_img_size(copy.deepcopy(raw)))
     return from_dict(RecipeConfig, raw)
 
 
