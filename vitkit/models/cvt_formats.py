@@ -169,6 +169,8 @@ def transformers_config(model: nn.Module):
     if short:  # CvtStage indexes its per-block drop-path list by the stage number
         raise ValueError(f"transformers' CvT cannot build depth={list(cfg.depth)}: its CvtStage needs more than i "
                          f"blocks in stage i (stage(s) {short})")
+    if not cfg.class_token:  # its forward reads outputs[1], the class token, which is then absent
+        raise ValueError("transformers' CvtForImageClassification cannot run without a class token (class_token=False)")
     return CvtConfig(
         num_channels=cfg.in_chans, patch_sizes=list(cfg.patch_size), patch_stride=list(cfg.patch_stride),
         patch_padding=list(cfg.patch_padding), embed_dim=list(cfg.embed_dim), num_heads=list(cfg.num_heads),
