@@ -156,6 +156,7 @@ class ConvAttention(RecordsAttention):
         H, W = grid
         cls, x = (x[:, :1], x[:, 1:]) if self.class_token else (None, x)
         fmap = x.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W), a view of the tokens (channels last)
+        fmap = fmap.contiguous(memory_format=torch.channels_last)  # a no-op, except after the class token is split off
         q, k, v = self.conv_proj_q(fmap), self.conv_proj_k(fmap), self.conv_proj_v(fmap)  # (B, n, C) each
         if cls is not None:
             q, k, v = (torch.cat([cls, t], dim=1) for t in (q, k, v))  # (B, 1 + n, C)

@@ -49,18 +49,16 @@ def _convert_official(state: dict[str, Tensor], report) -> dict[str, Tensor]:
     return OFFICIAL.forward(state, report)
 
 
-def _head_hints(state: Mapping[str, Tensor], key: str, cls_keys: list[str]) -> dict[str, Any]:
-    hints: dict[str, Any] = {}
-    if key in state:
-        hints["num_classes"] = int(state[key].shape[0])
-    if cls_keys is not None:
-        hints["class_token"] = bool(cls_keys)
+def _tensor_hints(state: Mapping[str, Tensor], head: str) -> dict[str, Any]:
+    """What the tensors themselves say: a class token (or mean pooling without one) and the head size."""
+    hints: dict[str, Any] = {"class_token": any(k.endswith("cls_token") for k in state)}
+    if head in state:
+        hints["num_classes"] = int(state[head].shape[0])
     return hints
 
 
 def official_hints(state: dict[str, Tensor], config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    cls_keys = [k for k in state if k.endswith("cls_token")]
-    return {**_NUMERICS["official"], **_head_hints(state, "head.weight", cls_keys)}
+    return {**_NUMERICS["official"], **_tensor_hints(state, "head.weight")}
 
 
 OFFICIAL_FORMAT = SourceFormat("official", _looks_official, _convert_official, official_hints,
@@ -140,9 +138,8 @@ def _config_hints(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def hf_hints(state: dict[str, Tensor], config: Mapping[str, Any] | None) -> dict[str, Any]:
-    cls_keys = None if config else [k for k in state if k.endswith("cls_token")]
-    return {**_NUMERICS["hf"], **(_config_hints(config) if config else {}),
-            **_head_hints(state, "classifier.weight", cls_keys)}
+    return {**_NUMERICS["hf"], **_tensor_hints(state, "classifier.weight"),
+            **(_config_hints(config) if config else {})}
 
 
 def hf_infer(view: CheckpointView) -> tuple[str, dict[str, Any]] | None:
