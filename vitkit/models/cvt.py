@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from vitkit.config import ConfigError
 from vitkit.layers import Block, Mlp, PatchEmbed, RecordsAttention, attend, drop_path_rates, to_2tuple
-from vitkit.models.base import FamilyModel, select_indices, staged_layer_id, zero_init_
+from vitkit.models.base import FamilyModel, select_indices, staged_layer_id, trunc_normal_linears_, zero_init_
 from vitkit.models.cvt_formats import CVT_FORMATS, WEIGHTS
 from vitkit.registry import register_family
 from vitkit.specs import PreprocessConfig, Reference
@@ -90,6 +90,14 @@ class CvTConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {rate}")
         if self.norm_eps <= 0:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
+
+
+def split_map(x: Tensor, grid: tuple[int, int], class_token: bool) -> tuple[Tensor | None, Tensor]:
+    """(B, [1 +] H·W, C) tokens → (the class token (B, 1, C) or None, the patch tokens as a (B, C, H, W) map): a view,
+    channels last in memory (the official ``rearrange(x, 'b (h w) c -> b c h w')``)."""
+    cls, x = (x[:, :1], x[:, 1:]) if class_token else (None, x)
+    B, _, C = x.shape
+    return cls, x.reshape(B, grid[0], grid[1], C).permute(0, 3, 1, 2)  # (B, C, H, W)
 
 
 class ConvProjection(nn.Module):
@@ -154,8 +162,7 @@ class ConvAttention(RecordsAttention):
     def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         B, N, C = x.shape
         H, W = grid
-        cls, x = (x[:, :1], x[:, 1:]) if self.class_token else (None, x)
-        fmap = x.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W), a view of the tokens (channels last)
+        cls, fmap = split_map(x, grid, self.class_token)
         fmap = fmap.contiguous(memory_format=torch.channels_last)  # a no-op, except after the class token is split off
         q, k, v = self.conv_proj_q(fmap), self.conv_proj_k(fmap), self.conv_proj_v(fmap)  # (B, n, C) each
         if cls is not None:
@@ -203,9 +210,7 @@ class CvTStage(nn.Module):
 
     def to_map(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         """Tokens → (B, C, H, W) map of the patch tokens (the class token dropped), a channels-last view."""
-        if self.cls_token is not None:
-            x = x[:, 1:]
-        return x.reshape(x.shape[0], grid[0], grid[1], x.shape[-1]).permute(0, 3, 1, 2)  # (B, C, H, W)
+        return split_map(x, grid, self.cls_token is not None)[1]
 
 
 class ConvolutionalVisionTransformer(FamilyModel):
@@ -234,11 +239,7 @@ class ConvolutionalVisionTransformer(FamilyModel):
     def init_weights(self) -> None:
         """The official init (``_init_weights_trunc_normal``): truncated-normal(0.02) dense layers, class token and
         head, zero biases; norms start at identity; convolutions keep PyTorch's default."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears_(self)
         for stage in self.stages:
             if stage.cls_token is not None:
                 nn.init.trunc_normal_(stage.cls_token, std=0.02)
