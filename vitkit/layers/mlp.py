@@ -43,6 +43,7 @@ _INPLACE: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {
     nn.GELU: lambda act, x: torch.ops.aten.gelu_(x, approximate=act.approximate),
     nn.ReLU: lambda act, x: torch.relu_(x),
     nn.SiLU: lambda act, x: F.silu(x, inplace=True),
+    QuickGELU: lambda act, x: x.mul_(torch.sigmoid(x * 1.702)),  # bitwise x * sigmoid(1.702 x)
 }
 
 

@@ -1,0 +1,352 @@
+"""CvT (Wu et al., "CvT: Introducing Convolutions to Vision Transformers", ICCV 2021, arXiv 2103.15808).
+
+Three stages, each a convolutional token embedding followed by convolutional Transformer blocks (paper Fig. 2):
+
+    x_i = LN(Conv2d_i(x_{i-1}))                              (§3.1, overlapping conv, stride 4 then 2 and 2)
+    q/k/v = Linear(BN(DWConv_s(reshape2D(x))))                (§3.2, eq. 2: stride 1 for q, 2 for k and v)
+    z' = z + MHSA(q, k, v), z = z' + MLP(LN(z'))              (pre-norm blocks)
+
+No position embedding anywhere (paper §4.4): the weights fit any input size. The class token exists only in the last
+stage; it is split off before the convolutional projection and concatenated back to q, k and v (it is never
+convolved), and its final LayerNorm is the classification feature.
+
+The definition is the official code (microsoft/CvT ``lib/models/cls_cvt.py``); its numerics are the config's defaults:
+QuickGELU ``x·σ(1.702x)``, LayerNorm eps 1e-5, and the attention scale ``dim_out ** -0.5`` (the full stage width, not
+the head width). transformers' ``CvtForImageClassification`` runs exact GELU with the same eps and scale; its files
+load with ``act_layer='gelu'`` (``vitkit.models.cvt_formats``). Module names follow the official ones
+(``stage{i}.`` → ``stages.{i}.``), so official files need only that rename.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitkit.config import ConfigError
+from vitkit.layers import Block, Mlp, PatchEmbed, RecordsAttention, attend, drop_path_rates, to_2tuple
+from vitkit.models.base import FamilyModel, select_indices, staged_layer_id, trunc_normal_linears_, zero_init_
+from vitkit.models.cvt_formats import CVT_FORMATS, WEIGHTS
+from vitkit.registry import register_family
+from vitkit.specs import PreprocessConfig, Reference
+
+__all__ = ["CvTConfig", "ConvolutionalVisionTransformer", "ConvProjection", "ConvAttention"]
+
+
+@dataclass
+class CvTConfig:
+    """Per-stage lists are the official ``MODEL.SPEC`` entries (transformers' ``CvtConfig`` uses the same names)."""
+
+    img_size: int | tuple[int, int] = 224  # only the preprocessing: without position embeddings any size runs
+    in_chans: int = 3
+    num_classes: int = 1000  # 0 = no head (forward returns the pooled feature)
+    embed_dim: tuple[int, ...] = (64, 192, 384)  # DIM_EMBED
+    depth: tuple[int, ...] = (1, 2, 10)  # DEPTH
+    num_heads: tuple[int, ...] = (1, 3, 6)  # NUM_HEADS
+    patch_size: tuple[int, ...] = (7, 3, 3)  # PATCH_SIZE: the token-embedding conv kernels
+    patch_stride: tuple[int, ...] = (4, 2, 2)  # PATCH_STRIDE
+    patch_padding: tuple[int, ...] = (2, 1, 1)  # PATCH_PADDING
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    kernel_qkv: int = 3  # depth-wise projection kernel (KERNEL_QKV)
+    stride_q: int = 1
+    stride_kv: int = 2  # key/value grids are 4x smaller (§3.2 "squeezed convolutional projection")
+    padding_q: int = 1
+    padding_kv: int = 1
+    class_token: bool = True  # CLS_TOKEN [False, False, True]; False = mean of the normalised last-stage tokens
+    act_layer: Literal["quick_gelu", "gelu"] = "quick_gelu"  # official QuickGELU; transformers' CvT: exact GELU
+    norm_eps: float = 1e-5  # every LayerNorm (official partial(LayerNorm, eps=1e-5); transformers' too)
+    attn_scale: Literal["dim", "head_dim"] = "dim"  # official and transformers: dim_out ** -0.5 (full stage width)
+    drop_rate: float = 0.0  # dropout after the token embedding and the dense layers (DROP_RATE)
+    attn_drop_rate: float = 0.0
+    drop_path_rate: tuple[float, ...] = (0.0, 0.0, 0.0)  # per stage, linear over its blocks (DROP_PATH_RATE)
+
+    def validate(self) -> None:
+        stages = len(self.depth)
+        for name in ("embed_dim", "num_heads", "patch_size", "patch_stride", "patch_padding", "drop_path_rate"):
+            if len(getattr(self, name)) != stages:
+                raise ConfigError(f"{name} has {len(getattr(self, name))} entries but depth has {stages} stages")
+        for name in ("embed_dim", "depth", "num_heads", "patch_size", "patch_stride"):
+            if stages == 0 or min(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name} must be a non-empty list of positive integers, got {getattr(self, name)}")
+        for name in ("in_chans", "kernel_qkv", "stride_q", "stride_kv", "mlp_ratio"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("padding_q", "padding_kv", "num_classes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if min(self.patch_padding) < 0:
+            raise ConfigError(f"patch_padding must be >= 0, got {self.patch_padding}")
+        bad = [f"{d}/{h}" for d, h in zip(self.embed_dim, self.num_heads) if d % h]
+        if bad:
+            raise ConfigError(f"embed_dim is not divisible by num_heads in stage(s) {', '.join(bad)}")
+        rates = {"drop_rate": self.drop_rate, "attn_drop_rate": self.attn_drop_rate,
+                 **{f"drop_path_rate[{i}]": r for i, r in enumerate(self.drop_path_rate)}}
+        for name, rate in rates.items():
+            if not 0.0 <= rate < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {rate}")
+        if self.norm_eps <= 0:
+            raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
+
+
+def split_map(x: Tensor, grid: tuple[int, int], class_token: bool) -> tuple[Tensor | None, Tensor]:
+    """(B, [1 +] H·W, C) tokens → (the class token (B, 1, C) or None, the patch tokens as a (B, C, H, W) map): a view,
+    channels last in memory (the official ``rearrange(x, 'b (h w) c -> b c h w')``)."""
+    cls, x = (x[:, :1], x[:, 1:]) if class_token else (None, x)
+    B, _, C = x.shape
+    return cls, x.reshape(B, grid[0], grid[1], C).permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+class ConvProjection(nn.Module):
+    """The official ``dw_bn`` projection: depth-wise conv (no bias) → BatchNorm → tokens (paper eq. 2, Conv2d + BN).
+
+    In eval mode BatchNorm is an affine map per channel, folded into the conv's weight and bias on every call (a
+    ``C·k²`` computation): one pass over the feature map instead of two, the same function up to float rounding."""
+
+    def __init__(self, dim: int, kernel_size: int, stride: int, padding: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel_size, stride, padding, groups=dim, bias=False)
+        self.bn = nn.BatchNorm2d(dim)
+
+    def output_grid(self, H: int, W: int) -> tuple[int, int]:
+        k, s, p = self.conv.kernel_size[0], self.conv.stride[0], self.conv.padding[0]
+        return (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) → (B, h·w, C)."""
+        bn = self.bn
+        if bn.training or not bn.track_running_stats:
+            x = bn(self.conv(x))
+        else:
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C,)
+            weight = self.conv.weight * scale.reshape(-1, 1, 1, 1)
+            x = F.conv2d(x, weight, bn.bias - bn.running_mean * scale, self.conv.stride, self.conv.padding,
+                         groups=self.conv.groups)
+        return x.flatten(2).transpose(1, 2)  # (B, h·w, C)
+
+
+class ConvAttention(RecordsAttention):
+    """Convolutional-projection multi-head attention (paper §3.2; official ``Attention`` with ``method='dw_bn'``).
+
+    q, k and v are separate depth-wise conv + BN projections of the token map (k and v with stride 2), each followed by
+    its own Linear; the class token (if any) skips the convolution and is prepended to all three."""
+
+    attn_layout = ("(B, heads, [1 +] H·W, [1 +] h·w): every query token of the stage's H×W grid over the keys of the "
+                   "stride-2 h×w key grid; with a class token it comes first in both")
+
+    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, kernel_size: int = 3, stride_q: int = 1,
+                 stride_kv: int = 2, padding_q: int = 1, padding_kv: int = 1, class_token: bool = False,
+                 scale: Literal["dim", "head_dim"] = "dim", attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = (dim if scale == "dim" else self.head_dim) ** -0.5  # official: dim_out ** -0.5
+        self.class_token = class_token
+        self.conv_proj_q = ConvProjection(dim, kernel_size, stride_q, padding_q)
+        self.conv_proj_k = ConvProjection(dim, kernel_size, stride_kv, padding_kv)
+        self.conv_proj_v = ConvProjection(dim, kernel_size, stride_kv, padding_kv)
+        self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        return x.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, d)
+
+    def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        B, N, C = x.shape
+        H, W = grid
+        cls, fmap = split_map(x, grid, self.class_token)
+        fmap = fmap.contiguous(memory_format=torch.channels_last)  # a no-op, except after the class token is split off
+        q, k, v = self.conv_proj_q(fmap), self.conv_proj_k(fmap), self.conv_proj_v(fmap)  # (B, n, C) each
+        if cls is not None:
+            q, k, v = (torch.cat([cls, t], dim=1) for t in (q, k, v))  # (B, 1 + n, C)
+        q, k, v = self._heads(self.proj_q(q)), self._heads(self.proj_k(k)), self._heads(self.proj_v(v))
+        x = attend(q, k, v, scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0,
+                   record=self.attn_recorder, grid=(H, W), kv_grid=self.conv_proj_k.output_grid(H, W),
+                   class_token=self.class_token)  # (B, heads, N, d)
+        x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class CvTStage(nn.Module):
+    """One stage: convolutional token embedding (conv + LayerNorm, paper §3.1), optional class token, blocks."""
+
+    def __init__(self, cfg: CvTConfig, i: int, in_chans: int, img_size: tuple[int, int]):
+        super().__init__()
+        dim = cfg.embed_dim[i]
+        norm = partial(nn.LayerNorm, eps=cfg.norm_eps)
+        last = i == len(cfg.depth) - 1
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if last and cfg.class_token else None
+        self.patch_embed = PatchEmbed(img_size, cfg.patch_size[i], in_chans, dim, strict_img_size=False,
+                                      stride=cfg.patch_stride[i], padding=cfg.patch_padding[i], norm_layer=norm)
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        rates = drop_path_rates(cfg.drop_path_rate[i], cfg.depth[i])  # official: linspace(0, rate, depth) per stage
+        self.blocks = nn.ModuleList([
+            Block(dim, drop_path=rate, norm_layer=norm,
+                  attn=ConvAttention(dim, cfg.num_heads[i], qkv_bias=cfg.qkv_bias, kernel_size=cfg.kernel_qkv,
+                                     stride_q=cfg.stride_q, stride_kv=cfg.stride_kv, padding_q=cfg.padding_q,
+                                     padding_kv=cfg.padding_kv, class_token=self.cls_token is not None,
+                                     scale=cfg.attn_scale, attn_drop=cfg.attn_drop_rate, proj_drop=cfg.drop_rate),
+                  mlp=Mlp(dim, int(dim * cfg.mlp_ratio), act_layer=cfg.act_layer, drop=cfg.drop_rate))
+            for rate in rates])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """(B, C_in, H_in, W_in) map → ((B, [1 +] H·W, C) tokens, (H, W))."""
+        grid = self.patch_embed.output_grid(x.shape[-2], x.shape[-1])
+        x = self.patch_embed(x)  # (B, H·W, C)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + H·W, C)
+        x = self.pos_drop(x)
+        for block in self.blocks:
+            x = block(x, grid)
+        return x, grid
+
+    def to_map(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Tokens → (B, C, H, W) map of the patch tokens (the class token dropped), a channels-last view."""
+        return split_map(x, grid, self.cls_token is not None)[1]
+
+
+class ConvolutionalVisionTransformer(FamilyModel):
+    config_cls = CvTConfig
+    intermediates = "pyramid"
+
+    def __init__(self, cfg: CvTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.num_features = cfg.embed_dim[-1]
+        stages, in_chans, size = [], cfg.in_chans, to_2tuple(cfg.img_size)
+        for i in range(len(cfg.depth)):
+            stages.append(CvTStage(cfg, i, in_chans, size))
+            in_chans, size = cfg.embed_dim[i], stages[-1].patch_embed.grid_size
+        self.stages = nn.ModuleList(stages)
+        self.norm = nn.LayerNorm(self.num_features, eps=cfg.norm_eps)
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head = self._make_head(cfg.num_classes)
+        self.init_weights()
+
+    # ----------------------------------------------------------------------------------------------- construction
+    def _make_head(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def init_weights(self) -> None:
+        """The official init (``_init_weights_trunc_normal``): truncated-normal(0.02) dense layers, class token and
+        head, zero biases; norms start at identity; convolutions keep PyTorch's default."""
+        trunc_normal_linears_(self)
+        for stage in self.stages:
+            if stage.cls_token is not None:
+                nn.init.trunc_normal_(stage.cls_token, std=0.02)
+
+    def classifiers(self) -> list[nn.Linear]:
+        return [self.head] if isinstance(self.head, nn.Linear) else []
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = self.cfg.num_classes = num_classes
+        self.head = self._make_head(num_classes)
+        zero_init_(*self.classifiers())
+
+    def no_weight_decay(self) -> set[str]:
+        """The class token (official ``no_weight_decay``); norms, BatchNorm and biases are 1-d."""
+        return {n for n, _ in self.named_parameters() if n.endswith("cls_token")}
+
+    def layer_id(self, param_name: str) -> int:
+        """Swin/SimMIM numbering over the three stages: the first token embedding 0, block j of stage i
+        sum(depth[:i]) + j + 1, a later stage's token embedding and class token one below its first block, the
+        final norm and head last."""
+        parts = param_name.split(".")
+        if parts[0] != "stages":
+            return staged_layer_id(self.cfg.depth, len(self.cfg.depth))
+        stage = int(parts[1])
+        if parts[2] == "blocks":
+            return staged_layer_id(self.cfg.depth, stage, int(parts[3]))
+        return staged_layer_id(self.cfg.depth, stage if stage > 0 else None)
+
+    @property
+    def num_layer_ids(self) -> int:
+        return sum(self.cfg.depth) + 2
+
+    # --------------------------------------------------------------------------------------------------- forward
+    def _stages(self, x: Tensor, last: int) -> list[tuple[Tensor, tuple[int, int]]]:
+        outs = []
+        for i, stage in enumerate(self.stages[: last + 1]):
+            if i:
+                x = self.stages[i - 1].to_map(*outs[-1])  # (B, C, H, W)
+            outs.append(stage(x))
+        return outs
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) images → the last stage's normalised tokens (B, [1 +] H·W, D), class token first."""
+        tokens, _ = self._stages(x, len(self.stages) - 1)[-1]
+        return self.norm(tokens)  # LayerNorm is per token: norm(cls) as the official head takes it
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x[:, 0] if self.cfg.class_token else x.mean(dim=1)  # (B, D): official forward_features
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None,
+                              norm: bool = False) -> list[Tensor]:
+        """Per-stage maps (B, C_i, H_i, W_i) of the patch tokens (strides 4, 8, 16 for the official configs).
+        ``norm`` applies the final LayerNorm to the last stage's map (the only stage of its width)."""
+        wanted = select_indices(indices, len(self.stages), "stage")
+        outs = self._stages(x, wanted[-1])
+        maps = []
+        for i in wanted:
+            tokens, grid = outs[i]
+            if norm and i == len(self.stages) - 1:
+                tokens = self.norm(tokens)
+            maps.append(self.stages[i].to_map(tokens, grid).contiguous())  # (B, C, H, W)
+        return maps
+
+    # ------------------------------------------------------------------------------------------ weight loading
+    def load_pretrained_state(self, state: dict[str, Tensor], report) -> dict[str, Tensor]:
+        """Only the classifier can need adapting: CvT has no position embedding or bias table, so weights of any input
+        size fit (the report says so when the size is another or unknown)."""
+        from vitkit.weights.adapt import adapt_head
+        source = report.source_config.get("img_size")
+        if source is None or to_2tuple(source) != to_2tuple(self.cfg.img_size):
+            h, w = to_2tuple(self.cfg.img_size)
+            report.notes.append(f"nothing to resize for {h}x{w} input: CvT has no position embedding or bias table, "
+                                f"its weights fit any input size")
+        return adapt_head(state, "head", self.head, report)
+
+
+# -------------------------------------------------------------------------------------------------- variants
+# experiments/imagenet/cvt/cvt-{13,21}-224x224.yaml and cvt-w24-384x384.yaml; kernels, strides, paddings, MLP ratio,
+# qkv bias and the class token are the same in all three (the config defaults above).
+VARIANTS = {
+    "cvt_13": dict(embed_dim=(64, 192, 384), num_heads=(1, 3, 6), depth=(1, 2, 10), drop_path_rate=(0.0, 0.0, 0.1)),
+    "cvt_21": dict(embed_dim=(64, 192, 384), num_heads=(1, 3, 6), depth=(1, 4, 16), drop_path_rate=(0.0, 0.0, 0.1)),
+    "cvt_w24": dict(embed_dim=(192, 768, 1024), num_heads=(3, 12, 16), depth=(2, 2, 20),
+                    drop_path_rate=(0.0, 0.0, 0.3), img_size=384),
+}
+# Official evaluation (lib/dataset/transformas/build.py): ImageNet mean/std, bicubic (TEST.INTERPOLATION 3); at 224
+# resize to 224 / 0.875 and centre-crop (TEST.CENTER_CROP default True); the 384 configs set CENTER_CROP False and
+# resize the whole image to 384x384 (aspect not kept; crop_pct 1.0 is the same for square images).
+DATA_CFGS = {name: PreprocessConfig(crop_pct=0.875 if cfg.get("img_size", 224) == 224 else 1.0)
+             for name, cfg in VARIANTS.items()}
+
+# Measured with FlopCounterMode on the official cls_cvt.py (architectures.md §1.7; re-measured here on f851e68:
+# 19.9975 M / 4.5661 G, 31.6227 M / 7.1780 G, 277.1964 M / 194.2217 G). README: 20M / 4.5, 32M / 7.1, 277M / 193.2.
+_SRC = "official cls_cvt.py counted with FlopCounterMode (architectures.md §1.7); README {}"
+REFERENCES = {
+    "cvt_13": Reference(19.9975, 4.5661, _SRC.format("20M / 4.5 G"), params_tol=1e-4, macs_rtol=1e-4),
+    "cvt_21": Reference(31.6227, 7.1780, _SRC.format("32M / 7.1 G"), params_tol=1e-4, macs_rtol=1e-4),
+    "cvt_w24": Reference(277.1964, 194.2217, _SRC.format("277M / 193.2 G at 384"), params_tol=1e-4, macs_rtol=1e-4),
+}
+
+
+def tiny(name: str, cfg: dict) -> dict:
+    """Widths 16/32/48 on a 32x32 input (token grids 8, 4, 2): forward and backward in milliseconds."""
+    return dict(embed_dim=(16, 32, 48), num_heads=(1, 2, 3), depth=(1, 1, 2), img_size=32)
+
+
+register_family("cvt", ConvolutionalVisionTransformer, VARIANTS, DATA_CFGS, formats=CVT_FORMATS, weights=WEIGHTS,
+                references=REFERENCES, tiny=tiny, paper="Wu et al. 2021, arXiv 2103.15808")

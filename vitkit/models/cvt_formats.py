@@ -1,0 +1,225 @@
+"""Checkpoint formats of CvT: the official release files (microsoft/CvT), transformers' ``CvtForImageClassification``
+(folders and Hub files; the transformers twin is built from the inverse of the same table), and the named weights.
+
+The two sources run the same weights with different numerics, and each file is loaded with its own source's, so it
+reproduces that source's logits; the load report names them, and explicit overrides win:
+
+| | activation | LayerNorm eps | attention scale |
+| --- | --- | --- | --- |
+| official ``cls_cvt.py`` | QuickGELU ``x·σ(1.702x)`` | 1e-5 | ``dim_out ** -0.5`` |
+| transformers ``modeling_cvt.py`` | exact GELU (``nn.GELU()``, hard-coded) | 1e-5 (its LayerNorms ignore ``config.layer_norm_eps``, 1e-12) | ``embed_dim ** -0.5`` |
+
+transformers' CvT has one key layout: its 5.x models keep the 4.x module names (no CvT entry in
+``conversion_mapping.py``), so Hub files and live models read alike.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import Tensor, nn
+
+from vitkit.specs import CheckpointView, SourceFormat, WeightSpec
+from vitkit.weights.keymap import KeyMap, Rename
+from vitkit.weights.report import CheckpointError
+
+__all__ = ["CVT_FORMATS", "WEIGHTS", "OFFICIAL", "hf_keymap", "to_transformers"]
+
+_NUMERICS = {
+    "official": dict(act_layer="quick_gelu", norm_eps=1e-5, attn_scale="dim"),
+    "hf": dict(act_layer="gelu", norm_eps=1e-5, attn_scale="dim"),
+}
+
+# ------------------------------------------------------------------------------------------------------ official
+# lib/models/cls_cvt.py: stage{i}.patch_embed.{proj,norm}, stage{i}.blocks.{j}.{norm1,attn,norm2,mlp},
+# stage{i}.cls_token (last stage), norm, head; BatchNorm running statistics and num_batches_tracked included.
+OFFICIAL = KeyMap([
+    Rename("stage{i}.", "stages.{i}."),
+    Rename("norm.", "norm."),
+    Rename("head.", "head."),
+], name="official CvT")
+
+
+def _looks_official(view: CheckpointView) -> bool:
+    return view.has("stage0.patch_embed.proj.weight") and view.any_startswith("stage0.blocks.0.attn.conv_proj_q.")
+
+
+def _convert_official(state: dict[str, Tensor], report) -> dict[str, Tensor]:
+    report.notes.append("official microsoft/CvT numerics: QuickGELU, LayerNorm eps 1e-5, attention scale "
+                        "dim_out ** -0.5 (the full stage width)")
+    return OFFICIAL.forward(state, report)
+
+
+def _tensor_hints(state: Mapping[str, Tensor], head: str) -> dict[str, Any]:
+    """What the tensors themselves say: a class token (or mean pooling without one) and the head size."""
+    hints: dict[str, Any] = {"class_token": any(k.endswith("cls_token") for k in state)}
+    if head in state:
+        hints["num_classes"] = int(state[head].shape[0])
+    return hints
+
+
+def official_hints(state: dict[str, Tensor], config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    return {**_NUMERICS["official"], **_tensor_hints(state, "head.weight")}
+
+
+OFFICIAL_FORMAT = SourceFormat("official", _looks_official, _convert_official, official_hints,
+                               description="microsoft/CvT release file: bare state_dict with BatchNorm statistics")
+
+# ------------------------------------------------------------------------------------------------ transformers
+_QKV = (("query", "q"), ("key", "k"), ("value", "v"))
+_LAYER = "encoder.stages.{i}.layers.{j}."
+_BLOCK = "stages.{i}.blocks.{j}."
+_HF = KeyMap([
+    Rename("encoder.stages.{i}.cls_token", "stages.{i}.cls_token"),
+    Rename("encoder.stages.{i}.embedding.convolution_embeddings.projection.", "stages.{i}.patch_embed.proj."),
+    Rename("encoder.stages.{i}.embedding.convolution_embeddings.normalization.", "stages.{i}.patch_embed.norm."),
+    *[rule for hf, ours in _QKV for rule in (
+        Rename(f"{_LAYER}attention.attention.convolution_projection_{hf}.convolution_projection.convolution.",
+               f"{_BLOCK}attn.conv_proj_{ours}.conv."),
+        Rename(f"{_LAYER}attention.attention.convolution_projection_{hf}.convolution_projection.normalization.",
+               f"{_BLOCK}attn.conv_proj_{ours}.bn."),
+        Rename(f"{_LAYER}attention.attention.projection_{hf}.", f"{_BLOCK}attn.proj_{ours}."))],
+    Rename(f"{_LAYER}attention.output.dense.", f"{_BLOCK}attn.proj."),
+    Rename(f"{_LAYER}layernorm_before.", f"{_BLOCK}norm1."),
+    Rename(f"{_LAYER}intermediate.dense.", f"{_BLOCK}mlp.fc1."),
+    Rename(f"{_LAYER}layernorm_after.", f"{_BLOCK}norm2."),
+    Rename(f"{_LAYER}output.dense.", f"{_BLOCK}mlp.fc2."),
+    Rename("layernorm.", "norm."),
+    Rename("classifier.", "head."),
+], name="transformers CvT")
+_TOP = ("layernorm.", "classifier.")  # CvtForImageClassification's own modules; the rest sit under ``cvt.``
+
+
+def hf_keymap() -> KeyMap:
+    return _HF
+
+
+def _strip_base(key: str) -> str:
+    return key[len("cvt."):] if key.startswith("cvt.") else key
+
+
+def _looks_hf(view: CheckpointView) -> bool:
+    if view.model_type is not None:
+        return view.model_type == "cvt"
+    return any(_strip_base(k).startswith("encoder.stages.0.embedding.convolution_embeddings.") for k in view.keys)
+
+
+def _convert_hf(state: dict[str, Tensor], report) -> dict[str, Tensor]:
+    report.notes.append("transformers CvT numerics: exact GELU (hard-coded nn.GELU), LayerNorm eps 1e-5 (its "
+                        "LayerNorms ignore config.layer_norm_eps), attention scale embed_dim ** -0.5; the official "
+                        "weights were trained with QuickGELU (act_layer='quick_gelu' runs them so)")
+    return _HF.forward({_strip_base(k): v for k, v in state.items()}, report)
+
+
+def _same_per_stage(config: Mapping[str, Any], key: str, default: Any) -> Any:
+    values = config.get(key, [default])
+    if len(set(values)) != 1:
+        raise CheckpointError(f"transformers CvT config {key}={values}: vitkit's CvT uses one value for all stages")
+    return values[0]
+
+
+def _config_hints(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Architecture from a transformers ``CvtConfig`` (config.json), in vitkit's names."""
+    methods = set(config.get("qkv_projection_method", ["dw_bn"]))
+    if methods != {"dw_bn"}:
+        raise CheckpointError(f"transformers CvT qkv_projection_method {sorted(methods)}: only 'dw_bn' (the method of "
+                              f"every released CvT) is supported")
+    cls = list(config.get("cls_token", [False, False, True]))
+    if any(cls[:-1]):
+        raise CheckpointError(f"transformers CvT cls_token={cls}: a class token is supported in the last stage only")
+    hints = {name: tuple(config[key]) for name, key in (
+        ("embed_dim", "embed_dim"), ("depth", "depth"), ("num_heads", "num_heads"), ("patch_size", "patch_sizes"),
+        ("patch_stride", "patch_stride"), ("patch_padding", "patch_padding")) if key in config}
+    hints.update(in_chans=config.get("num_channels", 3), class_token=bool(cls[-1]),
+                 mlp_ratio=float(_same_per_stage(config, "mlp_ratio", 4.0)),
+                 qkv_bias=bool(_same_per_stage(config, "qkv_bias", True)))
+    for name, default in (("kernel_qkv", 3), ("stride_q", 1), ("stride_kv", 2), ("padding_q", 1), ("padding_kv", 1)):
+        hints[name] = int(_same_per_stage(config, name, default))
+    return hints
+
+
+def hf_hints(state: dict[str, Tensor], config: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {**_NUMERICS["hf"], **_tensor_hints(state, "classifier.weight"),
+            **(_config_hints(config) if config else {})}
+
+
+def hf_infer(view: CheckpointView) -> tuple[str, dict[str, Any]] | None:
+    """A transformers folder describes its architecture: the registered variant of the same widths and depths (or the
+    nearest; config.json's values reach the model as hints)."""
+    from vitkit.registry import get_spec, list_models
+    config = view.config or {}
+    if config.get("model_type") != "cvt":
+        return None
+    dims, depth = tuple(config.get("embed_dim", (64, 192, 384))), tuple(config.get("depth", (1, 2, 10)))
+    specs = {name: get_spec(name).config for name in list_models("cvt_*")}
+    name = min(specs, key=lambda n: (tuple(specs[n]["embed_dim"]) != dims, tuple(specs[n]["depth"]) != depth,
+                                     abs(specs[n]["embed_dim"][-1] - dims[-1]), n))
+    return name, {}
+
+
+# ------------------------------------------------------------------------------------------- transformers twin
+def transformers_config(model: nn.Module):
+    """A transformers ``CvtConfig`` with a vitkit CvT's dimensions (numerics are set on the built model)."""
+    from transformers import CvtConfig
+    cfg = model.cfg
+    stages = len(cfg.depth)
+    short = [i for i, d in enumerate(cfg.depth) if d <= i]
+    if short:  # CvtStage indexes its per-block drop-path list by the stage number
+        raise ValueError(f"transformers' CvT cannot build depth={list(cfg.depth)}: its CvtStage needs more than i "
+                         f"blocks in stage i (stage(s) {short})")
+    if not cfg.class_token:  # its forward reads outputs[1], the class token, which is then absent
+        raise ValueError("transformers' CvtForImageClassification cannot run without a class token (class_token=False)")
+    return CvtConfig(
+        num_channels=cfg.in_chans, patch_sizes=list(cfg.patch_size), patch_stride=list(cfg.patch_stride),
+        patch_padding=list(cfg.patch_padding), embed_dim=list(cfg.embed_dim), num_heads=list(cfg.num_heads),
+        depth=list(cfg.depth), mlp_ratio=[cfg.mlp_ratio] * stages, attention_drop_rate=[0.0] * stages,
+        drop_rate=[0.0] * stages, drop_path_rate=[0.0] * stages, qkv_bias=[cfg.qkv_bias] * stages,
+        cls_token=[False] * (stages - 1) + [cfg.class_token], qkv_projection_method=["dw_bn"] * stages,
+        kernel_qkv=[cfg.kernel_qkv] * stages, padding_kv=[cfg.padding_kv] * stages,
+        stride_kv=[cfg.stride_kv] * stages, padding_q=[cfg.padding_q] * stages, stride_q=[cfg.stride_q] * stages,
+        num_labels=cfg.num_classes)
+
+
+def _match_numerics(hf: nn.Module, cfg) -> None:
+    """transformers hard-codes nn.GELU, eps 1e-5 and the full-width scale; a vitkit model with other numerics (the
+    official QuickGELU) gets its twin's activation modules, LayerNorm eps and scales set to the same function."""
+    from transformers.models.cvt.modeling_cvt import CvtIntermediate, CvtSelfAttention
+    from vitkit.layers import make_act
+    for m in hf.modules():
+        if isinstance(m, CvtIntermediate) and cfg.act_layer != "gelu":
+            m.activation = make_act(cfg.act_layer)
+        elif isinstance(m, nn.LayerNorm):
+            m.eps = cfg.norm_eps
+        elif isinstance(m, CvtSelfAttention) and cfg.attn_scale == "head_dim":
+            m.scale = (m.embed_dim // m.num_heads) ** -0.5
+
+
+def to_transformers(model: nn.Module) -> nn.Module:
+    """``CvtForImageClassification`` holding a vitkit CvT's weights, written through the inverse of the table that reads
+    transformers files, computing the vitkit model's function; eval mode, same device and dtype."""
+    from transformers import CvtForImageClassification
+    hf = CvtForImageClassification(transformers_config(model))
+    state = _HF.inverse({k: v.detach() for k, v in model.state_dict().items()})
+    hf.load_state_dict({(k if k.startswith(_TOP) else "cvt." + k): v for k, v in state.items()}, strict=True)
+    _match_numerics(hf, model.cfg)
+    p = next(model.parameters())
+    return hf.to(device=p.device, dtype=p.dtype).eval()
+
+
+HF_FORMAT = SourceFormat("hf", _looks_hf, _convert_hf, hf_hints, infer=hf_infer, twin=to_transformers,
+                         description="transformers CvtForImageClassification folder, Hub file or state dict")
+
+# ----------------------------------------------------------------------------------------------- named weights
+# The official files live in a OneDrive model zoo (README "model zoo" link) with no hash in their names or anywhere
+# else, so they cannot be verified and are not listed. transformers' Hub repositories hold the same weights renamed by
+# convert_cvt_original_pytorch_checkpoint_to_pytorch.py (its 2022 save_pretrained wrote pytorch_model.bin); the Hub
+# verifies them. They run with transformers' numerics (exact GELU) unless act_layer='quick_gelu' is passed.
+WEIGHTS: dict[str, WeightSpec] = {
+    name: WeightSpec(url=f"hf-hub:microsoft/{repo}", source_format="hf", filename="pytorch_model.bin", notes=notes)
+    for name, repo, notes in (
+        ("cvt_13", "cvt-13", "ImageNet-1k, 224; README top-1 81.6"),
+        ("cvt_21", "cvt-21", "ImageNet-1k, 224; README top-1 82.5"),
+        ("cvt_w24", "cvt-w24-384-22k", "ImageNet-22k pre-trained, ImageNet-1k fine-tuned at 384; README top-1 87.6"),
+    )
+}
+
+CVT_FORMATS = (HF_FORMAT, OFFICIAL_FORMAT)  # most specific signature first
