@@ -72,10 +72,10 @@ def test_tiny_forward_backward(name):
 def test_head_and_pre_logits(name):
     model = _tiny(name, num_classes=5).eval()
     x = _input(model)
-    with torch.no_grad():
+    with torch.no_grad():  # one autograd mode for both: SDPA cannot fuse an additive bias that needs a gradient
         feats = model.forward_features(x)
         logits, pre = model.forward_head(feats), model.forward_head(feats, pre_logits=True)
-    assert torch.equal(logits, model(x))
+        assert torch.equal(logits, model(x))
     assert pre.ndim == 2 and pre.shape[0] == 2
     heads = model.classifiers()
     assert heads and all(h.out_features == 5 for h in heads)
