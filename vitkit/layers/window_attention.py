@@ -33,7 +33,7 @@ from vitkit.layers.patch_embed import to_2tuple
 from vitkit.layers.pos_embed_rel import num_relative_distances, relative_position_index
 
 __all__ = ["WindowAttention", "window_partition", "window_reverse", "padded_grid", "shifted_window_mask",
-           "window_attention_to_grid"]
+           "shifted_window_order", "window_attention_to_grid"]
 
 _compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
@@ -71,6 +71,19 @@ def shifted_window_mask(grid: tuple[int, int], window: tuple[int, int], shift: t
 
 
 @functools.lru_cache(maxsize=64)
+def shifted_window_order(padded: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]) -> Tensor:
+    """(nW·N,) position on the flattened (Hp, Wp) map of every window token, windows and tokens in row-major order,
+    after the cyclic shift: ``x.flatten(1, 2)[:, order]`` is roll(−s) + ``window_partition`` in one copy, and its
+    inverse permutation puts the windows back (roll(+s) + ``window_reverse``)."""
+    with torch.device("cpu"):
+        Hp, Wp = padded
+        rows = (torch.arange(Hp) + shift[0]) % Hp  # torch.roll by -s puts row (r + s) mod Hp at row r
+        cols = (torch.arange(Wp) + shift[1]) % Wp
+        flat = (rows[:, None] * Wp + cols[None, :])[None, :, :, None]  # (1, Hp, Wp, 1)
+        return window_partition(flat, window).flatten()  # (nW·N,)
+
+
+@functools.lru_cache(maxsize=64)
 def _computed_buffers(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int],
                       fill: float) -> tuple[Tensor, Tensor | None]:
     """(relative-position index, SW-MSA mask or None), computed on the CPU once per geometry (the blocks of a stage
@@ -90,7 +103,8 @@ class WindowAttention(RecordsAttention):
 
     attn_layout = ("(B·nW, heads, N, N): one row per window of the shifted, padded grid (window w of image b at "
                    "b·nW + w, windows row-major), N = Wh·Ww tokens of a window in row-major order; info: grid (H, W), "
-                   "padded_grid, window, shift; vitkit.layers.window_attention_to_grid places them on the image")
+                   "padded_grid, window, shift; vitkit.layers.window_attention.window_attention_to_grid places them on the "
+                   "image")
 
     def __init__(self, dim: int, num_heads: int, grid: int | tuple[int, int], window: int | tuple[int, int],
                  shift: int | tuple[int, int] = 0, qkv_bias: bool = True, attn_drop: float = 0.0,
@@ -115,6 +129,9 @@ class WindowAttention(RecordsAttention):
         device = self.relative_position_bias_table.device
         self.register_buffer("relative_position_index", index.to(device, copy=True))
         self.register_buffer("attn_mask", mask.to(device, copy=True) if mask is not None else None)
+        order = shifted_window_order(padded_grid(self.grid, self.window), self.window, self.shift)
+        self.register_buffer("_order", order.to(device, copy=True), persistent=False)  # gather: map → windows
+        self.register_buffer("_inverse", order.argsort().to(device), persistent=False)  # gather: windows → map
         self._bias_cache: tuple[tuple, Tensor] | None = None
 
     @property
@@ -129,18 +146,24 @@ class WindowAttention(RecordsAttention):
 
     # ---------------------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
+        """Pad, cyclic shift (Fig. 4) and partition, attention in every window, then the reverse: (B, H, W, C) →
+        (B, H, W, C). The shift and the partition are one gather of the map's rows (``shifted_window_order``)."""
         B, H, W, C = x.shape
         Hp, Wp = padded_grid((H, W), self.window)
         if (Hp, Wp) != (H, W):
             x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))  # (B, Hp, Wp, C), zeros at the bottom and right
-        if self.shifted:
-            x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))  # cyclic shift (Fig. 4)
-        windows = window_partition(x, self.window)  # (B·nW, N, C)
+        order, inverse = self._orders((H, W), (Hp, Wp))
+        N = self.window[0] * self.window[1]
+        windows = x.reshape(B, Hp * Wp, C).index_select(1, order).view(-1, N, C)  # (B·nW, N, C): partition(roll(x))
         windows = self.attend_windows(windows, B, (H, W), (Hp, Wp))
-        x = window_reverse(windows, self.window, (Hp, Wp))  # (B, Hp, Wp, C)
-        if self.shifted:
-            x = torch.roll(x, shifts=self.shift, dims=(1, 2))
+        x = windows.view(B, Hp * Wp, C).index_select(1, inverse).view(B, Hp, Wp, C)  # roll(reverse(windows), +s)
         return x[:, :H, :W] if (Hp, Wp) != (H, W) else x  # (B, H, W, C)
+
+    def _orders(self, grid: tuple[int, int], padded: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        if grid == self.grid:
+            return self._order, self._inverse
+        order = shifted_window_order(padded, self.window, self.shift).to(self._order.device)
+        return order, order.argsort()
 
     def attend_windows(self, windows: Tensor, batch: int, grid: tuple[int, int], padded: tuple[int, int]) -> Tensor:
         """Eq. 4 in every window: (B·nW, N, C) → (B·nW, N, C)."""
@@ -184,15 +207,6 @@ class WindowAttention(RecordsAttention):
 
 
 # ------------------------------------------------------------------------------------------ maps on the image grid
-def _window_positions(padded: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]) -> Tensor:
-    """(nW, N) flat position on the padded (Hp, Wp) image of every window token (before the cyclic shift)."""
-    Hp, Wp = padded
-    rows = (torch.arange(Hp) + shift[0]) % Hp  # the roll by -s puts image row (r + s) mod Hp at row r
-    cols = (torch.arange(Wp) + shift[1]) % Wp
-    flat = (rows[:, None] * Wp + cols[None, :])[None, :, :, None]  # (1, Hp, Wp, 1)
-    return window_partition(flat, window)[..., 0]  # (nW, N)
-
-
 def window_attention_to_grid(attn: Tensor, info: dict[str, Any], query: tuple[int, int] | None = None) -> Tensor:
     """Place a ``WindowAttention`` recording on the image: for each query token, its attention over its window as an
     (H, W) map, zero outside the window.
@@ -203,11 +217,13 @@ def window_attention_to_grid(attn: Tensor, info: dict[str, Any], query: tuple[in
     """
     (H, W), (Hp, Wp) = info["grid"], info["padded_grid"]
     window, shift = info["window"], info["shift"]
-    pos = _window_positions((Hp, Wp), window, shift).to(attn.device)  # (nW, N)
+    pos = shifted_window_order((Hp, Wp), window, shift).to(attn.device).view(-1, window[0] * window[1])  # (nW, N)
     nW, N = pos.shape
     B, h = attn.shape[0] // nW, attn.shape[1]
     attn = attn.reshape(B, nW, h, N, N).transpose(1, 2)  # (B, h, nW, N, N)
     if query is not None:
+        if not (0 <= query[0] < H and 0 <= query[1] < W):
+            raise ValueError(f"query {tuple(query)} is outside the {H}x{W} grid")
         target = query[0] * Wp + query[1]
         w, i = (pos == target).nonzero()[0].tolist()
         out = attn.new_zeros(B, h, Hp * Wp)
