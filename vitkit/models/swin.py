@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit.config import ConfigError
+from vitkit.config import ConfigError, from_dict
 from vitkit.layers import Block, PatchEmbed, to_2tuple
-from vitkit.layers.pos_embed_rel import RESIZE_METHODS, relative_position_index
+from vitkit.layers.pos_embed_rel import relative_position_index
 from vitkit.layers.window_attention import WindowAttention, padded_grid, shifted_window_mask
 from vitkit.models.base import FamilyModel, select_indices, staged_layer_id, zero_init_
 from vitkit.models.swin_formats import SWIN_FORMATS, WEIGHTS
@@ -80,8 +80,6 @@ class SwinConfig:
                 near = sorted({max(1, s // self.patch_size) * self.patch_size, -(-s // self.patch_size) * self.patch_size})
                 raise ConfigError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size} "
                                   f"(e.g. {' or '.join(map(str, near))})")
-        if self.rel_pos_resize not in RESIZE_METHODS:  # Literal already checks; kept for direct construction
-            raise ConfigError(f"rel_pos_resize must be one of {RESIZE_METHODS}")
 
 
 @dataclass(frozen=True)
@@ -266,7 +264,9 @@ class SwinTransformer(FamilyModel):
         bicubic by default as Swin's ``utils.load_pretrained``), replace the buffers by this model's, and
         zero-initialise a head of another class count."""
         from vitkit.weights.adapt import adapt_head, reconcile_buffers, resize_rel_pos_tables
-        _check_buffers_are_computed(state, report)
+        source = report.source_config if report.format == "vitkit" else None  # a vitkit file states its geometry
+        _check_buffers_are_computed(state, report, computed_buffers(from_dict(SwinConfig, dict(source)))
+                                    if source else None)
         state = resize_rel_pos_tables(state, self, "relative_position_bias_table", report, self.cfg.rel_pos_resize,
                                       _square_window)
         state = reconcile_buffers(state, self, ("relative_position_index", "attn_mask"), report,
@@ -279,14 +279,17 @@ def _square_window(rows: int) -> tuple[int, int] | None:
     return ((side + 1) // 2,) * 2 if side * side == rows and side % 2 else None
 
 
-def _check_buffers_are_computed(state: dict[str, Tensor], report) -> None:
-    """A checkpoint's indices and masks must be the ones Swin computes for the geometry their shapes imply: an index
-    of N = W² tokens for a W×W window, a mask of nW windows of N tokens for a square grid of √nW windows shifted by
-    W // 2 (how the official code builds every shifted block). Anything else is not a Swin buffer: refused."""
+def _check_buffers_are_computed(state: dict[str, Tensor], report, source: dict[str, Tensor] | None) -> None:
+    """A checkpoint's indices and masks must be the ones Swin computes for its own geometry: ``source``'s when the
+    checkpoint states its configuration (vitkit's files), else the geometry their shapes imply: an index of N = W²
+    tokens for a W×W window, a mask of nW windows of N tokens for a square grid of √nW windows shifted by W // 2 (how
+    the official code builds every shifted block). Anything else is not a Swin buffer: refused."""
     from vitkit.weights.report import CheckpointMismatchError
     wrong = []
     for key, value in state.items():
-        if key.endswith("relative_position_index") and value.ndim == 2:
+        if source is not None and key.endswith(("relative_position_index", "attn_mask")):
+            expected = source.get(key)
+        elif key.endswith("relative_position_index") and value.ndim == 2:
             side = math.isqrt(value.shape[0])
             expected = relative_position_index((side, side))
         elif key.endswith("attn_mask") and value.ndim == 3:
