@@ -1,8 +1,8 @@
-"""Swin Transformer v1: golden cases, parity with transformers' SwinForImageClassification (4.x and 5.x layouts,
-padded and non-square geometry, feature pyramid), the official release format against a reference case made with
-microsoft/Swin-Transformer itself (tests/data/swin), timm files against timm's real key list, window and bias-table
-changes, the shared window-attention layer against brute-force constructions, and layer ids against SimMIM's
-``get_swin_layer``."""
+"""Swin Transformer v1 (its golden case runs in test_golden.py): parity with transformers'
+SwinForImageClassification (4.x and 5.x layouts, padded and non-square geometry, feature pyramid), the official
+release format against a reference case made with microsoft/Swin-Transformer itself (tests/data/swin), timm files
+against timm's real key list, window and bias-table changes, the shared window-attention layer against brute-force
+constructions, and layer ids against SimMIM's ``get_swin_layer``."""
 from __future__ import annotations
 
 import json
@@ -24,9 +24,7 @@ from vitkit.models.swin_formats import OFFICIAL, TIMM, WEIGHTS, to_transformers
 from vitkit.weights import CheckpointError, CheckpointMismatchError
 
 from conftest import max_diff, randomize_
-from test_golden import test_golden_load_report, test_golden_logits, test_golden_pre_logits  # noqa: F401 (swin cases)
 
-GOLDEN_FAMILIES = {"swin"}
 NAME = "swin_tiny_patch4_window7_224"
 OFFICIAL_CASE = Path(__file__).parent / "data" / "swin" / "official_shrunk"
 OFFICIAL_KW = dict(embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), num_classes=10)
@@ -70,7 +68,8 @@ def test_transformers_4x_folder_parity(tmp_path, geometry):
     """save_pretrained writes the 4.x (Hub) layout; logits, pooled features and the feature pyramid agree."""
     hf = _hf(**geometry)
     hf.save_pretrained(tmp_path / "hf")
-    assert "swin.encoder.layers.0.blocks.0.attention.self.query.weight" in load_file(tmp_path / "hf" / "model.safetensors")
+    saved = load_file(tmp_path / "hf" / "model.safetensors")
+    assert "swin.encoder.layers.0.blocks.0.attention.self.query.weight" in saved
     img = hf.config.image_size
     model = vitkit.create_model(NAME, pretrained=str(tmp_path / "hf"), img_size=img, window_size=hf.config.window_size)
     x = torch.randn(2, 3, *(img if isinstance(img, tuple) else (img, img)), generator=torch.Generator().manual_seed(2))

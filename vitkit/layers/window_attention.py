@@ -102,9 +102,9 @@ class WindowAttention(RecordsAttention):
     """
 
     attn_layout = ("(B·nW, heads, N, N): one row per window of the shifted, padded grid (window w of image b at "
-                   "b·nW + w, windows row-major), N = Wh·Ww tokens of a window in row-major order; info: grid (H, W), "
-                   "padded_grid, window, shift; vitkit.layers.window_attention.window_attention_to_grid places them on the "
-                   "image")
+                   "b·nW + w, windows row-major), N = Wh·Ww tokens of a window in row-major order; info: grid "
+                   "(H, W), padded_grid, window, shift; vitkit.layers.window_attention.window_attention_to_grid "
+                   "places them on the image")
 
     def __init__(self, dim: int, num_heads: int, grid: int | tuple[int, int], window: int | tuple[int, int],
                  shift: int | tuple[int, int] = 0, qkv_bias: bool = True, attn_drop: float = 0.0,
@@ -168,7 +168,8 @@ class WindowAttention(RecordsAttention):
     def attend_windows(self, windows: Tensor, batch: int, grid: tuple[int, int], padded: tuple[int, int]) -> Tensor:
         """Eq. 4 in every window: (B·nW, N, C) → (B·nW, N, C)."""
         Bw, N, C = windows.shape
-        qkv = self.qkv(windows).reshape(Bw, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B·nW, h, N, d)
+        qkv = self.qkv(windows).reshape(Bw, N, 3, self.num_heads, self.head_dim)  # (B·nW, N, 3, h, d)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B·nW, h, N, d)
         q, k, v = qkv.unbind(0)
         bias = self.attention_bias(grid, batch).to(q.dtype)
         x = attend(q, k, v, scale=self.scale, bias=bias, dropout_p=self.attn_drop if self.training else 0.0,

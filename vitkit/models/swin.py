@@ -32,7 +32,7 @@ from vitkit.config import ConfigError, from_dict
 from vitkit.layers import Block, PatchEmbed, to_2tuple
 from vitkit.layers.pos_embed_rel import relative_position_index
 from vitkit.layers.window_attention import WindowAttention, padded_grid, shifted_window_mask
-from vitkit.models.base import FamilyModel, select_indices, staged_layer_id, zero_init_
+from vitkit.models.base import FamilyModel, select_indices, staged_layer_id, trunc_normal_linears_, zero_init_
 from vitkit.models.swin_formats import SWIN_FORMATS, WEIGHTS
 from vitkit.registry import register_family
 from vitkit.specs import PreprocessConfig, Reference
@@ -77,7 +77,8 @@ class SwinConfig:
                                   f"{self.embed_dim * 2 ** i}")
         for s in to_2tuple(self.img_size):
             if s <= 0 or s % self.patch_size:
-                near = sorted({max(1, s // self.patch_size) * self.patch_size, -(-s // self.patch_size) * self.patch_size})
+                P = self.patch_size
+                near = sorted({max(1, s // P) * P, -(-s // P) * P})
                 raise ConfigError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size} "
                                   f"(e.g. {' or '.join(map(str, near))})")
 
@@ -189,11 +190,7 @@ class SwinTransformer(FamilyModel):
     def init_weights(self) -> None:
         """Truncated-normal(0.02) dense layers with zero biases (official ``_init_weights``; the bias tables are
         initialised by ``WindowAttention``), and a zero-initialised head."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears_(self, std=0.02)
         zero_init_(*self.classifiers())
 
     def classifiers(self) -> list[nn.Linear]:
@@ -323,15 +320,17 @@ VARIANTS = {f"swin_{size}_patch4_window{w}_{res}": dict(**_SIZES[size], window_s
             for size, w, res in _NAMES}
 # Official evaluation (data/build.py): bicubic, ImageNet mean/std; at 224 resize to 256 and centre-crop
 # (TEST.CROP), at 384 resize to 384x384 without cropping (the *_384 configs set TEST.CROP False).
-DATA_CFGS = {name: PreprocessConfig(crop_pct=0.875 if cfg["img_size"] == 224 else 1.0) for name, cfg in VARIANTS.items()}
+DATA_CFGS = {name: PreprocessConfig(crop_pct=0.875 if cfg["img_size"] == 224 else 1.0)
+             for name, cfg in VARIANTS.items()}
 
 
 def closed_form_size(cfg: dict, num_classes: int = 1000) -> tuple[float, float]:
     """(parameters M, GMACs) written out from the paper's layer sizes, independent of the model code: patch
     embedding 3·P²·C + 3C; per block (width C, window W, h heads, T tokens of the padded grid, T₀ of the grid)
-    12C² + 13C + (2W−1)²h parameters and 4C²T + 2T·W²·C + 8C²T₀ MACs (qkv + projection on the windows, the two
-    attention products, the MLP); patch merging 8C² + 8C parameters and 8C² MACs per output token; final norm and
-    head. Reproduces architectures.md §1.4 (Swin-T 28.29 M / 4.49 G … Swin-L 196.53 M / 34.48 G)."""
+    12C² + 13C + (2W−1)²h parameters and 4C²T + 2T·W²·C + 8C²T₀ MACs (qkv + projection on the windows, the
+    two attention products, the MLP); patch merging of c input channels 8c² + 8c parameters and 8c² MACs per
+    output token; final norm and head. Reproduces architectures.md §1.4 (Swin-T 28.29 M / 4.49 G … Swin-L
+    196.53 M / 34.48 G)."""
     full = SwinConfig(**{**cfg, "num_classes": num_classes})
     C0 = full.embed_dim
     params = 3 * full.patch_size ** 2 * C0 + 3 * C0

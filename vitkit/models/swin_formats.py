@@ -127,7 +127,8 @@ def hf_hints(state: dict[str, Tensor], config: Mapping[str, Any] | None) -> dict
         if bad:
             raise CheckpointError(f"transformers Swin config {', '.join(bad)} is not supported by vitkit's Swin")
         hints = dict(embed_dim=config.get("embed_dim", 96), depths=tuple(config.get("depths", (2, 2, 6, 2))),
-                     num_heads=tuple(config.get("num_heads", (3, 6, 12, 24))), mlp_ratio=float(config.get("mlp_ratio", 4.0)),
+                     num_heads=tuple(config.get("num_heads", (3, 6, 12, 24))),
+                     mlp_ratio=float(config.get("mlp_ratio", 4.0)),
                      patch_size=config.get("patch_size", 4), in_chans=config.get("num_channels", 3),
                      qkv_bias=config.get("qkv_bias", True), act_layer=_ACT[act])
     head = state.get("classifier.weight")
