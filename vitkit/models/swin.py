@@ -1,0 +1,381 @@
+"""Swin Transformer v1 (Liu et al., "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows",
+ICCV 2021, arXiv 2103.14030).
+
+    ẑˡ = W-MSA(LN(zˡ⁻¹)) + zˡ⁻¹,        zˡ = MLP(LN(ẑˡ)) + ẑˡ
+    ẑˡ⁺¹ = SW-MSA(LN(zˡ)) + zˡ,         zˡ⁺¹ = MLP(LN(ẑˡ⁺¹)) + ẑˡ⁺¹           (eq. 3)
+
+Patch partition (4×4 conv + LayerNorm), four stages of blocks that alternate regular and shifted windows
+(``vitkit.layers.WindowAttention``, relative-position bias eq. 4), patch merging between stages, final LayerNorm,
+global average pooling and a linear head. Features stay channels-last (B, H, W, C) from the patch embedding to the
+head. Module names follow timm's ``SwinTransformer`` (the merging layer opens the stage it feeds:
+``layers.{i}.downsample``), except the classifier, ``head`` (timm: ``head.fc``); ``swin_formats`` converts the
+official, timm and transformers layouts.
+
+Window geometry follows the official code (``SwinTransformerBlock.__init__``): blocks 1, 3, … of a stage shift by
+window // 2; a stage whose resolution is not larger than the window (min(H, W) <= window) uses one window of
+min(H, W) and no shift. Stage sides that are not multiples of the window are zero-padded inside the attention, and
+odd sides before patch merging, as transformers' ``SwinLayer`` / ``SwinPatchMerging`` and Swin's detection backbone
+pad them (the official classification code only accepts sizes that divide).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitkit.config import ConfigError, from_dict
+from vitkit.layers import Block, PatchEmbed, to_2tuple
+from vitkit.layers.pos_embed_rel import relative_position_index
+from vitkit.layers.window_attention import WindowAttention, padded_grid, shifted_window_mask
+from vitkit.models.base import FamilyModel, select_indices, staged_layer_id, trunc_normal_linears_, zero_init_
+from vitkit.models.swin_formats import SWIN_FORMATS, WEIGHTS
+from vitkit.registry import register_family
+from vitkit.specs import PreprocessConfig, Reference
+
+__all__ = ["SwinConfig", "SwinTransformer", "PatchMerging", "block_geometry"]
+
+
+@dataclass
+class SwinConfig:
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 1000  # 0 = no head (forward returns pooled features)
+    embed_dim: int = 96  # C of the first stage; stage i has C·2^i channels
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    act_layer: Literal["gelu", "gelu_tanh"] = "gelu"
+    norm_eps: float = 1e-5  # nn.LayerNorm's default, used by the official code for every norm
+    drop_rate: float = 0.0  # official DROP_RATE: after the patch embedding and after every dense layer
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1  # stochastic depth, linear over all blocks (official default)
+    rel_pos_resize: Literal["bicubic", "geometric", "geometric_linear"] = "bicubic"  # how loading resizes tables
+
+    def validate(self) -> None:
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("patch_size", "embed_dim", "window_size", "in_chans"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            raise ConfigError(f"num_classes must be >= 0, got {self.num_classes}")
+        if not self.depths or len(self.depths) != len(self.num_heads) or min(self.depths) < 1:
+            raise ConfigError(f"depths {list(self.depths)} and num_heads {list(self.num_heads)} need one positive "
+                              f"entry per stage")
+        for i, heads in enumerate(self.num_heads):
+            if heads <= 0 or (self.embed_dim * 2 ** i) % heads:
+                raise ConfigError(f"num_heads[{i}] = {heads} does not divide stage {i}'s width "
+                                  f"{self.embed_dim * 2 ** i}")
+        for s in to_2tuple(self.img_size):
+            if s <= 0 or s % self.patch_size:
+                P = self.patch_size
+                near = sorted({max(1, s // P) * P, -(-s // P) * P})
+                raise ConfigError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size} "
+                                  f"(e.g. {' or '.join(map(str, near))})")
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    grid: tuple[int, int]  # the stage's token grid
+    window: tuple[int, int]
+    shift: tuple[int, int]
+
+
+def stage_grids(cfg: SwinConfig) -> list[tuple[int, int]]:
+    """Token grid of every stage: img / patch, then halved (rounded up: odd sides are padded) by each merging."""
+    h, w = (s // cfg.patch_size for s in to_2tuple(cfg.img_size))
+    grids = [(h, w)]
+    for _ in cfg.depths[1:]:
+        h, w = -(-h // 2), -(-w // 2)
+        grids.append((h, w))
+    return grids
+
+
+def block_geometry(cfg: SwinConfig) -> list[list[BlockGeometry]]:
+    """Window and shift of every block (official rule): shift window // 2 on odd blocks; a stage with
+    min(H, W) <= window has one window of min(H, W) and no shift."""
+    out = []
+    for grid, depth in zip(stage_grids(cfg), cfg.depths):
+        window, shift = cfg.window_size, cfg.window_size // 2
+        if min(grid) <= window:
+            window, shift = min(grid), 0
+        out.append([BlockGeometry(grid, (window, window), (shift, shift) if j % 2 else (0, 0)) for j in range(depth)])
+    return out
+
+
+def computed_buffers(cfg: SwinConfig) -> dict[str, Tensor]:
+    """The relative-position indices and SW-MSA masks a model built from ``cfg`` computes, by state-dict key."""
+    out = {}
+    for i, stage in enumerate(block_geometry(cfg)):
+        for j, g in enumerate(stage):
+            prefix = f"layers.{i}.blocks.{j}.attn."
+            out[prefix + "relative_position_index"] = relative_position_index(g.window)
+            if any(g.shift):
+                out[prefix + "attn_mask"] = shifted_window_mask(padded_grid(g.grid, g.window), g.window, g.shift)
+    return out
+
+
+class PatchMerging(nn.Module):
+    """Swin §3.1 patch merging: concatenate each 2×2 neighbourhood (official order x0 = (even row, even col),
+    x1 = (odd, even), x2 = (even, odd), x3 = (odd, odd)), LayerNorm(4C), Linear(4C → 2C, no bias). Odd sides are
+    zero-padded at the bottom/right first (transformers' and timm's merging)."""
+
+    def __init__(self, dim: int, norm_layer):
+        super().__init__()
+        self.norm = norm_layer(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, H, W, C = x.shape
+        if H % 2 or W % 2:
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+            H, W = H + H % 2, W + W % 2
+        x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)  # (B, H/2, W/2, 4C)
+        return self.reduction(self.norm(x))  # (B, H/2, W/2, 2C)
+
+
+class SwinStage(nn.Module):
+    """Patch merging (stages ≥ 1) then the stage's blocks: pre-norm ``Block``s whose attention is W-MSA / SW-MSA."""
+
+    def __init__(self, cfg: SwinConfig, index: int, geometry: list[BlockGeometry], drop_path: list[float]):
+        super().__init__()
+        dim = cfg.embed_dim * 2 ** index
+        norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
+        self.downsample = PatchMerging(dim // 2, norm_layer) if index > 0 else nn.Identity()
+        self.blocks = nn.Sequential(*[
+            Block(dim, mlp_ratio=cfg.mlp_ratio, proj_drop=cfg.drop_rate, drop_path=drop_path[j],
+                  act_layer=cfg.act_layer, norm_layer=norm_layer,
+                  attn=WindowAttention(dim, cfg.num_heads[index], g.grid, g.window, g.shift, qkv_bias=cfg.qkv_bias,
+                                       attn_drop=cfg.attn_drop_rate, proj_drop=cfg.drop_rate))
+            for j, g in enumerate(geometry)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(self.downsample(x))  # (B, H_i, W_i, C_i)
+
+
+class SwinTransformer(FamilyModel):
+    config_cls = SwinConfig
+    intermediates = "pyramid"
+
+    def __init__(self, cfg: SwinConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.num_features = cfg.embed_dim * 2 ** (len(cfg.depths) - 1)
+        norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim,
+                                      norm_layer=norm_layer, output_fmt="NHWC")
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        rates = [r.item() for r in torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu")]
+        starts = [sum(cfg.depths[:i]) for i in range(len(cfg.depths))]
+        self.layers = nn.Sequential(*[SwinStage(cfg, i, g, rates[starts[i]: starts[i] + cfg.depths[i]])
+                                      for i, g in enumerate(block_geometry(cfg))])
+        self.norm = norm_layer(self.num_features)
+        self.head = self._make_head(cfg.num_classes)
+        self.init_weights()
+
+    # ----------------------------------------------------------------------------------------------- construction
+    def _make_head(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def init_weights(self) -> None:
+        """Truncated-normal(0.02) dense layers with zero biases (official ``_init_weights``; the bias tables are
+        initialised by ``WindowAttention``), and a zero-initialised head."""
+        trunc_normal_linears_(self, std=0.02)
+        zero_init_(*self.classifiers())
+
+    def classifiers(self) -> list[nn.Linear]:
+        return [self.head] if isinstance(self.head, nn.Linear) else []
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = self.cfg.num_classes = num_classes
+        self.head = self._make_head(num_classes)
+        zero_init_(*self.classifiers())
+
+    def no_weight_decay(self) -> set[str]:
+        """The bias tables (the official ``no_weight_decay_keywords``)."""
+        return {"relative_position_bias_table"}
+
+    def layer_id(self, param_name: str) -> int:
+        """microsoft/SimMIM ``get_swin_layer`` numbering (``staged_layer_id``): 0 = patch embedding, blocks
+        numbered from 1 across stages, a stage's merging layer one below its first block, final norm and head last."""
+        depths = self.cfg.depths
+        if param_name.startswith("patch_embed."):
+            return staged_layer_id(depths, None)
+        if param_name.startswith("layers."):
+            parts = param_name.split(".")
+            stage = int(parts[1])
+            return staged_layer_id(depths, stage, int(parts[3]) if parts[2] == "blocks" else None)
+        return staged_layer_id(depths, len(depths))
+
+    @property
+    def num_layer_ids(self) -> int:
+        return sum(self.cfg.depths) + 2
+
+    # --------------------------------------------------------------------------------------------------- forward
+    def embed(self, x: Tensor) -> Tensor:
+        """Patch partition + linear embedding + LayerNorm: (B, C, H, W) → (B, H/P, W/P, C)."""
+        H, W = x.shape[-2:]
+        if (H, W) != self.patch_embed.img_size:
+            h, w = self.patch_embed.img_size
+            raise ValueError(f"input is {H}x{W} but the model was built for {h}x{w} (its windows and masks depend on "
+                             f"the size); pass img_size=({H}, {W}) to create_model: weights load with their bias "
+                             f"tables resized")
+        return self.pos_drop(self.patch_embed(x))  # (B, h, w, C)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) images → (B, h, w, D) normalised last-stage features (channels-last)."""
+        return self.norm(self.layers(self.embed(x)))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x.mean(dim=(1, 2))  # (B, D) global average pooling
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None,
+                              norm: bool = False) -> list[Tensor]:
+        """The output of chosen stages as (B, C_i, H_i, W_i) maps (the feature pyramid); ``norm`` applies the final
+        LayerNorm to the last stage's map (timm's convention: the other stages have no norm of their own)."""
+        wanted = select_indices(indices, len(self.layers), "stage")
+        x = self.embed(x)
+        outs = []
+        for i, stage in enumerate(self.layers[: wanted[-1] + 1]):
+            x = stage(x)
+            if i in wanted:
+                y = self.norm(x) if norm and i == len(self.layers) - 1 else x
+                outs.append(y.permute(0, 3, 1, 2).contiguous())  # (B, C_i, H_i, W_i)
+        return outs
+
+    # ------------------------------------------------------------------------------------------ weight loading
+    def load_pretrained_state(self, state: dict[str, Tensor], report) -> dict[str, Tensor]:
+        """Adapt a vitkit-layout state dict: check the checkpoint's relative-position indices and SW-MSA masks (they
+        must be what its own geometry computes), resize bias tables for another window (``cfg.rel_pos_resize``,
+        bicubic by default as Swin's ``utils.load_pretrained``), replace the buffers by this model's, and
+        zero-initialise a head of another class count."""
+        from vitkit.weights.adapt import adapt_head, reconcile_buffers, resize_rel_pos_tables
+        source = report.source_config if report.format == "vitkit" else None  # a vitkit file states its geometry
+        _check_buffers_are_computed(state, report, computed_buffers(from_dict(SwinConfig, dict(source)))
+                                    if source else None)
+        state = resize_rel_pos_tables(state, self, "relative_position_bias_table", report, self.cfg.rel_pos_resize,
+                                      _square_window)
+        state = reconcile_buffers(state, self, ("relative_position_index", "attn_mask"), report,
+                                  "this model's input size or window differs from the checkpoint's")
+        return adapt_head(state, "head", self.head, report)
+
+
+def _square_window(rows: int) -> tuple[int, int] | None:
+    side = math.isqrt(rows)
+    return ((side + 1) // 2,) * 2 if side * side == rows and side % 2 else None
+
+
+def _check_buffers_are_computed(state: dict[str, Tensor], report, source: dict[str, Tensor] | None) -> None:
+    """A checkpoint's indices and masks must be the ones Swin computes for its own geometry: ``source``'s when the
+    checkpoint states its configuration (vitkit's files), else the geometry their shapes imply: an index of N = W²
+    tokens for a W×W window, a mask of nW windows of N tokens for a square grid of √nW windows shifted by W // 2 (how
+    the official code builds every shifted block). Anything else is not a Swin buffer: refused."""
+    from vitkit.weights.report import CheckpointMismatchError
+    wrong = []
+    for key, value in state.items():
+        if source is not None and key.endswith(("relative_position_index", "attn_mask")):
+            expected = source.get(key)
+        elif key.endswith("relative_position_index") and value.ndim == 2:
+            side = math.isqrt(value.shape[0])
+            expected = relative_position_index((side, side))
+        elif key.endswith("attn_mask") and value.ndim == 3:
+            side, per_axis = math.isqrt(value.shape[1]), math.isqrt(value.shape[0])
+            grid = (per_axis * side,) * 2
+            expected = shifted_window_mask(grid, (side, side), (side // 2,) * 2)
+        elif key.endswith(("relative_position_index", "attn_mask")):
+            expected = None
+        else:
+            continue
+        if expected is None or expected.shape != value.shape or not torch.equal(expected.to(value.dtype), value):
+            wrong.append(key)
+    if wrong:
+        raise CheckpointMismatchError(f"{report.source}: {len(wrong)} buffer(s) are not the relative-position index "
+                                      f"/ shifted-window mask Swin computes for their shape (vitkit names): "
+                                      f"{', '.join(wrong[:4])}"
+                                      f"{' …' if len(wrong) > 4 else ''}")
+
+
+# -------------------------------------------------------------------------------------------------- variants
+# configs/swin/*.yaml of microsoft/Swin-Transformer; drop-path rates of the ImageNet-1k configs (Swin-L: the 22k one).
+_SIZES = {
+    "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),
+    "small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3),
+    "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
+    "large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), drop_path_rate=0.2),
+}
+_NAMES = [("tiny", 7, 224), ("small", 7, 224), ("base", 7, 224), ("base", 12, 384), ("large", 7, 224),
+          ("large", 12, 384)]
+VARIANTS = {f"swin_{size}_patch4_window{w}_{res}": dict(**_SIZES[size], window_size=w, img_size=res)
+            for size, w, res in _NAMES}
+# Official evaluation (data/build.py): bicubic, ImageNet mean/std; at 224 resize to 256 and centre-crop
+# (TEST.CROP), at 384 resize to 384x384 without cropping (the *_384 configs set TEST.CROP False).
+DATA_CFGS = {name: PreprocessConfig(crop_pct=0.875 if cfg["img_size"] == 224 else 1.0)
+             for name, cfg in VARIANTS.items()}
+
+
+def closed_form_size(cfg: dict, num_classes: int = 1000) -> tuple[float, float]:
+    """(parameters M, GMACs) written out from the paper's layer sizes, independent of the model code: patch
+    embedding 3·P²·C + 3C; per block (width C, window W, h heads, T tokens of the padded grid, T₀ of the grid)
+    12C² + 13C + (2W−1)²h parameters and 4C²T + 2T·W²·C + 8C²T₀ MACs (qkv + projection on the windows, the
+    two attention products, the MLP); patch merging of c input channels 8c² + 8c parameters and 8c² MACs per
+    output token; final norm and head. Reproduces architectures.md §1.4 (Swin-T 28.29 M / 4.49 G … Swin-L
+    196.53 M / 34.48 G)."""
+    full = SwinConfig(**{**cfg, "num_classes": num_classes})
+    C0 = full.embed_dim
+    params = 3 * full.patch_size ** 2 * C0 + 3 * C0
+    macs = 0
+    for i, (stage, grid) in enumerate(zip(block_geometry(full), stage_grids(full))):
+        C = C0 * 2 ** i
+        tokens = grid[0] * grid[1]
+        if i == 0:
+            macs += tokens * 3 * full.patch_size ** 2 * C
+        else:
+            params += 8 * (C // 2) ** 2 + 4 * C
+            macs += tokens * 8 * (C // 2) ** 2
+        for g in stage:
+            hp, wp = padded_grid(g.grid, g.window)
+            N = g.window[0] * g.window[1]
+            params += 12 * C * C + 13 * C + (2 * g.window[0] - 1) * (2 * g.window[1] - 1) * full.num_heads[i]
+            macs += 4 * C * C * hp * wp + 2 * hp * wp * N * C + 8 * C * C * tokens
+    D = C0 * 2 ** (len(full.depths) - 1)
+    params += 2 * D + D * num_classes + num_classes
+    macs += D * num_classes
+    return params / 1e6, macs / 1e9
+
+
+# Published sizes (architectures.md §1.4: official code counted, reproducing MODELHUB's 28M/4.5G … 197M/34.5G).
+# Swin-L@384 has no measured row there; its closed form (196.74 M, 103.92 G) matches MODELHUB's "197M / 103.9G"
+# (to its rounding) and is the reference.
+_PUBLISHED = {
+    "swin_tiny_patch4_window7_224": (28.29, 4.49),
+    "swin_small_patch4_window7_224": (49.61, 8.74),
+    "swin_base_patch4_window7_224": (87.77, 15.43),
+    "swin_base_patch4_window12_384": (87.90, 47.08),
+    "swin_large_patch4_window7_224": (196.53, 34.48),
+}
+_SOURCE = "architectures.md §1.4, official microsoft/Swin-Transformer code counted (MODELHUB.md)"
+REFERENCES = {name: Reference(*_PUBLISHED[name], _SOURCE, macs_rtol=0.002) if name in _PUBLISHED else
+              Reference(*closed_form_size(cfg), "closed form of the paper's layer sizes (MODELHUB: 197M / 103.9G)",
+                        params_tol=1e-6, macs_rtol=1e-6)
+              for name, cfg in VARIANTS.items()}
+
+
+def tiny(name: str, cfg: dict) -> dict:
+    """Four stages of width 16-128 on a 16x16 token grid with 2x2 windows: shifted windows and masks in stages 1-3,
+    a single unshifted window in stage 4, all in milliseconds."""
+    return dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=2, img_size=64)
+
+
+register_family("swin", SwinTransformer, VARIANTS, DATA_CFGS, formats=SWIN_FORMATS, weights=WEIGHTS,
+                references=REFERENCES, tiny=tiny, paper="Liu et al. 2021, arXiv 2103.14030")
