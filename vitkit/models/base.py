@@ -30,6 +30,9 @@ class FamilyModel(nn.Module, metaclass=abc.ABCMeta):
     #: what ``forward_intermediates`` returns: per-block token sequences (plain models) or per-stage (B, C, H, W) maps
     intermediates: ClassVar[Literal["tokens", "pyramid"]]
 
+    #: export formats (vitkit.deploy) this family cannot produce yet → why; ``vitkit export`` refuses them by name
+    unsupported_exports: ClassVar[dict[str, str]] = {}
+
     cfg: Any
     num_classes: int
 
