@@ -139,4 +139,4 @@ def test_int8_agrees_on_the_real_photos(tmp_path, capsys):
     meta = json.loads((tmp_path / "q" / "vitkit.json").read_text())
     names, agreement = meta["parity"]["inputs"], meta["parity"]["top1_agreement"]
     assert names[-1].startswith("images (16)") and agreement[-1] >= 15 / 16
-    assert min(meta["parity"]["cosine_min"]) >= 0.99 and "u8 weights" in meta["quantization"]
+    assert min(meta["parity"]["cosine_min"]) >= 0.99 and "weights per channel" in meta["quantization"]
