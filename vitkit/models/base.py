@@ -11,12 +11,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 import inspect
+import math
 from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FamilyModel", "check_contract", "select_indices", "staged_layer_id", "zero_init_", "check_input"]
+__all__ = ["FamilyModel", "check_contract", "select_indices", "staged_layer_id", "zero_init_", "check_input",
+           "token_grid"]
 
 
 class FamilyModel(nn.Module, metaclass=abc.ABCMeta):
@@ -32,6 +34,9 @@ class FamilyModel(nn.Module, metaclass=abc.ABCMeta):
 
     #: export formats (vitkit.deploy) this family cannot produce yet → why; ``vitkit export`` refuses them by name
     unsupported_exports: ClassVar[dict[str, str]] = {}
+
+    #: tokens before the patch grid in ``forward_features``' sequence (class, distillation); token models set it
+    num_prefix_tokens: int = 0
 
     cfg: Any
     num_classes: int
@@ -56,6 +61,39 @@ class FamilyModel(nn.Module, metaclass=abc.ABCMeta):
         """Outputs of chosen blocks (``intermediates == "tokens"``: (B, N, D) each) or stages (``"pyramid"``:
         (B, C_i, H_i, W_i) each). ``indices``: an int n = the last n, a list = those (negative allowed), None = all.
         ``select_indices`` validates them."""
+
+    # ------------------------------------------------------------------------------------------- explanations
+    def readout_weights(self, features: Tensor) -> Tensor | None:
+        """(B, N) weights over the tokens of ``forward_features`` that the head reads, for attention rollout and
+        relevance; None for pyramid models (no token read-out). Default: the first token (a class token). Families
+        that pool otherwise (mean pooling, CCT's sequence pooling, DeiT's two tokens) override it."""
+        if self.intermediates == "pyramid":
+            return None
+        weights = features.new_zeros(features.shape[:2])  # (B, N)
+        weights[:, 0] = 1.0
+        return weights
+
+    def patch_embedding_filters(self) -> Tensor | None:
+        """(D, C, P, P) filters of a linear patch embedding (the ViT paper's Figure 7, left); None for a model without
+        one (convolutional stems, soft splits, hierarchical models)."""
+        return None
+
+    def position_embedding_grid(self) -> tuple[Tensor, tuple[int, int]] | None:
+        """The learned absolute position embeddings of the patch grid, (h·w, D), and the grid (h, w) (Figure 7,
+        centre); None for a model without them."""
+        return None
+
+    def feature_map(self, features: Tensor, image_hw: tuple[int, int]) -> Tensor:
+        """The output of ``forward_features`` as a (B, C, h, w) map (a view: gradients flow), for Grad-CAM.
+
+        Default: token models drop their prefix tokens and lay the patch tokens on the grid the image's aspect ratio
+        implies; pyramid models return their (B, C, h, w) features as they are (families whose features are
+        channels-last override it)."""
+        if self.intermediates == "pyramid":
+            return features
+        patches = features[:, self.num_prefix_tokens:]  # (B, h·w, C)
+        h, w = token_grid(patches.shape[1], image_hw)
+        return patches.transpose(1, 2).reshape(features.shape[0], -1, h, w)  # (B, C, h, w)
 
     # ---------------------------------------------------------------------------------------------- the head
     @abc.abstractmethod
@@ -120,6 +158,16 @@ def check_input(x: Any, in_chans: int) -> None:
         raise ValueError(f"expected a (B, {in_chans}, H, W) tensor, got shape {tuple(x.shape)}{hint}")
     if not x.is_floating_point():
         raise ValueError(f"expected a floating-point tensor, got {x.dtype} (normalise the images first)")
+
+
+def token_grid(num_patches: int, image_hw: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) grid of ``num_patches`` tokens laid over an H×W image (its aspect ratio decides a non-square one)."""
+    H, W = image_hw
+    h = round(math.sqrt(num_patches * H / W))
+    for cand in sorted({h, h - 1, h + 1}, key=lambda c: abs(c - h)):
+        if cand > 0 and num_patches % cand == 0:
+            return cand, num_patches // cand
+    raise ValueError(f"{num_patches} tokens do not form a grid over a {H}x{W} image")
 
 
 def select_indices(indices: int | Sequence[int] | None, count: int, what: str = "block") -> list[int]:

@@ -166,6 +166,21 @@ class VisionTransformer(FamilyModel):
             return x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, D)
         return x[:, 0]  # (B, D) class token, eq. 4
 
+    def patch_embedding_filters(self) -> Tensor:
+        return self.patch_embed.proj.weight  # (D, C, P, P)
+
+    def position_embedding_grid(self) -> tuple[Tensor, tuple[int, int]]:
+        return self.pos_embed[0, self.num_prefix_tokens:], self.patch_embed.grid_size  # (h·w, D)
+
+    def readout_weights(self, features: Tensor) -> Tensor:
+        """The class token, or every patch token equally for global average pooling (App. D.3)."""
+        weights = features.new_zeros(features.shape[:2])  # (B, N)
+        if self.cfg.global_pool == "avg":
+            weights[:, self.num_prefix_tokens:] = 1.0 / (features.shape[1] - self.num_prefix_tokens)
+        else:
+            weights[:, 0] = 1.0
+        return weights
+
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.pre_logits(self.fc_norm(self.pool(x)))
         x = self.head_drop(x)
