@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import inspect
+import math
 from typing import Any, ClassVar, Literal, Sequence
 
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from vitkit.layers.patch_embed import check_image_batch
 
 __all__ = ["FamilyModel", "check_contract", "select_indices", "staged_layer_id", "block_layer_id", "block_outputs",
-           "zero_init_", "trunc_normal_linears_", "check_input"]
+           "zero_init_", "trunc_normal_linears_", "check_input", "token_grid", "tokens_to_map"]
 
 
 class FamilyModel(nn.Module, metaclass=abc.ABCMeta):
@@ -32,6 +33,12 @@ class FamilyModel(nn.Module, metaclass=abc.ABCMeta):
     config_cls: ClassVar[type]  # the family's config dataclass (must have img_size, in_chans and num_classes)
     #: what ``forward_intermediates`` returns: per-block token sequences (plain models) or per-stage (B, C, H, W) maps
     intermediates: ClassVar[Literal["tokens", "pyramid"]]
+
+    #: export formats (vitkit.deploy) this family cannot produce yet → why; ``vitkit export`` refuses them by name
+    unsupported_exports: ClassVar[dict[str, str]] = {}
+
+    #: tokens before the patch grid in ``forward_features``' sequence (class, distillation); token models set it
+    num_prefix_tokens: int = 0
 
     cfg: Any
     num_classes: int
@@ -56,6 +63,33 @@ class FamilyModel(nn.Module, metaclass=abc.ABCMeta):
         """Outputs of chosen blocks (``intermediates == "tokens"``: (B, N, D) each) or stages (``"pyramid"``:
         (B, C_i, H_i, W_i) each). ``indices``: an int n = the last n, a list = those (negative allowed), None = all.
         ``select_indices`` validates them."""
+
+    # ------------------------------------------------------------------------------------------- explanations
+    def readout_weights(self, features: Tensor) -> Tensor | None:
+        """(B, N) weights over the tokens of ``forward_features`` that the head reads, for attention rollout and
+        relevance; None for pyramid models (no token read-out). Default: the first token (a class token). Families
+        that pool otherwise (mean pooling, CCT's sequence pooling, DeiT's two tokens) override it."""
+        if self.intermediates == "pyramid":
+            return None
+        weights = features.new_zeros(features.shape[:2])  # (B, N)
+        weights[:, 0] = 1.0
+        return weights
+
+    def patch_embedding_filters(self) -> Tensor | None:
+        """(D, C, P, P) filters of a linear patch embedding (the ViT paper's Figure 7, left); None for a model without
+        one (convolutional stems, soft splits, hierarchical models)."""
+        return None
+
+    def position_embedding_grid(self) -> tuple[Tensor, tuple[int, int]] | None:
+        """The learned absolute position embeddings of the patch grid, (h·w, D), and the grid (h, w) (Figure 7,
+        centre); None for a model without them."""
+        return None
+
+    @abc.abstractmethod
+    def feature_map(self, features: Tensor, image_hw: tuple[int, int]) -> Tensor:
+        """The output of ``forward_features`` for an ``image_hw`` input as a (B, C, h, w) map of its spatial tokens
+        (prefix tokens dropped; a view, so gradients flow), for Grad-CAM and feature extraction. Token families use
+        ``tokens_to_map``."""
 
     # ---------------------------------------------------------------------------------------------- the head
     @abc.abstractmethod
@@ -114,6 +148,23 @@ def check_contract(model_cls: type) -> None:
 def check_input(x: Any, in_chans: int) -> None:
     """A model takes a (B, C, H, W) float tensor; anything else is a ValueError that says so."""
     check_image_batch(x, in_chans)
+
+
+def tokens_to_map(tokens: Tensor, prefix: int, image_hw: tuple[int, int]) -> Tensor:
+    """(B, prefix + h·w, C) tokens → (B, C, h, w): the spatial tokens on the grid the image's aspect ratio implies."""
+    patches = tokens[:, prefix:]  # (B, h·w, C)
+    h, w = token_grid(patches.shape[1], image_hw)
+    return patches.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)  # (B, C, h, w)
+
+
+def token_grid(num_patches: int, image_hw: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) grid of ``num_patches`` tokens laid over an H×W image (its aspect ratio decides a non-square one)."""
+    H, W = image_hw
+    h = round(math.sqrt(num_patches * H / W))
+    for cand in sorted({h, h - 1, h + 1}, key=lambda c: abs(c - h)):
+        if cand > 0 and num_patches % cand == 0:
+            return cand, num_patches // cand
+    raise ValueError(f"{num_patches} tokens do not form a grid over a {H}x{W} image")
 
 
 def select_indices(indices: int | Sequence[int] | None, count: int, what: str = "block") -> list[int]:

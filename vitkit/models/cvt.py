@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from vitkit.config import ConfigError
 from vitkit.layers import Block, Mlp, PatchEmbed, RecordsAttention, attend, drop_path_rates, to_2tuple
-from vitkit.models.base import FamilyModel, select_indices, staged_layer_id, trunc_normal_linears_, zero_init_
+from vitkit.models.base import (FamilyModel, select_indices, staged_layer_id, tokens_to_map, trunc_normal_linears_,
+                                zero_init_)
 from vitkit.models.cvt_formats import CVT_FORMATS, WEIGHTS
 from vitkit.registry import register_family
 from vitkit.specs import PreprocessConfig, Reference
@@ -285,6 +286,9 @@ class ConvolutionalVisionTransformer(FamilyModel):
         """(B, C, H, W) images → the last stage's normalised tokens (B, [1 +] H·W, D), class token first."""
         tokens, _ = self._stages(x, len(self.stages) - 1)[-1]
         return self.norm(tokens)  # LayerNorm is per token: norm(cls) as the official head takes it
+
+    def feature_map(self, features: Tensor, image_hw: tuple[int, int]) -> Tensor:
+        return tokens_to_map(features, int(self.cfg.class_token), image_hw)  # (B, D, h, w) of the last stage
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = x[:, 0] if self.cfg.class_token else x.mean(dim=1)  # (B, D): official forward_features

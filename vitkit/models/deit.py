@@ -57,6 +57,12 @@ class DistilledVisionTransformer(VisionTransformer):
     def prefix_tokens(self, B: int) -> list[Tensor]:
         return [self.cls_token.expand(B, -1, -1), self.dist_token.expand(B, -1, -1)]
 
+    def readout_weights(self, features: Tensor) -> Tensor:
+        """Both heads' tokens, averaged as the logits are; the class token alone without a distillation head."""
+        weights = features.new_zeros(features.shape[:2])  # (B, N)
+        weights[:, :2] = 0.5 if self.head_dist is not None else torch.tensor([1.0, 0.0])
+        return weights
+
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         x_cls, x_dist = self.pre_logits(self.fc_norm(x[:, 0])), self.pre_logits(self.fc_norm(x[:, 1]))  # (B, D) each
         if self.head_dist is None:  # DeiTForImageClassification: the class token alone is classified

@@ -32,7 +32,8 @@ from vitkit.config import ConfigError, from_dict
 from vitkit.layers import Block, PatchEmbed, to_2tuple
 from vitkit.layers.pos_embed_rel import relative_position_index
 from vitkit.layers.window_attention import WindowAttention, padded_grid, shifted_window_mask
-from vitkit.models.base import FamilyModel, select_indices, staged_layer_id, trunc_normal_linears_, zero_init_
+from vitkit.models.base import (FamilyModel, select_indices, staged_layer_id, trunc_normal_linears_,
+                                zero_init_)
 from vitkit.models.swin_formats import SWIN_FORMATS, WEIGHTS
 from vitkit.registry import register_family
 from vitkit.specs import PreprocessConfig, Reference
@@ -235,6 +236,9 @@ class SwinTransformer(FamilyModel):
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C, H, W) images → (B, h, w, D) normalised last-stage features (channels-last)."""
         return self.norm(self.layers(self.embed(x)))
+
+    def feature_map(self, features: Tensor, image_hw: tuple[int, int]) -> Tensor:
+        return features.permute(0, 3, 1, 2)  # (B, h, w, D) channels-last → (B, D, h, w)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = x.mean(dim=(1, 2))  # (B, D) global average pooling

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from vitkit.config import ConfigError
 from vitkit.layers import (Attention, Block, Mlp, RecordsAttention, attend, drop_path_rates, favor_attention,
                            orthogonal_features, sinusoid_table, to_2tuple)
-from vitkit.models.base import (FamilyModel, block_layer_id, block_outputs, select_indices, trunc_normal_linears_,
-                                zero_init_)
+from vitkit.models.base import (FamilyModel, block_layer_id, block_outputs, select_indices, tokens_to_map,
+                                trunc_normal_linears_, zero_init_)
 from vitkit.models.t2t_vit_formats import T2T_FORMATS
 from vitkit.registry import register_family
 from vitkit.specs import PreprocessConfig, Reference
@@ -209,6 +209,7 @@ class T2TModule(nn.Module):
 # ------------------------------------------------------------------------------------------------------ model
 class T2TViT(FamilyModel):
     config_cls = T2TViTConfig
+    num_prefix_tokens = 1  # the class token before the soft-split grid
     intermediates = "tokens"
 
     def __init__(self, cfg: T2TViTConfig):
@@ -277,6 +278,9 @@ class T2TViT(FamilyModel):
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C, H, W) → (B, 1 + h·w, D) normalised tokens."""
         return self.norm(self.blocks(self.embed(x)))
+
+    def feature_map(self, features: Tensor, image_hw: tuple[int, int]) -> Tensor:
+        return tokens_to_map(features, self.num_prefix_tokens, image_hw)  # (B, D, h, w)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = x[:, 0]  # (B, D) class token

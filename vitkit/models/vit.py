@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from vitkit.config import ConfigError
 from vitkit.layers import Block, PatchEmbed, drop_path_rates, resample_pos_embed, to_2tuple
-from vitkit.models.base import (FamilyModel, block_layer_id, block_outputs, select_indices, trunc_normal_linears_,
-                                zero_init_)
+from vitkit.models.base import (FamilyModel, block_layer_id, block_outputs, select_indices, tokens_to_map,
+                                trunc_normal_linears_, zero_init_)
 from vitkit.models.vit_formats import VIT_FORMATS, WEIGHTS
 from vitkit.registry import register_family
 from vitkit.specs import INCEPTION_MEAN, INCEPTION_STD, PreprocessConfig, Reference
@@ -180,6 +180,24 @@ class VisionTransformer(FamilyModel):
         if self.cfg.global_pool == "avg":
             return x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, D)
         return x[:, 0]  # (B, D) class token, eq. 4
+
+    def patch_embedding_filters(self) -> Tensor:
+        return self.patch_embed.proj.weight  # (D, C, P, P)
+
+    def position_embedding_grid(self) -> tuple[Tensor, tuple[int, int]]:
+        return self.pos_embed[0, self.num_prefix_tokens:], self.patch_embed.grid_size  # (h·w, D)
+
+    def feature_map(self, features: Tensor, image_hw: tuple[int, int]) -> Tensor:
+        return tokens_to_map(features, self.num_prefix_tokens, image_hw)  # (B, D, h, w)
+
+    def readout_weights(self, features: Tensor) -> Tensor:
+        """The class token, or every patch token equally for global average pooling (App. D.3)."""
+        weights = features.new_zeros(features.shape[:2])  # (B, N)
+        if self.cfg.global_pool == "avg":
+            weights[:, self.num_prefix_tokens:] = 1.0 / (features.shape[1] - self.num_prefix_tokens)
+        else:
+            weights[:, 0] = 1.0
+        return weights
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.pre_logits(self.fc_norm(self.pool(x)))

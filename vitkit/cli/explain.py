@@ -1,0 +1,67 @@
+"""`vitkit explain IMAGES --model/--pretrained ... --method ...`: where the model looked, as PNG overlays and one
+self-contained HTML report."""
+from __future__ import annotations
+
+import argparse
+import os
+
+HELP = "explain predictions: attention maps, rollout, relevance, Grad-CAM; PNG overlays and an HTML report"
+
+EPILOG = """examples:
+  vitkit explain photo.jpg --model deit_tiny_patch16_224 --pretrained deit_tiny.safetensors --out explain/
+  vitkit explain photos/ --pretrained runs/c10 --method rollout,gradcam
+  vitkit explain photo.jpg --model swin_tiny_patch4_window7_224 --pretrained swin.pth --method attention,gradcam
+
+methods: attention (every layer and head, at the model's read-out), rollout (Abnar & Zuidema 2020) and relevance
+(Chefer et al. 2021) for token models, gradcam for every model. Default: every method the model supports.
+writes OUT/<image>_<method>.png and OUT/report.html (images embedded; browse attention by layer and head)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument("images", nargs="+", metavar="IMAGES_OR_FOLDERS", help="image files and/or folders")
+    parser.add_argument("--model", help="registered variant name; optional with a vitkit model or run folder")
+    parser.add_argument("--pretrained", metavar="PATH", help="checkpoint in any format, a model or a run folder")
+    parser.add_argument("--method", default="auto", help="comma-separated: attention, rollout, relevance, gradcam "
+                                                         "(default: all the model supports)")
+    parser.add_argument("--target", type=int, help="class index to explain (default: the predicted class)")
+    parser.add_argument("--out", default="explain", help="output folder (default ./explain)")
+    parser.add_argument("--max-images", type=int, default=32, help="at most this many images (default 32)")
+
+
+def _methods(text: str, model) -> list[str]:
+    from vitkit.explain import METHODS
+    supported = list(METHODS) if model.intermediates == "tokens" else ["attention", "gradcam"]
+    if text == "auto":
+        return supported
+    chosen = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown --method {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    unfit = [m for m in chosen if m not in supported]
+    if unfit:
+        raise ValueError(f"--method {', '.join(unfit)} needs a token model; {model.variant_name} is hierarchical "
+                         f"(use attention or gradcam)")
+    return chosen
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from vitkit.evaluate.predict import expand_inputs, load_batch
+    from vitkit.evaluate.targets import load_target
+    from vitkit.explain.pipeline import explain_files
+    files = expand_inputs(args.images)[: args.max_images]
+    if not files:
+        raise FileNotFoundError(f"no image files found in {' '.join(args.images)}")
+    target = load_target(args.pretrained, args.model)
+    model = target.model.cpu().eval()
+    methods = _methods(args.method, model)
+    os.makedirs(args.out, exist_ok=True)
+    with torch.no_grad():
+        report, written, failed = explain_files(model, files, methods, args.out, args.target)
+    for path, error in failed:
+        print(f"{path}: error: {error}")
+    print(f"wrote {len(written)} overlays and {report} ({', '.join(methods)}; {target.description})")
+    return 0 if written else 1
