@@ -7,6 +7,7 @@ takes a ``golden_case`` argument is parametrised with every case folder under th
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -40,6 +41,15 @@ def skip_or_fail(message: str) -> None:
     if _in_ci():
         pytest.fail(f"{message} (CI=true: required)", pytrace=False)
     pytest.skip(message)
+
+
+def require(module: str) -> Any:
+    """Import a test dependency (the ``test`` extra of pyproject.toml) or skip-or-fail naming it; use this instead of
+    ``pytest.importorskip``, which would skip under CI=true too."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        skip_or_fail(f"{module} is not importable ({e}); install the test extra: pip install -e '.[test]'")
 
 
 @dataclass(frozen=True)

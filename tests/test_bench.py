@@ -16,9 +16,7 @@ from vitkit.cli.main import main
 from vitkit.weights.hf import vit_from_hf
 from vitkit.weights.report import LoadReport
 
-from conftest import randomize_
-
-pytest.importorskip("transformers")
+from conftest import randomize_, require, skip_or_fail
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
 FAST = BenchSettings(batch_size=2, warmup=1, iters=3, probes=1, probe_size=128)
@@ -70,8 +68,13 @@ def test_machine_probes_are_positive():
 
 
 # ------------------------------------------------------------------------------------------- vs transformers
+@pytest.fixture
+def transformers():
+    return require("transformers")
+
+
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
-def test_transformers_twin_computes_the_same_logits(name):
+def test_transformers_twin_computes_the_same_logits(name, transformers):
     model = _tiny(name, act_layer="gelu_tanh", norm_eps=1e-12, qkv_bias=False).eval()
     hf = to_transformers(model)
     assert type(hf).__name__ == ("DeiTForImageClassificationWithTeacher" if "distilled" in name
@@ -84,7 +87,7 @@ def test_transformers_twin_computes_the_same_logits(name):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
-def test_transformers_state_dict_round_trips_through_the_importer():
+def test_transformers_state_dict_round_trips_through_the_importer(transformers):
     model = _tiny("deit_tiny_distilled_patch16_224")
     back = vit_from_hf(transformers_state_dict(model), LoadReport("roundtrip"))
     ours = model.state_dict()
@@ -94,7 +97,7 @@ def test_transformers_state_dict_round_trips_through_the_importer():
     assert q.data_ptr() != model.blocks[0].attn.qkv.weight.data_ptr()  # copies, never shared storage
 
 
-def test_comparison_reports_both_sides_and_equal_outputs():
+def test_comparison_reports_both_sides_and_equal_outputs(transformers):
     cmp = compare_to_transformers(_tiny(), FAST)
     assert cmp.max_abs_diff < 1e-4
     assert cmp.ours.images_per_s > 0 and cmp.theirs.images_per_s > 0
@@ -104,7 +107,7 @@ def test_comparison_reports_both_sides_and_equal_outputs():
     assert cmp.attn_implementation == "sdpa"
 
 
-def test_unsupported_architecture_is_refused_by_name():
+def test_unsupported_architecture_is_refused_by_name(transformers):
     with pytest.raises(ValueError, match="global_pool"):
         to_transformers(_tiny(global_pool="avg"))
 
@@ -126,7 +129,7 @@ def _cli(*extra: str) -> list[str]:
             "--warmup", "1", "--iters", "2", "--probes", "1", "--probe-size", "128", *extra]
 
 
-def test_bench_cli_compare_writes_json(tmp_path, capsys):
+def test_bench_cli_compare_writes_json(tmp_path, capsys, transformers):
     out = tmp_path / "bench.json"
     assert main(_cli("--compare", "transformers", "--json", str(out))) == 0
     printed = capsys.readouterr().out
@@ -165,6 +168,6 @@ def test_cpu_monitor_counts_page_faults_of_fresh_memory():
     with CpuMonitor() as mon:
         torch.ones(8 * 2 ** 20 // 4)  # 8 MiB of freshly mapped memory (above glibc's mmap threshold)
     if mon.minor_faults is None:
-        pytest.skip("no getrusage on this platform")
+        skip_or_fail("no getrusage on this platform")
     assert mon.minor_faults > 100
     assert mon.foreign_cores is None or mon.foreign_cores >= 0

@@ -9,8 +9,6 @@ import pytest
 
 from vitkit.cli.main import main
 
-pytest.importorskip("sklearn")
-
 
 def test_demo_pipeline_on_a_short_schedule(tmp_path, capsys):
     out = tmp_path / "demo"

@@ -9,6 +9,8 @@ import vitkit
 from vitkit.evaluate.probe import (BIAS_CONSTANT, Features, extract_features, few_shot_eval, fewshot_lstsq,
                                    linear_probe)
 
+from conftest import require
+
 
 def _blobs(n_per_class: int, num_classes: int, dim: int, spread: float, seed: int) -> Features:
     g = torch.Generator().manual_seed(seed)
@@ -54,7 +56,7 @@ def test_few_shot_needs_enough_images_per_class():
 
 
 def test_linear_probe_agrees_with_sklearn():
-    sklearn = pytest.importorskip("sklearn.linear_model")
+    sklearn = require("sklearn.linear_model")
     train, val, test = _blobs(60, 3, 8, 2.5, 0), _blobs(30, 3, 8, 2.5, 1), _blobs(60, 3, 8, 2.5, 2)
     res = linear_probe(train, val, test, num_classes=3, l2_grid=(1e-3, 1e-1))
     assert set(res.val_by_l2) == {1e-3, 1e-1} and res.l2 in res.val_by_l2

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch import nn
 
 import vitkit
 from vitkit.train import NonFiniteLossError, train
@@ -52,7 +54,6 @@ def test_run_folder_layout_and_reports(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test"]["num_samples"] == 32 and summary["environment"]["threads"] == 1
     assert summary["environment"]["torch"] == torch.__version__
-    pytest.importorskip("tensorboard")
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -146,17 +147,110 @@ def test_ema_weights_are_saved_and_evaluated(tmp_path):
         assert all(torch.equal(v, ema[k]) for k, v in weights(run, "best").items())
 
 
-def test_distillation_task_trains_a_distilled_deit(tmp_path):
-    teacher = vitkit.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1, embed_dim=24,
-                                  num_heads=2, num_classes=10)
+# ------------------------------------------------------------------------------------------------- distillation
+_DIGITS = {"name": "digits", "train_limit": None, "test_limit": None, "val_fraction": 0.1, "interpolation": "bilinear",
+           "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def _digits_split(which: str, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    from vitkit.data import DataConfig, TransformDataset, build_eval_transform, build_splits, collate_skip_none
+    cfg = DataConfig(name="digits", img_size=16, val_fraction=0.1, interpolation="bilinear")
+    data = TransformDataset(getattr(build_splits(cfg), which), build_eval_transform(cfg, mean, std))
+    return collate_skip_none([data[i] for i in range(len(data))])  # (N, 3, 16, 16), (N,)
+
+
+def _teacher_disagreeing_with_labels(folder: Path) -> nn.Module:
+    """A real, non-zero teacher whose predictions are not the labels: a random tiny ViT trunk with a head fitted (least
+    squares on its frozen features, train split) to the label + 3 (mod 10). Its test predictions are spread over all
+    classes, so agreeing with it is not agreeing with the labels, and a constant guess agrees ~1/10 of the time."""
+    from conftest import randomize_, require
+    require("sklearn")  # the digits dataset
+    teacher = randomize_(vitkit.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1,
+                                             embed_dim=24, num_heads=2, num_classes=10)).eval()
+    x, y = _digits_split("train", teacher.data_cfg.mean, teacher.data_cfg.std)
+    with torch.no_grad():
+        feats = teacher.forward_head(teacher.forward_features(x), pre_logits=True)  # (N, 24)
+        a = torch.cat([feats, torch.ones(len(feats), 1)], dim=1)  # (N, 25) with a bias column
+        target = 2 * F.one_hot((y + 3) % 10, 10).float() - 1  # (N, 10)
+        w = torch.linalg.solve(a.T @ a + 1e-2 * torch.eye(a.shape[1]), a.T @ target)  # (25, 10)
+        teacher.head.weight.copy_(w[:-1].T)
+        teacher.head.bias.copy_(w[-1])
+        assert (teacher(x).argmax(1) == (y + 3) % 10).float().mean() > 0.6
+    vitkit.save_pretrained(teacher, folder)
+    return teacher
+
+
+def _distill_recipe(teacher: Path, **distillation) -> dict:
+    return recipe(model={"name": "deit_tiny_distilled_patch16_224",
+                         "overrides": {"patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 3}},
+                  data=_DIGITS, augment={"crop_padding": 0, "hflip": 0.0}, optim={"lr": 3e-3, "warmup_steps": 5},
+                  train={"steps": 60, "batch_size": 64, "eval_every": 60, "task": "distill",
+                         "distillation": {"teacher": str(teacher), **distillation}})
+
+
+def _independent_distillation_loss(student, teacher, images, labels, kind, tau, alpha, smoothing):
+    """DeiT's DistillationLoss written out in float64 from the model parts: CE with label smoothing on the class
+    head; the distillation head against the teacher (hard: CE to its argmax; soft: KL(teacher/τ ‖ student/τ)·τ²
+    summed over the batch and divided by B·K); the teacher sees the batch re-normalised to its own statistics."""
+    def log_softmax(z):
+        z = z.double()
+        return z - torch.logsumexp(z, dim=1, keepdim=True)
+    with torch.no_grad():
+        feats = student.forward_features(images)  # (B, 2 + N, D)
+        cls_logits, dist_logits = student.head(feats[:, 0]), student.head_dist(feats[:, 1])  # (B, K) each
+        s_mean, s_std, t_mean, t_std = (torch.tensor(v).view(1, 3, 1, 1) for v in (
+            student.data_cfg.mean, student.data_cfg.std, teacher.data_cfg.mean, teacher.data_cfg.std))
+        teacher_logits = teacher((images * s_std + s_mean - t_mean) / t_std)  # (B, K)
+    B, K = cls_logits.shape
+    lp = log_softmax(cls_logits)
+    base = -((1 - smoothing) * lp[torch.arange(B), labels] + smoothing * lp.mean(dim=1)).mean()
+    if kind == "hard":
+        distill = -log_softmax(dist_logits)[torch.arange(B), teacher_logits.argmax(dim=1)].mean()
+    else:
+        log_p_t, log_p_s = log_softmax(teacher_logits / tau), log_softmax(dist_logits / tau)
+        distill = (log_p_t.exp() * (log_p_t - log_p_s)).sum() * tau ** 2 / (B * K)
+    return (1 - alpha) * base + alpha * distill, distill
+
+
+@pytest.mark.parametrize("kind,tau,alpha", [("hard", 1.0, 0.5), ("soft", 2.0, 0.3)])
+def test_distillation_loss_is_deits_formula_on_a_fixed_batch(tmp_path, kind, tau, alpha):
+    from conftest import randomize_
+    from vitkit.train.build import build_task
+    from vitkit.train.config import resolve
+    teacher = randomize_(vitkit.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1,
+                                             embed_dim=24, num_heads=2, num_classes=10), seed=1).eval()
     vitkit.save_pretrained(teacher, tmp_path / "teacher")
-    r = recipe(model={"name": "deit_tiny_distilled_patch16_224"},
-               train={"task": "distill", "distillation": {"teacher": str(tmp_path / "teacher"), "type": "soft",
-                                                          "tau": 2.0, "alpha": 0.5}})
-    result = train(r, tmp_path / "run")
-    assert result.status == "completed"
-    student = vitkit.load_model(tmp_path / "run" / "checkpoints" / "last")
-    assert student.head_dist.weight.abs().sum() > 0  # the distillation head was trained
+    cfg = resolve(recipe(model={"name": "deit_tiny_distilled_patch16_224"}, augment={"label_smoothing": 0.1},
+                         train={"task": "distill", "distillation": {"teacher": str(tmp_path / "teacher"),
+                                                                    "type": kind, "tau": tau, "alpha": alpha}}))
+    student = randomize_(vitkit.create_model("deit_tiny_distilled_patch16_224", img_size=16, patch_size=4,
+                                             depth=1, embed_dim=24, num_heads=2, num_classes=10), seed=2)
+    task = build_task(cfg, student, torch.device("cpu"))
+    task.prepare(student)
+    images = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 3, 3, 7, 9, 1])
+    out = task(student.train(), (images, labels), torch.Generator().manual_seed(0))
+    total, distill = _independent_distillation_loss(student.eval(), teacher, images, labels, kind, tau, alpha, 0.1)
+    assert distill > 0.05  # a real teacher and a non-zero distillation head: the term is not vacuous
+    assert out["distill_loss"].item() == pytest.approx(distill.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(total.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind,tau,alpha", [("hard", 1.0, 0.5), ("soft", 1.0, 0.9)])
+def test_distillation_head_learns_to_agree_with_the_teacher(tmp_path, kind, tau, alpha):
+    teacher = _teacher_disagreeing_with_labels(tmp_path / "teacher")
+    train(_distill_recipe(tmp_path / "teacher", type=kind, tau=tau, alpha=alpha), tmp_path / "run")
+    student = vitkit.load_model(tmp_path / "run" / "checkpoints" / "last").eval()
+    x, y = _digits_split("test", student.data_cfg.mean, student.data_cfg.std)  # same statistics as the teacher
+    with torch.no_grad():
+        wanted = teacher(x).argmax(1)
+        feats = student.forward_features(x)
+        dist_pred, cls_pred = student.head_dist(feats[:, 1]).argmax(1), student.head(feats[:, 0]).argmax(1)
+    agree = (dist_pred == wanted).float().mean().item()
+    constant = torch.bincount(wanted, minlength=10).max().item() / len(wanted)  # best constant guess
+    label_head = (cls_pred == wanted).float().mean().item()  # a head trained on the labels only
+    # measured (seed 0): hard 0.34, soft 0.32 agreement; best constant 0.13; class head 0.08
+    assert agree > constant + 0.1 and agree > label_head + 0.15, (agree, constant, label_head)
 
 
 def test_data_order_is_global_and_resumable():
