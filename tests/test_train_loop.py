@@ -135,16 +135,39 @@ def test_time_budget_lays_out_the_schedule(tmp_path):
     assert state["schedule"]["total_steps"] == s["planned_steps"] and state["state"]["planned"]
 
 
-def test_ema_weights_are_saved_and_evaluated(tmp_path):
+def _evaluate_split(run: Path, state: dict[str, torch.Tensor], split: str) -> tuple[float, float]:
+    """(loss, top1) of the run's model with ``state`` loaded, on the recipe's val or test split, computed here."""
+    from vitkit.data import DataConfig, TransformDataset, build_eval_transform, build_splits, collate_skip_none
+    from vitkit.evaluate import evaluate
+    model = vitkit.load_model(run / "checkpoints" / "last")
+    model.load_state_dict(state)
+    cfg = DataConfig(name="fake", img_size=16, train_limit=128, test_limit=32, val_fraction=0.125)
+    data = TransformDataset(getattr(build_splits(cfg), split), build_eval_transform(cfg, model.data_cfg.mean,
+                                                                                     model.data_cfg.std))
+    loader = torch.utils.data.DataLoader(data, batch_size=16, collate_fn=collate_skip_none)
+    r = evaluate(model, loader, progress=False)
+    return r.loss, r.top1
+
+
+def test_ema_weights_are_validated_saved_as_best_and_tested(tmp_path):
     run = tmp_path / "run"
-    train(recipe(train={"ema": True, "ema_decay": 0.5, "ema_warmup": False}), run)
+    summary = train(recipe(train={"ema": True, "ema_decay": 0.5, "ema_warmup": False, "eval_every": 6}),
+                    run).summary  # one validation, at the last step: best/ is selected there
     state = load_file(str(run / "checkpoints" / "last" / "train_state.safetensors"))
     ema = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
     raw = weights(run, "last")
     assert ema.keys() == raw.keys() and any(not torch.equal(ema[k], raw[k]) for k in raw)
-    best_step = json.loads((run / "checkpoints" / "last" / "train_state.json").read_text())["state"]["best_step"]
-    if best_step == 6:  # best/ holds the EMA weights of the step it was selected at
-        assert all(torch.equal(v, ema[k]) for k, v in weights(run, "best").items())
+    assert summary["best"]["step"] == 6
+    best = weights(run, "best")
+    differ = [k for k in ema if not torch.equal(best[k], ema[k])]
+    assert best.keys() == ema.keys() and not differ, f"best/ does not hold the EMA weights: {differ[:3]} differ"
+    row = list(csv.DictReader(open(run / "metrics.csv")))[-1]
+    for split, reported in (("val", (float(row["val_loss"]), float(row["val_top1"]))),
+                            ("test", (summary["test"]["loss"], summary["test"]["top1"]))):
+        with_ema, with_raw = _evaluate_split(run, ema, split), _evaluate_split(run, raw, split)
+        assert with_ema[0] != pytest.approx(with_raw[0], rel=1e-4)  # the two weight sets are told apart
+        assert reported == pytest.approx(with_ema, rel=1e-5), \
+            f"reported {split} (loss, top1) {reported}: EMA weights give {with_ema}, raw weights {with_raw}"
 
 
 # ------------------------------------------------------------------------------------------------- distillation
