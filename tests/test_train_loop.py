@@ -295,12 +295,45 @@ def test_data_order_is_global_and_resumable():
     assert list(one) != single  # a new permutation each epoch
 
 
-def test_bf16_autocast_trains_with_float32_weights(tmp_path):
-    result = train(recipe(train={"amp": "bf16", "deterministic": False}), tmp_path / "run")
-    assert result.status == "completed"
-    w = weights(tmp_path / "run")
-    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in w.values())
-    assert float(result.summary["val"]["loss"]) < 10
+def _train_recording_forwards(recipe_dict: dict, run: Path) -> tuple[list[tuple], dict]:
+    """Train, recording for every forward of an nn.Linear or of the whole model (a global forward hook, removed
+    afterwards): (module type, training mode, autocast enabled on CPU, autocast dtype, output dtype)."""
+    calls: list[tuple] = []
+
+    def hook(module, args, output):
+        if isinstance(module, (nn.Linear, vitkit.models.vit.VisionTransformer)) and isinstance(output, torch.Tensor):
+            calls.append((type(module).__name__, module.training, torch.is_autocast_enabled("cpu"),
+                          torch.get_autocast_dtype("cpu"), output.dtype))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        summary = train(recipe_dict, run).summary
+    finally:
+        handle.remove()
+    return calls, summary
+
+
+def test_bf16_autocast_covers_training_and_evaluation_forwards(tmp_path):
+    r = dict(train={"amp": "bf16", "deterministic": False})
+    calls, summary = _train_recording_forwards(recipe(**r), tmp_path / "bf16")
+    fp32_calls, fp32_summary = _train_recording_forwards(recipe(train={"deterministic": False}), tmp_path / "fp32")
+    kinds = {(name, training) for name, training, *_ in calls}
+    assert {("Linear", True), ("Linear", False), ("VisionTransformer", True), ("VisionTransformer", False)} <= kinds
+    outside = [c for c in calls if not (c[2] and c[3] == c[4] == torch.bfloat16)]  # training, validation, test
+    assert not outside, f"forwards outside bf16 autocast (module, training, enabled, dtype, output): {outside[:2]}"
+    assert not any(on for _, _, on, _, _ in fp32_calls) and all(out == torch.float32 for *_, out in fp32_calls)
+    # the weights stay float32; the run is close to the float32 run but not the same computation
+    bf16, fp32 = weights(tmp_path / "bf16"), weights(tmp_path / "fp32")
+    torch.manual_seed(stream_seed(0, "init"))  # the loop's initial weights depend on the seed only
+    init = vitkit.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1, embed_dim=24, num_heads=2,
+                               num_classes=10)
+    assert all(v.dtype == torch.float32 for v in bf16.values())
+    flat = {name: torch.cat([w[k].flatten() for k in sorted(w)]) for name, w in (("bf16", bf16), ("fp32", fp32))}
+    moved = (flat["fp32"] - torch.cat([init.state_dict()[k].flatten() for k in sorted(fp32)])).norm()
+    gap = (flat["bf16"] - flat["fp32"]).norm()
+    assert 0 < gap < 0.25 * moved, (gap.item(), moved.item())  # measured: 0.03 of the distance trained
+    assert summary["val"]["loss"] != fp32_summary["val"]["loss"]
+    assert summary["val"]["loss"] == pytest.approx(fp32_summary["val"]["loss"], abs=0.02)
 
 
 def test_fine_tuning_starts_from_pretrained_weights_with_a_zero_head(tmp_path):
