@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import vitkit
 from vitkit.train import NonFiniteLossError, train
@@ -82,11 +83,34 @@ def test_training_learns_digits(tmp_path):
     assert summary["test"]["top1"] > 0.5  # chance is 0.1; ~0.6 after these 120 steps, ~0.98 in the demo
 
 
-def test_gradient_accumulation_matches_one_big_batch(tmp_path):
-    train(recipe(), tmp_path / "a")
-    train(recipe(train={"accum_steps": 4}), tmp_path / "b")
+def _micro_batches_per_step(recipe_dict: dict, run: Path) -> list[list[int]]:
+    """Train, recording the batch size of every training forward of the model and grouping them by optimiser step
+    (global forward and optimiser-step hooks, removed afterwards)."""
+    steps: list[list[int]] = [[]]
+
+    def forward(module, args, output):
+        if isinstance(module, vitkit.models.vit.VisionTransformer) and module.training:
+            steps[-1].append(args[0].shape[0])
+
+    def stepped(optimizer, args, kwargs):
+        steps.append([])
+
+    handles = [torch.nn.modules.module.register_module_forward_hook(forward),
+               register_optimizer_step_post_hook(stepped)]
+    try:
+        train(recipe_dict, run)
+    finally:
+        for h in handles:
+            h.remove()
+    assert steps[-1] == []  # nothing trained after the last optimiser step
+    return steps[:-1]
+
+
+def test_gradient_accumulation_runs_micro_batches_and_matches_one_big_batch(tmp_path):
+    assert _micro_batches_per_step(recipe(), tmp_path / "a") == [[16]] * 6
+    assert _micro_batches_per_step(recipe(train={"accum_steps": 4}), tmp_path / "b") == [[4, 4, 4, 4]] * 6
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
-    for k in a:
+    for k in a:  # the mean of the micro-batch losses: the same update as one batch of 16
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
