@@ -40,7 +40,7 @@ def weights(run: Path, which: str = "last") -> dict[str, torch.Tensor]:
 
 def test_run_folder_layout_and_reports(tmp_path):
     run = tmp_path / "run"
-    result = train(recipe(log={"plots": True, "tensorboard": True}), run)
+    result = train(recipe(log={"plots": True, "tensorboard": True, "every_steps": 2}), run)
     assert result.status == "completed" and result.step == 6
     for f in ("config.yaml", "metrics.csv", "summary.json", "checkpoints/last/model.safetensors",
               "checkpoints/last/config.json", "checkpoints/last/train_state.safetensors",
@@ -55,7 +55,15 @@ def test_run_folder_layout_and_reports(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test"]["num_samples"] == 32 and summary["environment"]["threads"] == 1
     assert summary["environment"]["torch"] == torch.__version__
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    # TensorBoard: the event files hold the validation curve of metrics.csv and a training loss every 2 steps
+    from conftest import require
+    events = require("tensorboard.backend.event_processing.event_accumulator").EventAccumulator(
+        str(run / "tensorboard"))
+    events.Reload()
+    val = [(e.step, e.value) for e in events.Scalars("eval/val_top1")]
+    assert val == [(int(r["step"]), pytest.approx(float(r["val_top1"]), abs=1e-6)) for r in rows]
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
+    assert all(0 < e.value < 10 for e in events.Scalars("train/loss"))
 
 
 def test_best_checkpoint_reproduces_the_reported_test_accuracy(tmp_path):
