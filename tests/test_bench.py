@@ -2,6 +2,7 @@
 transformers twin, parseable JSON. (Speed itself is measured by commands, see vitkit/bench/README.md.)"""
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -163,6 +164,86 @@ def test_bench_cli_train_mode(tmp_path):
     assert main(_cli("--mode", "train", "--json", str(out))) == 0
     res = json.loads(out.read_text())["result"]
     assert res["images_per_s"] > 0 and res["step_gflops_per_image"] > 0
+
+
+def _forwards_during(argv: list[str]) -> list[tuple[bool, torch.dtype, torch.dtype]]:
+    """Run the CLI, recording (autocast enabled on CPU, autocast dtype, output dtype) of every vitkit model forward."""
+    calls = []
+
+    def hook(module, args, output):
+        if isinstance(module, vitkit.models.vit.VisionTransformer) and output.device.type != "meta":  # not FLOP counts
+            calls.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), output.dtype))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        assert main(argv) == 0
+    finally:
+        handle.remove()
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_bench_cli_dtype_bf16_runs_every_step_under_autocast(tmp_path, capsys, mode):
+    out = tmp_path / "bench.json"
+    bf16 = _forwards_during(_cli("--dtype", "bf16", "--mode", mode, "--json", str(out)))
+    assert len(bf16) >= 1 + 1 + 2 and all(c == (True, torch.bfloat16, torch.bfloat16) for c in bf16), bf16
+    assert "bf16" in capsys.readouterr().out and json.loads(out.read_text())["settings"]["dtype"] == "bf16"
+    fp32 = _forwards_during(_cli("--mode", mode))
+    assert all(not on and dtype == torch.float32 for on, _, dtype in fp32)
+
+
+def test_bench_cli_compile_runs_the_compiled_model(capsys, monkeypatch):
+    """--compile hands the model to torch.compile and times what it returns. Inductor's C++ compilation takes minutes
+    on a loaded 2-core machine, so the compiler backend here is dynamo's "eager" (graph capture, no code generation);
+    the slow test below compiles for real."""
+    from torch._dynamo.utils import counters
+    real, compiled = torch.compile, []
+
+    def compile_recorded(model, **kw):
+        compiled.append(model)
+        return real(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_recorded)
+    torch._dynamo.reset()
+    counters.clear()
+    assert main(_cli("--compile")) == 0
+    assert len(compiled) == 1 and isinstance(compiled[0], vitkit.models.vit.VisionTransformer)
+    assert counters["frames"]["ok"] >= 1 and counters["stats"]["unique_graphs"] >= 1  # dynamo captured the model
+    assert "compiled" in capsys.readouterr().out
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_bench_cli_compile_with_inductor(capsys):
+    assert main(_cli("--compile")) == 0
+    assert "compiled" in capsys.readouterr().out
+
+
+def test_bench_cli_machine_bounded(tmp_path, capsys, monkeypatch):
+    """--machine at one thread, with small GEMMs (256) and a small copy (8 MB) instead of 2048-4096 and 1 GB; its
+    fp32 GEMM rate against the best of ten 256x256 products timed here."""
+    from vitkit.bench import machine
+    monkeypatch.setattr(machine, "gemm_peak", functools.partial(machine.gemm_peak, sizes=(256,)))
+    monkeypatch.setattr(machine, "copy_bandwidth", functools.partial(machine.copy_bandwidth, mbytes=8))
+    threads = torch.get_num_threads()
+    out = tmp_path / "machine.json"
+    assert main(["bench", "--machine", "--threads", "1", "--json", str(out)]) == 0
+    assert torch.get_num_threads() == 1  # --threads sets the process's threads for the command
+    torch.set_num_threads(threads)
+    limits = json.loads(out.read_text())["machine"]["by_threads"]
+    assert list(limits) == ["1"]
+    for key in ("gemm_fp32_gflops", "gemm_bf16_gflops", "copy_gbps"):
+        assert limits["1"][key]["n"] == 5 and limits["1"][key]["best"] >= limits["1"][key]["median"] > 0
+    assert "threads=1: fp32 GEMM" in capsys.readouterr().out
+    torch.set_num_threads(1)
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    own = 0.0
+    for _ in range(10):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        own = max(own, 2 * 256 ** 3 / (time.perf_counter() - start) / 1e9)
+    torch.set_num_threads(threads)
+    assert 0.6 * own < limits["1"]["gemm_fp32_gflops"]["best"] < 1.6 * own, (limits["1"]["gemm_fp32_gflops"], own)
 
 
 def test_bench_cli_errors_name_the_problem(capsys):
