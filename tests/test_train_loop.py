@@ -368,6 +368,41 @@ def test_bf16_autocast_covers_training_and_evaluation_forwards(tmp_path):
     assert summary["val"]["loss"] == pytest.approx(fp32_summary["val"]["loss"], abs=0.02)
 
 
+def test_train_compile_trains_through_the_compiled_model(tmp_path, monkeypatch):
+    """train.compile hands the model to torch.compile and trains through what it returns. Inductor's C++ compilation
+    takes minutes on a loaded 2-core machine, so the backend here is dynamo's "eager" (graph capture, no code
+    generation); the slow test below compiles for real."""
+    from torch._dynamo.utils import counters
+    real, compiled = torch.compile, []
+
+    def compile_recorded(model, **kw):
+        compiled.append(model)
+        return real(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_recorded)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        train(recipe(train={"compile": True, "steps": 3, "eval_every": 3}), tmp_path / "compiled")
+        assert len(compiled) == 1 and isinstance(compiled[0], vitkit.models.vit.VisionTransformer)
+        assert counters["frames"]["ok"] >= 1 and counters["stats"]["unique_graphs"] >= 1  # dynamo ran the steps
+    finally:
+        torch._dynamo.reset()
+    train(recipe(train={"steps": 3, "eval_every": 3}), tmp_path / "eager")
+    a, b = weights(tmp_path / "compiled"), weights(tmp_path / "eager")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_train_compile_with_inductor_matches_eager(tmp_path):
+    train(recipe(train={"compile": True, "steps": 3, "eval_every": 3, "deterministic": False}), tmp_path / "c")
+    train(recipe(train={"steps": 3, "eval_every": 3, "deterministic": False}), tmp_path / "e")
+    a, b = weights(tmp_path / "c"), weights(tmp_path / "e")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
 def test_fine_tuning_starts_from_pretrained_weights_with_a_zero_head(tmp_path):
     """The pretrain -> fine-tune path with the genuinely trained DeiT-Tiny in ../shared/weights: the trunk starts
     from the file (position embeddings resampled to the new grid), the new 10-class head starts at zero."""
