@@ -434,6 +434,33 @@ def test_resume_keeps_the_recipe_but_allows_paths_and_logging(tmp_path):
     assert (run / "plots" / "loss.png").is_file()
 
 
+def test_test_curve_and_the_transfer_plot_script_end_to_end(tmp_path):
+    """log.test_curve records the test split at every validation (with the weights of that step); the README's
+    scripts/plot_transfer.py draws two such runs."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    for name, lr in (("a", 1e-3), ("b", 3e-3)):
+        train(recipe(optim={"lr": lr}, log={"test_curve": True}), tmp_path / name)
+    rows = list(csv.DictReader(open(tmp_path / "a" / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [3, 6]
+    assert all(r["test_top1"] and r["test_loss"] for r in rows), f"log.test_curve: no test columns in {rows}"
+    loss, top1 = _evaluate_split(tmp_path / "a", weights(tmp_path / "a"), "test")  # the step-6 weights, here
+    assert (float(rows[-1]["test_loss"]), float(rows[-1]["test_top1"])) == pytest.approx((loss, top1), rel=1e-5)
+    plain = list(csv.DictReader(open(tmp_path / "a" / "metrics.csv")))
+    train(recipe(), tmp_path / "off")
+    assert not any(r["test_top1"] for r in csv.DictReader(open(tmp_path / "off" / "metrics.csv")))
+    out = tmp_path / "transfer.png"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "plot_transfer.py"), str(tmp_path / "a"),
+                           str(tmp_path / "b"), str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"wrote {out}" in proc.stdout and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plain == rows  # the script only reads the runs
+    failed = subprocess.run([sys.executable, str(REPO / "scripts" / "plot_transfer.py"), str(tmp_path / "a"),
+                             str(tmp_path / "off"), str(out)], capture_output=True, text=True, timeout=120)
+    assert failed.returncode != 0 and "no test_top1 values" in failed.stderr  # a run without the curve
+
+
 def test_plot_accuracy_vs_minutes(tmp_path):
     from vitkit.train.report import plot_accuracy_vs_minutes
     for name, accs in (("a", "0.5,0.7"), ("b", "0.2,0.3")):
