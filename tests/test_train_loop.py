@@ -154,17 +154,53 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     assert all(torch.isfinite(v).all() for v in weights(run).values())
 
 
-def test_time_budget_lays_out_the_schedule(tmp_path):
+def test_time_budget_plan_is_laid_out_once_and_survives_a_resume(tmp_path, caplog):
+    """The budget is calibrated on steps 4-8 and the schedule laid out over the steps that fit; a run stopped by
+    SIGTERM after that (sent from inside the run at step 9) and resumed keeps the plan: it does not calibrate again,
+    keeps the schedule length, and runs the remaining planned steps within the one budget."""
+    import logging
+    import os
+    import signal
+    from vitkit.train import resume
     run = tmp_path / "run"
-    r = recipe(train={"steps": None, "time_budget_minutes": 0.2, "budget_calibration_steps": 5,
+    budget = 0.25
+    r = recipe(train={"steps": None, "time_budget_minutes": budget, "budget_calibration_steps": 5,
                       "eval_every": 50, "checkpoint_every_steps": 0})
-    result = train(r, run)
-    s = result.summary
-    assert result.status == "completed" and s["planned_steps"] is not None
-    assert 8 <= s["steps"] <= s["planned_steps"]
-    assert s["wall_time_s"] <= 0.2 * 60 + 10  # the budget, plus slack for the final test on a loaded machine
+    done = []
+
+    def count_and_stop_at_9(optimizer, args, kwargs):
+        done.append(1)
+        if len(done) == 9:
+            os.kill(os.getpid(), signal.SIGTERM)  # the run's own handler turns it into a stop at a step boundary
+
+    caplog.set_level(logging.INFO, logger="vitkit")
+    handle = register_optimizer_step_post_hook(count_and_stop_at_9)
+    try:
+        first = train(r, run)
+    finally:
+        handle.remove()
+    plans = [m for m in caplog.messages if m.startswith("time budget")]
     state = json.loads((run / "checkpoints" / "last" / "train_state.json").read_text())
-    assert state["schedule"]["total_steps"] == s["planned_steps"] and state["state"]["planned"]
+    planned = state["state"]["total_steps"]
+    assert first.status == "interrupted" and len(plans) == 1 and f"laid out over {planned} steps" in plans[0]
+    assert state["state"]["planned"] and state["schedule"]["total_steps"] == planned
+    stopped = state["state"]["step"]
+    assert stopped == 10 and planned > stopped, (stopped, planned)  # stopped after the plan, before its end
+    caplog.clear()
+    done.clear()
+    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: done.append(1))
+    try:
+        result = resume(run)
+    finally:
+        handle.remove()
+    s = result.summary
+    assert not [m for m in caplog.messages if m.startswith("time budget")]  # no second calibration
+    assert result.status == "completed"
+    assert s["planned_steps"] == planned, f"the resumed run's plan {s['planned_steps']} is not the saved {planned}"
+    assert s["steps"] == stopped + len(done) <= planned  # only the remaining steps (all of them, unless out of time)
+    end = json.loads((run / "checkpoints" / "last" / "train_state.json").read_text())
+    assert end["schedule"]["total_steps"] == planned
+    assert s["wall_time_s"] <= budget * 60 + 10  # one budget for both sessions (slack: the final test, a loaded CPU)
 
 
 def _evaluate_split(run: Path, state: dict[str, torch.Tensor], split: str) -> tuple[float, float]:
