@@ -134,3 +134,22 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().float() - b.detach().float()).abs().max().item()
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """``torch.compile`` with dynamo's "eager" backend: graph capture without inductor's C++ code generation, which
+    takes minutes on a loaded 2-core CPU. Yields the list of modules handed to ``torch.compile``; dynamo's counters
+    (``torch._dynamo.utils.counters``) start from zero."""
+    from torch._dynamo.utils import counters
+    real, compiled = torch.compile, []
+
+    def compile_recorded(model, **kw):
+        compiled.append(model)
+        return real(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_recorded)
+    torch._dynamo.reset()
+    counters.clear()
+    yield compiled
+    torch._dynamo.reset()

@@ -192,25 +192,14 @@ def test_bench_cli_dtype_bf16_runs_every_step_under_autocast(tmp_path, capsys, m
     assert all(not on and dtype == torch.float32 for on, _, dtype in fp32)
 
 
-def test_bench_cli_compile_runs_the_compiled_model(capsys, monkeypatch):
-    """--compile hands the model to torch.compile and times what it returns. Inductor's C++ compilation takes minutes
-    on a loaded 2-core machine, so the compiler backend here is dynamo's "eager" (graph capture, no code generation);
-    the slow test below compiles for real."""
+def test_bench_cli_compile_runs_the_compiled_model(capsys, eager_compile):
+    """--compile hands the model to torch.compile and times what it returns (dynamo's eager backend here, see
+    conftest.eager_compile; the slow test below compiles with inductor)."""
     from torch._dynamo.utils import counters
-    real, compiled = torch.compile, []
-
-    def compile_recorded(model, **kw):
-        compiled.append(model)
-        return real(model, backend="eager")
-
-    monkeypatch.setattr(torch, "compile", compile_recorded)
-    torch._dynamo.reset()
-    counters.clear()
     assert main(_cli("--compile")) == 0
-    assert len(compiled) == 1 and isinstance(compiled[0], vitkit.models.vit.VisionTransformer)
+    assert len(eager_compile) == 1 and isinstance(eager_compile[0], vitkit.models.vit.VisionTransformer)
     assert counters["frames"]["ok"] >= 1 and counters["stats"]["unique_graphs"] >= 1  # dynamo captured the model
     assert "compiled" in capsys.readouterr().out
-    torch._dynamo.reset()
 
 
 @pytest.mark.slow

@@ -404,26 +404,13 @@ def test_bf16_autocast_covers_training_and_evaluation_forwards(tmp_path):
     assert summary["val"]["loss"] == pytest.approx(fp32_summary["val"]["loss"], abs=0.02)
 
 
-def test_train_compile_trains_through_the_compiled_model(tmp_path, monkeypatch):
-    """train.compile hands the model to torch.compile and trains through what it returns. Inductor's C++ compilation
-    takes minutes on a loaded 2-core machine, so the backend here is dynamo's "eager" (graph capture, no code
-    generation); the slow test below compiles for real."""
+def test_train_compile_trains_through_the_compiled_model(tmp_path, eager_compile):
+    """train.compile hands the model to torch.compile and trains through what it returns (dynamo's eager backend
+    here, see conftest.eager_compile; the slow test below compiles with inductor)."""
     from torch._dynamo.utils import counters
-    real, compiled = torch.compile, []
-
-    def compile_recorded(model, **kw):
-        compiled.append(model)
-        return real(model, backend="eager")
-
-    monkeypatch.setattr(torch, "compile", compile_recorded)
-    torch._dynamo.reset()
-    counters.clear()
-    try:
-        train(recipe(train={"compile": True, "steps": 3, "eval_every": 3}), tmp_path / "compiled")
-        assert len(compiled) == 1 and isinstance(compiled[0], vitkit.models.vit.VisionTransformer)
-        assert counters["frames"]["ok"] >= 1 and counters["stats"]["unique_graphs"] >= 1  # dynamo ran the steps
-    finally:
-        torch._dynamo.reset()
+    train(recipe(train={"compile": True, "steps": 3, "eval_every": 3}), tmp_path / "compiled")
+    assert len(eager_compile) == 1 and isinstance(eager_compile[0], vitkit.models.vit.VisionTransformer)
+    assert counters["frames"]["ok"] >= 1 and counters["stats"]["unique_graphs"] >= 1  # dynamo ran the steps
     train(recipe(train={"steps": 3, "eval_every": 3}), tmp_path / "eager")
     a, b = weights(tmp_path / "compiled"), weights(tmp_path / "eager")
     for k in a:
