@@ -382,8 +382,7 @@ def _train_recording_forwards(recipe_dict: dict, run: Path) -> tuple[list[tuple]
 
 
 def test_bf16_autocast_covers_training_and_evaluation_forwards(tmp_path):
-    r = dict(train={"amp": "bf16", "deterministic": False})
-    calls, summary = _train_recording_forwards(recipe(**r), tmp_path / "bf16")
+    calls, summary = _train_recording_forwards(recipe(train={"amp": "bf16", "deterministic": False}), tmp_path / "bf16")
     fp32_calls, fp32_summary = _train_recording_forwards(recipe(train={"deterministic": False}), tmp_path / "fp32")
     kinds = {(name, training) for name, training, *_ in calls}
     assert {("Linear", True), ("Linear", False), ("VisionTransformer", True), ("VisionTransformer", False)} <= kinds
