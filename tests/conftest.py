@@ -7,6 +7,7 @@ takes a ``golden_case`` argument is parametrised with every case folder under th
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -40,6 +41,15 @@ def skip_or_fail(message: str) -> None:
     if _in_ci():
         pytest.fail(f"{message} (CI=true: required)", pytrace=False)
     pytest.skip(message)
+
+
+def require(module: str) -> Any:
+    """Import a test dependency (the ``test`` extra of pyproject.toml) or skip-or-fail naming it; use this instead of
+    ``pytest.importorskip``, which would skip under CI=true too."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        skip_or_fail(f"{module} is not importable ({e}); install the test extra: pip install -e '.[test]'")
 
 
 @dataclass(frozen=True)
@@ -123,3 +133,22 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().float() - b.detach().float()).abs().max().item()
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """``torch.compile`` with dynamo's "eager" backend: graph capture without inductor's C++ code generation, which
+    takes minutes on a loaded 2-core CPU. Yields the list of modules handed to ``torch.compile``; dynamo's counters
+    (``torch._dynamo.utils.counters``) start from zero."""
+    from torch._dynamo.utils import counters
+    real, compiled = torch.compile, []
+
+    def compile_recorded(model, **kw):
+        compiled.append(model)
+        return real(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_recorded)
+    torch._dynamo.reset()
+    counters.clear()
+    yield compiled
+    torch._dynamo.reset()

@@ -112,3 +112,19 @@ def test_demo_expectations_agree_between_readme_recipe_and_output():
         assert demo.EXPECTED_ACCURACY.replace("test top-1 ", "") in text
     assert demo.EXPECTED_TIME in demo.HELP
     assert "vitkit[tensorboard]" in readme  # `make demo` does not install TensorBoard: the README says how
+
+
+def test_console_script_lists_every_command():
+    """The `vitkit` script pyproject's [project.scripts] installs next to the interpreter (issue 14, item 11)."""
+    from pathlib import Path
+
+    from conftest import skip_or_fail
+    script = Path(sys.executable).with_name("vitkit")
+    if not script.is_file():
+        skip_or_fail(f"the vitkit console script is not installed at {script} (pip install -e .)")
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage: vitkit")
+    listed = {line.split()[0] for line in proc.stdout.splitlines() if line.startswith("    ") and line.split()}
+    assert set(AVAILABLE) <= listed, proc.stdout
+    assert "Traceback" not in proc.stderr

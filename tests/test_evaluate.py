@@ -22,6 +22,8 @@ from vitkit.evaluate.eval_data import resolve_data_config
 from vitkit.evaluate.preprocess import resize_size
 from vitkit.registry import PreprocessConfig
 
+from conftest import require
+
 # A tiny ViT whose predictions depend strongly on the input (average pooling, large head weights), so confusion
 # matrices computed on noise images are far from one column.
 TINY = dict(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=10, global_pool="avg",
@@ -159,7 +161,7 @@ def test_resize_sizes_follow_timm():
 
 
 def test_eval_transform_equals_transformers_pil_processor():
-    processors = pytest.importorskip("transformers.models.deit.image_processing_pil_deit")
+    processors = require("transformers.models.deit.image_processing_pil_deit")
     img = _photo_like(300, 200)  # 200 → 256, 300 → 384: even crop offsets, where transformers and timm agree
     cfg = PreprocessConfig(input_size=(3, 224, 224), crop_pct=0.875)
     ref = processors.DeiTImageProcessorPil(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},

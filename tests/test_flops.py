@@ -31,7 +31,7 @@ def test_macs_match_the_papers(name, gmacs, rel):
     assert model_stats(name).macs / 1e9 == pytest.approx(gmacs, rel=rel)
 
 
-def _hand_count(N: int, prefix: int, D: int, hidden: int, depth: int, C: int, P: int, classes: int,
+def vit_macs_by_hand(N: int, prefix: int, D: int, hidden: int, depth: int, C: int, P: int, classes: int,
                 heads: int = 1) -> int:
     """Forward MACs of a ViT written out: patch-embedding conv, per block qkv / proj / fc1 / fc2 dense layers and
     the two attention products (Q·Kᵀ and A·V: N'²·D each), then the classifier on the pooled token(s)."""
@@ -46,14 +46,14 @@ TINY = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2, mlp_r
 
 def test_macs_of_a_tiny_vit_by_hand():
     model = vitkit.create_model("vit_tiny_patch16_224", **TINY)
-    expected = _hand_count(N=16, prefix=1, D=24, hidden=48, depth=2, C=3, P=8, classes=5)
+    expected = vit_macs_by_hand(N=16, prefix=1, D=24, hidden=48, depth=2, C=3, P=8, classes=5)
     assert expected == 258264
     assert count_macs(model) == expected
 
 
 def test_macs_of_a_tiny_distilled_deit_by_hand():
     model = vitkit.create_model("deit_tiny_distilled_patch16_224", **TINY)
-    assert count_macs(model) == _hand_count(N=16, prefix=2, D=24, hidden=48, depth=2, C=3, P=8, classes=5, heads=2)
+    assert count_macs(model) == vit_macs_by_hand(N=16, prefix=2, D=24, hidden=48, depth=2, C=3, P=8, classes=5, heads=2)
 
 
 def test_attention_products_are_counted_on_cpu_and_meta_alike():
@@ -68,7 +68,7 @@ def test_attention_products_are_counted_on_cpu_and_meta_alike():
 def test_count_macs_takes_an_input_size_and_scales_with_tokens():
     model = vitkit.create_model("vit_tiny_patch16_224", **TINY, dynamic_img_size=True)
     at_64 = count_macs(model, (3, 64, 64))
-    assert at_64 == _hand_count(N=64, prefix=1, D=24, hidden=48, depth=2, C=3, P=8, classes=5)
+    assert at_64 == vit_macs_by_hand(N=64, prefix=1, D=24, hidden=48, depth=2, C=3, P=8, classes=5)
 
 
 def test_training_flops_are_about_three_forwards():

@@ -15,27 +15,40 @@ from vitkit import registry
 from vitkit.registry import WeightSpec
 from vitkit.weights.hub import DownloadError, cached_path
 
+from conftest import require
+
 TINY = dict(img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2, num_classes=5)
 
 
 class _Server:
-    """Serves ``files`` (path → bytes); paths in ``truncate`` announce the full length but send half and hang up."""
+    """Serves ``files`` (path → bytes); paths in ``truncate`` announce the full length but send half and hang up.
+    ``headers`` are added to every answer (e.g. the Hub's ``X-Repo-Commit`` and ``ETag``); HEAD answers like GET
+    without a body. GET requests are recorded in ``requests``, HEAD requests in ``heads``."""
 
-    def __init__(self, files: dict[str, bytes], truncate: set[str] = frozenset()):
-        self.files, self.truncate, self.requests = files, truncate, []
+    def __init__(self, files: dict[str, bytes], truncate: set[str] = frozenset(), headers: dict[str, str] = None):
+        self.files, self.truncate, self.requests, self.heads = files, truncate, [], []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's naming
-                server.requests.append(self.path)
+            def _answer(self, body_too: bool):
+                (server.requests if body_too else server.heads).append(self.path)
                 body = server.files.get(self.path)
                 if body is None:
                     self.send_error(404)
                     return
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
                 self.end_headers()
-                self.wfile.write(body[: len(body) // 2] if self.path in server.truncate else body)
+                if body_too:
+                    self.wfile.write(body[: len(body) // 2] if self.path in server.truncate else body)
+
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                self._answer(body_too=True)
+
+            def do_HEAD(self):  # noqa: N802
+                self._answer(body_too=False)
 
             def log_message(self, *args):
                 pass
@@ -163,3 +176,34 @@ def test_catalog_names_only_known_releases():
         assert w.url.endswith(w.filename) and "-" in w.filename
     assert vitkit.get_spec("deit_tiny_patch16_224").weights.filename == "deit_tiny_patch16_224-a1311bcf.pth"
     assert vitkit.get_spec("vit_base_patch16_224").weights.url.startswith("hf-hub:timm/vit_base_patch16_224.")
+
+
+def test_pretrained_true_through_a_hub_style_repository(source, home, monkeypatch):
+    """``hf-hub:owner/repo`` weights (timm's ViT ports) through the real huggingface_hub client, against a local
+    stand-in of the Hub's ``/{repo}/resolve/{revision}/{file}`` endpoint; then offline from vitkit's cache."""
+    constants = require("huggingface_hub.constants")
+    model, blob = source
+    commit = hashlib.sha1(b"vitkit test repository").hexdigest()
+    repo, path = "timm/vit_hubtest.augreg_in21k", "/timm/vit_hubtest.augreg_in21k/resolve/main/model.safetensors"
+    server = _Server({path: blob}, headers={"X-Repo-Commit": commit,
+                                            "ETag": f'"{hashlib.sha256(blob).hexdigest()}"'})
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    name = _register(monkeypatch, WeightSpec(url=f"hf-hub:{repo}", source_format="timm",
+                                             filename="model.safetensors"))
+    x = torch.randn(2, 3, 32, 32)
+    try:
+        first = vitkit.create_model(name, pretrained=True).eval()
+    finally:
+        server.stop()
+    assert server.requests.count(path) == 1  # one download, from the repository's resolve endpoint (the client
+    assert path in server.heads  # asked for its metadata first; it may also query other /api routes)
+    dest = cached_path(vitkit.get_spec(name).weights)
+    assert str(dest).startswith(str(home)) and dest.is_file(), f"the file is not at vitkit's cache path {dest}"
+    assert dest.read_bytes() == blob
+    assert first.load_report.format == "timm"
+    torch.testing.assert_close(first(x), model(x), rtol=0, atol=0)
+    again = vitkit.create_model(name, pretrained=True).eval()  # the stand-in is gone: vitkit's cache answers
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, skip_or_fail
+from conftest import REPO, require, skip_or_fail
 from safetensors.torch import load_file, save_file
 
 import vitkit
@@ -65,7 +65,7 @@ def test_predict_cli_gives_readme_labels(shared, capsys):
 def test_preprocessing_matches_transformers_processor(pixel_values):
     """README preprocessing (short side 256 bicubic, centre 224, ImageNet mean/std) as transformers' PIL DeiT
     processor does it; these photos have even crop offsets, where transformers and timm round alike."""
-    processors = pytest.importorskip("transformers.models.deit.image_processing_pil_deit")
+    processors = require("transformers.models.deit.image_processing_pil_deit")
     ref = processors.DeiTImageProcessorPil(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
                                            image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
     expected = ref([load_image(IMAGES / f) for f in PHOTOS], return_tensors="pt")["pixel_values"]
@@ -98,7 +98,7 @@ def _timm_to_hf4(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.
 
 
 def test_logits_equal_transformers(shared, pixel_values, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     config = transformers.ViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
                                     intermediate_size=768, layer_norm_eps=1e-6, image_size=224, patch_size=16,
                                     num_labels=1000)

@@ -9,6 +9,8 @@ import vitkit
 from vitkit.evaluate.probe import (BIAS_CONSTANT, Features, extract_features, few_shot_eval, fewshot_lstsq,
                                    linear_probe)
 
+from conftest import randomize_, require
+
 
 def _blobs(n_per_class: int, num_classes: int, dim: int, spread: float, seed: int) -> Features:
     g = torch.Generator().manual_seed(seed)
@@ -54,7 +56,7 @@ def test_few_shot_needs_enough_images_per_class():
 
 
 def test_linear_probe_agrees_with_sklearn():
-    sklearn = pytest.importorskip("sklearn.linear_model")
+    sklearn = require("sklearn.linear_model")
     train, val, test = _blobs(60, 3, 8, 2.5, 0), _blobs(30, 3, 8, 2.5, 1), _blobs(60, 3, 8, 2.5, 2)
     res = linear_probe(train, val, test, num_classes=3, l2_grid=(1e-3, 1e-1))
     assert set(res.val_by_l2) == {1e-3, 1e-1} and res.l2 in res.val_by_l2
@@ -89,18 +91,48 @@ def test_extract_features_autocast_is_applied():
     torch.testing.assert_close(bf16, fp32, atol=0.1, rtol=0.05)
 
 
-def test_eval_cli_probes_on_a_foreign_head(tmp_path, capsys):
-    """An ImageNet-style head probed on another dataset: probes run, the classification report is skipped."""
-    from vitkit.cli.main import main
-    folder = tmp_path / "m"
-    model = vitkit.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=24, num_heads=2,
-                                num_classes=7)
-    vitkit.save_pretrained(model, folder)
-    code = main(["eval", str(folder), "--set", "data.name=digits", "data.val_fraction=0.1", "data.train_limit=300", "data.test_limit=200", "--few-shot", "1,5",
-                 "--draws", "2", "--linear-probe", "--amp", "bf16", "--out", str(tmp_path / "ev")])
-    out = capsys.readouterr().out
-    assert code == 0 and "5-shot linear" in out and "linear probe: test" in out
+def _quadrant_folders(root, shuffled: bool, per_class=(30, 20), seed=0):
+    """An image-folder dataset with a known answer: 4 classes of 16x16 noise images, class k with quadrant k
+    brightened (one 8x8 patch of the model below). ``shuffled``: the same images, each in a random class folder,
+    so the labels carry no information and the best any probe can do is chance (1/4)."""
+    from PIL import Image
+    g = np.random.default_rng(seed)
+    for split, n in zip(("train", "test"), per_class):
+        for k in range(4):
+            for i in range(n):
+                img = g.normal(110, 15, (16, 16, 3))
+                r, c = divmod(k, 2)
+                img[8 * r:8 * r + 8, 8 * c:8 * c + 8] += 90
+                label = g.integers(4) if shuffled else k
+                folder = root / split / f"class_{label}"
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{k}_{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("shuffled", [False, True], ids=["separable", "random-labels"])
+def test_eval_cli_probes_a_problem_with_a_known_answer(tmp_path, capsys, shuffled):
+    """`vitkit eval --few-shot --linear-probe` on frozen random features of a 7-class model (a foreign head: probes
+    only, the classification report is skipped): near 1 when the class is visible in the image, near 1/4 when the
+    labels are shuffled."""
     import json
+    from vitkit.cli.main import main
+    require("sklearn")
+    data = _quadrant_folders(tmp_path / "data", shuffled)
+    model = randomize_(vitkit.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=1, embed_dim=24,
+                                           num_heads=2, num_classes=7))
+    vitkit.save_pretrained(model, tmp_path / "m")
+    code = main(["eval", str(tmp_path / "m"), "--set", "data.name=folder", f"data.root={data}", "data.img_size=16",
+                 "data.val_fraction=0.2", "--few-shot", "1,5", "--draws", "3", "--linear-probe",
+                 "--out", str(tmp_path / "ev")])
+    out = capsys.readouterr().out
+    assert code == 0 and "skipping the classification report" in out and "5-shot linear" in out
     probes = json.loads((tmp_path / "ev" / "probes.json").read_text())
-    assert set(probes["few_shot"]) == {"1", "5"} and len(probes["few_shot"]["5"]["accuracies"]) == 2
-    assert 0.0 <= probes["linear_probe"]["test_top1"] <= 1.0
+    five, one = probes["few_shot"]["5"], probes["few_shot"]["1"]
+    assert len(five["accuracies"]) == 3 and len(probes["few_shot"]["1"]["accuracies"]) == 3
+    linear = probes["linear_probe"]["test_top1"]
+    seen = f"1-shot {one['mean']:.3f}, 5-shot {five['mean']:.3f}, linear probe {linear:.3f}"
+    if shuffled:  # 80 test images: chance 0.25 with a standard deviation of about 0.05
+        assert max(five["mean"], one["mean"], linear) < 0.45, seen  # measured 0.23, 0.20, 0.19
+    else:
+        assert five["mean"] > 0.9 and linear > 0.95 and one["mean"] > 0.6, seen  # measured 0.98, 1.0, 0.82

@@ -1,11 +1,17 @@
 """Exact resume, end to end: `python -m vitkit train` is stopped with SIGINT, SIGTERM (clean stop at a step
 boundary) or SIGKILL (falls back to the last periodic checkpoint) after its first periodic checkpoint, resumed with
 `--resume`, and must end with bitwise the same weights, optimizer state and metrics as an uninterrupted run
-(CPU, deterministic mode, one thread)."""
+(CPU, deterministic mode, one thread).
+
+Every random stream is keyed on the step, so a `--resume` that ignored the checkpoint and retrained from step 0 would
+end bitwise equal too. The runs therefore log every step (`log.every_steps: 1`, one "step k/240" line per executed
+step): the signal is sent at a step that is not a checkpoint multiple, the interrupted run must have saved exactly
+the step it stopped at, and the resumed run must execute exactly the remaining steps."""
 from __future__ import annotations
 
 import csv
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -27,8 +33,14 @@ RECIPE = {
     "optim": {"lr": 1e-3, "warmup_steps": 10},
     "train": {"steps": STEPS, "batch_size": 16, "accum_steps": 2, "eval_every": 50,
               "checkpoint_every_steps": CKPT_EVERY, "seed": 1, "deterministic": True, "threads": 1, "ema": True},
-    "log": {"progress": False, "plots": False, "tensorboard": False},
+    "log": {"progress": False, "plots": False, "tensorboard": False, "every_steps": 1},  # a line per step
 }
+STEP_LINE = re.compile(rf"^step (\d+)/{STEPS} ", re.M)
+
+
+def executed_steps(output: str) -> list[int]:
+    """The steps a process ran, from its per-step log lines."""
+    return [int(k) for k in STEP_LINE.findall(output)]
 
 
 def vitkit_cmd(*args: str) -> list[str]:
@@ -54,24 +66,29 @@ def reference(recipe_file, tmp_path_factory) -> Path:
     return out
 
 
-def interrupt(recipe_file: Path, out: Path, sig: signal.Signals) -> tuple[int, str]:
-    """Start a run, wait for its first periodic checkpoint, send ``sig`` to that process only."""
-    marker = out / "checkpoints" / "last" / "train_state.json"
+def interrupt(recipe_file: Path, out: Path, sig: signal.Signals) -> tuple[int, str, int]:
+    """Start a run; once it has logged a step past its first periodic checkpoint that is not itself a checkpoint
+    step, send ``sig`` to that process only. Returns (exit code, output, the last step logged before the signal)."""
     proc = subprocess.Popen(vitkit_cmd("train", str(recipe_file), "--out", str(out)), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    seen: list[str] = []
     try:
         deadline = time.monotonic() + 90
-        while not marker.exists():
-            assert proc.poll() is None, f"run ended before its first checkpoint:\n{proc.stdout.read()}"
-            assert time.monotonic() < deadline, "no checkpoint within 90 s"
-            time.sleep(0.01)
+        while True:
+            line = proc.stdout.readline()
+            assert line, f"run ended before step {CKPT_EVERY + 1}:\n{''.join(seen)}"
+            assert time.monotonic() < deadline, "no progress within 90 s"
+            seen.append(line)
+            steps = executed_steps(line)
+            if steps and steps[0] > CKPT_EVERY and steps[0] % CKPT_EVERY:
+                break
         proc.send_signal(sig)
-        output, _ = proc.communicate(timeout=60)
+        rest, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    return proc.returncode, output
+    return proc.returncode, "".join(seen) + rest, steps[0]
 
 
 def saved_step(run: Path) -> int:
@@ -97,26 +114,30 @@ def assert_same_run(run: Path, ref: Path) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_clean_stop_then_resume_is_exact(recipe_file, reference, tmp_path, sig):
     out = tmp_path / "run"
-    code, output = interrupt(recipe_file, out, sig)
+    code, output, signalled_after = interrupt(recipe_file, out, sig)
     assert code == 128 + sig, output
-    assert f"stopped by {sig.name}" in output and f"--resume {out}" in output
     step = saved_step(out)
-    assert CKPT_EVERY <= step < STEPS  # stopped mid-run, at a step boundary, with a checkpoint of that step
-    assert not (out / "summary.json").exists()
+    assert f"stopped by {sig.name} at step {step} of {STEPS}" in output and f"--resume {out}" in output
+    ran = executed_steps(output)
+    assert ran == list(range(1, step + 1))  # it finished the step in progress, then stopped ...
+    assert signalled_after < step and step % CKPT_EVERY, (signalled_after, step)  # ... and saved that very step,
+    assert not (out / "summary.json").exists()  # not the periodic checkpoint before it
     resumed = run_to_end("train", "--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {out / 'checkpoints' / 'last'} at step {step}" in resumed.stderr
+    assert executed_steps(resumed.stderr) == list(range(step + 1, STEPS + 1))  # only the remaining steps
     assert_same_run(out, reference)
 
 
 def test_sigkill_resumes_from_the_last_periodic_checkpoint(recipe_file, reference, tmp_path):
     out = tmp_path / "run"
-    code, output = interrupt(recipe_file, out, signal.SIGKILL)
+    code, output, killed_after = interrupt(recipe_file, out, signal.SIGKILL)
     assert code == -signal.SIGKILL
     step = saved_step(out)
-    assert step % CKPT_EVERY == 0 and step < STEPS  # no checkpoint at the kill: the periodic one survives
+    assert step % CKPT_EVERY == 0 and CKPT_EVERY <= step <= killed_after  # no checkpoint at the kill
     resumed = run_to_end("train", "--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr
     assert f"at step {step}" in resumed.stderr
+    assert executed_steps(resumed.stderr) == list(range(step + 1, STEPS + 1))
     assert_same_run(out, reference)
     assert not list((out / "checkpoints").glob(".*.tmp-*"))  # a half-written folder of the killed run is gone

@@ -19,7 +19,7 @@ from vitkit.cli.main import main as cli_main
 from vitkit.layers import resample_pos_embed
 from vitkit.weights import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError
 
-from conftest import find_golden_cases, max_diff, randomize_, skip_or_fail, tiny_overrides
+from conftest import find_golden_cases, max_diff, randomize_, require, skip_or_fail, tiny_overrides
 
 X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(123))
 HF_KW = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
@@ -38,7 +38,7 @@ def _logits(model, x=X32):
 
 # ============================================================================================== transformers parity
 def _hf_model(cls_name: str, config_name: str = "ViTConfig", **kw):
-    transformers = pytest.importorskip("transformers")  # a test dependency (pyproject [test]); only these need it
+    transformers = require("transformers")  # a test dependency (pyproject [test]); only these need it
     config = getattr(transformers, config_name)(**{**HF_KW, **kw})
     return randomize_(getattr(transformers, cls_name)(config), seed=7).eval()
 

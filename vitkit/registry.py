@@ -155,6 +155,23 @@ def _check_hints(spec: ModelSpec, hints: dict[str, Any], source: str) -> None:
                                      if able else ""))
 
 
+def _check_arguments(spec: ModelSpec, explicit: dict[str, Any]) -> None:
+    """Unknown or ill-typed arguments are errors naming them. Ranges and combinations (``validate``) are checked when
+    the config is complete, after the checkpoint's own settings (e.g. its patch size) are in."""
+    import typing
+
+    from vitkit.config import check_value
+    cls = spec.model_cls.config_cls
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(explicit) - fields)
+    if unknown:
+        raise ConfigError(f"unknown argument{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for {spec.name} "
+                          f"(valid: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(cls)
+    for key, value in explicit.items():
+        check_value(value, hints[key], f"{spec.name}.{key}")
+
+
 def create_model(name: str, pretrained: str | bool | None = None, num_classes: int | None = None,
                  img_size: int | tuple[int, int] | None = None, *, checkpoint_key: str | None = None,
                  **overrides: Any) -> nn.Module:
@@ -174,7 +191,7 @@ def create_model(name: str, pretrained: str | bool | None = None, num_classes: i
         explicit["num_classes"] = num_classes
     if img_size is not None:
         explicit["img_size"] = img_size
-    from_dict(spec.model_cls.config_cls, {**spec.config, **explicit}, where=name)  # names a bad argument, early
+    _check_arguments(spec, explicit)  # names a bad argument before any checkpoint is read
     loaded = None
     if pretrained is True:
         from vitkit.weights.hub import resolve_pretrained

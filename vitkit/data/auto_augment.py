@@ -91,13 +91,13 @@ def _posterize(increasing: bool):
 
 def _solarize(increasing: bool):
     def op(x, m, ctx, g):
-        thresh = int(m / _LEVEL_DENOM * 256)  # [0, 256], milder as m grows
+        thresh = min(256, int(m / _LEVEL_DENOM * 256))  # [0, 256] (timm clips m > 10), milder as m grows
         return Fn.solarize(x, 256 - thresh if increasing else thresh)
     return op
 
 
 def _solarize_add(x, m, ctx, g):
-    return Fn.solarize_add(x, int(m / _LEVEL_DENOM * 110), threshold=128)
+    return Fn.solarize_add(x, min(128, int(m / _LEVEL_DENOM * 110)), threshold=128)  # timm clips m > 10
 
 
 def _no_arg(fn):
