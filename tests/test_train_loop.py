@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -50,8 +51,12 @@ def test_run_folder_layout_and_reports(tmp_path):
         assert (run / f).is_file(), f
     assert not (run / "checkpoints" / "best" / "train_state.json").exists()
     rows = list(csv.DictReader(open(run / "metrics.csv")))
-    assert list(rows[0]) == COLUMNS and [int(r["step"]) for r in rows] == [3, 6]
-    assert all(r["val_top1"] and r["lr"] and r["elapsed_s"] for r in rows)
+    # a training row every log.every_steps steps (issue 9: rows from the first steps), an evaluation row per epoch;
+    # step 6 ends an epoch, so its training numbers go into the evaluation row
+    assert list(rows[0]) == COLUMNS and [int(r["step"]) for r in rows] == [2, 3, 4, 6]
+    assert all(r["lr"] and r["elapsed_s"] and r["train_loss"] for r in rows)
+    assert [bool(r["val_top1"]) for r in rows] == [False, True, False, True]
+    rows = [r for r in rows if r["val_top1"]]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test"]["num_samples"] == 32 and summary["environment"]["threads"] == 1
     assert summary["environment"]["torch"] == torch.__version__
@@ -157,7 +162,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
 def test_time_budget_plan_is_laid_out_once_and_survives_a_resume(tmp_path, caplog):
     """The budget is calibrated on steps 4-8 and the schedule laid out over the steps that fit; a run stopped by
     SIGTERM after that (sent from inside the run at step 9) and resumed keeps the plan: it does not calibrate again,
-    keeps the schedule length, and runs the remaining planned steps within the one budget."""
+    continues the saved schedule (whose length follows the measured speed) and runs the remaining steps within the
+    one budget."""
     import logging
     import os
     import signal
@@ -182,7 +188,9 @@ def test_time_budget_plan_is_laid_out_once_and_survives_a_resume(tmp_path, caplo
     plans = [m for m in caplog.messages if m.startswith("time budget")]
     state = json.loads((run / "checkpoints" / "last" / "train_state.json").read_text())
     planned = state["state"]["total_steps"]
-    assert first.status == "interrupted" and len(plans) == 1 and f"laid out over {planned} steps" in plans[0]
+    # one plan message; the plan then follows the measured speed (issue 9), so the saved length is the latest one
+    laid_out = int(re.search(r"laid out over (\d+) steps", plans[0]).group(1)) if len(plans) == 1 else None
+    assert first.status == "interrupted" and laid_out is not None and 0.5 < planned / laid_out < 2, (plans, planned)
     assert state["state"]["planned"] and state["schedule"]["total_steps"] == planned
     stopped = state["state"]["step"]
     assert stopped == 10 and planned > stopped, (stopped, planned)  # stopped after the plan, before its end
@@ -196,10 +204,11 @@ def test_time_budget_plan_is_laid_out_once_and_survives_a_resume(tmp_path, caplo
     s = result.summary
     assert not [m for m in caplog.messages if m.startswith("time budget")]  # no second calibration
     assert result.status == "completed"
-    assert s["planned_steps"] == planned, f"the resumed run's plan {s['planned_steps']} is not the saved {planned}"
-    assert s["steps"] == stopped + len(done) <= planned  # only the remaining steps (all of them, unless out of time)
+    # the resumed run continues the saved plan (its length keeps following the measured speed, as in one session)
+    assert 0.5 < s["planned_steps"] / planned < 2, (s["planned_steps"], planned)
+    assert s["steps"] == stopped + len(done) <= s["planned_steps"]  # only the remaining steps
     end = json.loads((run / "checkpoints" / "last" / "train_state.json").read_text())
-    assert end["schedule"]["total_steps"] == planned
+    assert end["schedule"]["total_steps"] == s["planned_steps"]
     assert s["wall_time_s"] <= budget * 60 + 10  # one budget for both sessions (slack: the final test, a loaded CPU)
 
 
