@@ -107,7 +107,8 @@ def _print_probes(report) -> None:
 def run(args: argparse.Namespace) -> int:
     from vitkit.evaluate.eval_data import build_eval_loader, resolve_data_config
     from vitkit.evaluate.metrics import evaluate, save_eval_artifacts
-    from vitkit.evaluate.targets import is_run_folder, load_target
+    from vitkit.evaluate.targets import load_target
+    from vitkit.runs import is_run_folder
     from vitkit.hardware import parse_device
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
