@@ -8,7 +8,7 @@ logits (``max |diff|``) show the two run the same function before their speed is
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -50,9 +50,17 @@ class Comparison:
     peak_gflops_median: float | None
     peak_gflops_best: float | None
     attn_implementation: str
+    others: dict[str, BenchResult] = field(default_factory=dict)  # further vitkit runtimes, same rounds
+    other_diffs: dict[str, float] = field(default_factory=dict)  # their max |logits diff| to transformers
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def ratios(self) -> dict[str, float]:
+        """images/s of every vitkit runtime over transformers', measured in the same interleaved rounds."""
+        base = self.theirs.images_per_s
+        return {"vitkit": self.ours.images_per_s / base,
+                **{name: r.images_per_s / base for name, r in self.others.items()}}
 
 
 def max_logit_diff(model: nn.Module, hf: nn.Module, x: Tensor) -> float:
@@ -63,17 +71,20 @@ def max_logit_diff(model: nn.Module, hf: nn.Module, x: Tensor) -> float:
 
 
 def compare_to_transformers(model: nn.Module, settings: BenchSettings = BenchSettings(),
-                            input_size: tuple[int, int, int] | None = None, hf: nn.Module | None = None
-                            ) -> Comparison:
-    """Benchmark ``model`` and its transformers twin in interleaved rounds (see ``vitkit.bench.runner``)."""
+                            input_size: tuple[int, int, int] | None = None, hf: nn.Module | None = None,
+                            others: dict[str, nn.Module] | None = None) -> Comparison:
+    """Benchmark ``model`` and its transformers twin in interleaved rounds (see ``vitkit.bench.runner``); ``others``
+    (e.g. the same model exported to ONNX Runtime / OpenVINO) join the same rounds, so every ratio comes from one run
+    under the same load."""
     input_size = tuple(input_size or model.data_cfg.input_size)
     model.to(settings.device)
     hf = hf if hf is not None else to_transformers(model)
     x = torch.randn(settings.batch_size, *input_size, generator=torch.Generator().manual_seed(0)).to(settings.device)
-    diff = max_logit_diff(model, hf, x)
+    named = {"vitkit": model, **(others or {})}
+    diffs = {name: max_logit_diff(m, hf, x) for name, m in named.items()}
     num_classes = getattr(model, "num_classes", None)
-    steps = {"vitkit": make_step(model, x, settings, num_classes),
-             "transformers": make_step(hf, x, settings, num_classes)}
+    steps = {name: make_step(m, x, settings, num_classes) for name, m in named.items()}
+    steps["transformers"] = make_step(hf, x, settings, num_classes)
     flops = step_flops(model, input_size, settings.mode)
     first = warm_up(steps, settings)
     mem = {name: peak_memory_mb(step, settings.device) for name, step in steps.items()}
@@ -85,5 +96,7 @@ def compare_to_transformers(model: nn.Module, settings: BenchSettings = BenchSet
     for r in res.values():
         r.discarded_rounds = timed.discarded_rounds
     ratio = res["vitkit"].images_per_s / res["transformers"].images_per_s
-    return Comparison(res["vitkit"], res["transformers"], diff, ratio, peak, max(samples) if samples else None,
-                      str(getattr(hf.config, "_attn_implementation", "?")))
+    extra = {name: res[name] for name in others or {}}
+    return Comparison(res["vitkit"], res["transformers"], diffs["vitkit"], ratio, peak, max(samples) if samples else None,
+                      str(getattr(hf.config, "_attn_implementation", "?")), extra,
+                      {name: diffs[name] for name in others or {}})

@@ -82,6 +82,7 @@ class BenchResult:
     peak_fraction: float | None = None  # achieved / peak_gflops
     times_ms: list[float] = field(default_factory=list)
     foreign_cores_per_step: list[float | None] = field(default_factory=list)
+    latency_ms_p99: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -239,6 +240,7 @@ def summarize(label: str, times: list[float], batch_size: int, first_step_s: flo
     ms = sorted(t * 1e3 for t in times)
     median = statistics.median(ms)
     p90 = ms[min(len(ms) - 1, math.ceil(0.9 * len(ms)) - 1)]
+    p99 = ms[min(len(ms) - 1, math.ceil(0.99 * len(ms)) - 1)]
     ips = batch_size / (median / 1e3)
     achieved = flops_per_image * ips / 1e9 if flops_per_image else None
     loads = [f for f in foreign or [] if f is not None]
@@ -249,12 +251,15 @@ def summarize(label: str, times: list[float], batch_size: int, first_step_s: flo
         minor_faults=statistics.median(flts) if flts else None,
         step_gflops_per_image=flops_per_image / 1e9 if flops_per_image else None, achieved_gflops=achieved,
         peak_gflops=peak_gflops, peak_fraction=achieved / peak_gflops if achieved and peak_gflops else None,
-        times_ms=[t * 1e3 for t in times], foreign_cores_per_step=list(foreign or []))
+        times_ms=[t * 1e3 for t in times], foreign_cores_per_step=list(foreign or []), latency_ms_p99=p99)
 
 
 def step_flops(model: nn.Module, input_size: tuple[int, int, int], mode: str) -> int | None:
     """FLOPs per image of one step, counted on a meta-device twin of a vitkit model (None for other models)."""
+    from vitkit.deploy.runtime import RuntimeModel
     from vitkit.models.base import FamilyModel
+    if isinstance(model, RuntimeModel) and model.source is not None:
+        model = model.source  # an exported model computes what its eager source computes
     if not isinstance(model, FamilyModel):
         return None
     with torch.device("meta"):

@@ -1,4 +1,4 @@
-"""`vitkit bench MODEL`: images/s, latency (median, p90), peak memory and fraction of the GEMM peak of one step.
+"""`vitkit bench MODEL`: images/s, latency (median, p90, p99), peak memory and fraction of the GEMM peak of one step.
 
 Examples:
     vitkit bench vit_base_patch16_224 --batch-size 8 --compare transformers
@@ -44,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-wait", type=float, default=600.0,
                         help="seconds after which --quiet accepts every round (default 600)")
     parser.add_argument("--compare", choices=("transformers",), help="also run the same model in this library")
+    parser.add_argument("--runtime", default="eager", metavar="NAME[,NAME...]",
+                        help="eager (default), onnxruntime, openvino, torch-export, or several comma-separated: each "
+                             "is exported (parity-checked) and timed in the same interleaved rounds; 'onnxruntime-int8' "
+                             "adds the int8 (dynamic) ONNX Runtime model; 'openvino-bf16' OpenVINO with its bf16 "
+                             "inference hint")
     parser.add_argument("--machine", action="store_true", help="measure the machine's GEMM peak and copy bandwidth")
     parser.add_argument("--seconds", type=float, default=30.0,
                         help="time allowed for --machine (default 30; progress is printed as it goes)")
@@ -74,9 +79,10 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def result_lines(results: list) -> list[str]:
-    header = ("", "images/s", "median ms", "p90 ms", "min ms", "peak MiB", "GFLOP/s", "% GEMM peak",
+    header = ("", "images/s", "median ms", "p90 ms", "p99 ms", "min ms", "peak MiB", "GFLOP/s", "% GEMM peak",
               "page faults", "other load")
     rows = [(r.label, f"{r.images_per_s:.2f}", f"{r.latency_ms_median:.1f}", f"{r.latency_ms_p90:.1f}",
+             _fmt(r.latency_ms_p99, ".1f"),
              f"{r.latency_ms_min:.1f}", _fmt(r.peak_mem_mb, ".0f"), _fmt(r.achieved_gflops, ".1f"),
              _fmt(r.peak_fraction and 100 * r.peak_fraction, ".1f"), _fmt(r.minor_faults, ".0f"),
              _fmt(r.foreign_cores, ".2f"))
@@ -113,6 +119,45 @@ def _dtype(args: argparse.Namespace) -> str:
     return "bf16" if resolve_amp("auto", args.device) == "bf16" else "fp32"
 
 
+def _runtimes(args: argparse.Namespace, model) -> dict:
+    """The vitkit runtimes of ``--runtime`` besides eager, exported from ``model`` (each parity-checked)."""
+    from vitkit.deploy.names import RUNTIMES
+    from vitkit.deploy.runtime import to_runtime
+    names = [n.strip() for n in args.runtime.split(",") if n.strip()]
+    known = set(RUNTIMES) | {"onnxruntime-int8", "openvino-bf16"}
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ValueError(f"--runtime {args.runtime!r}: choose from {', '.join(sorted(known))} (comma-separated)")
+    if names != ["eager"] and (args.device != "cpu" or args.mode != "infer" or args.compile):
+        raise ValueError("exported runtimes are benchmarked for CPU inference: --device cpu --mode infer, no --compile")
+    out = {}
+    for name in names:
+        if name == "eager":
+            continue
+        if name == "openvino-bf16":
+            out[name] = _openvino_with_hint(model)
+        else:
+            base, _, int8 = name.partition("-")
+            out[name] = to_runtime(model, base, int8=bool(int8))
+        print(f"{name}: exported; {out[name].parity.summary().splitlines()[0]}")
+    return out
+
+
+def _openvino_with_hint(model):
+    """OpenVINO with its bf16 inference-precision hint (the IR keeps fp32 weights; the plugin computes in bf16)."""
+    import os
+    import tempfile
+
+    from vitkit.deploy.export import export_model
+    from vitkit.deploy.runtime import open_runtime
+    with tempfile.TemporaryDirectory(prefix="vitkit-ov-") as tmp:
+        result = export_model(model, os.path.join(tmp, "m"), "openvino")
+        opened = open_runtime(result.folder, precision_hint="bf16")
+    opened.__dict__["source"] = model
+    opened.parity = result.parity
+    return opened
+
+
 def _run_model(args: argparse.Namespace, report: dict[str, Any]) -> None:
     from vitkit.bench.compare import compare_to_transformers
     from vitkit.bench.runner import BenchSettings, benchmark
@@ -129,10 +174,13 @@ def _run_model(args: argparse.Namespace, report: dict[str, Any]) -> None:
     print(f"{args.model} {'x'.join(map(str, input_size))}, batch {args.batch_size}, {dtype}"
           f"{' (auto)' if args.dtype == 'auto' else ''}, "
           f"{'compiled' if args.compile else 'eager'}, {args.mode}, {report['env']['threads']} threads")
+    others = _runtimes(args, model)
+    if others and not args.compare:
+        raise ValueError("--runtime with exported runtimes is a comparison: add --compare transformers")
     if args.compare:
-        cmp = compare_to_transformers(model, settings, input_size)
+        cmp = compare_to_transformers(model, settings, input_size, others=others)
         report["comparison"] = cmp.as_dict()
-        results = [cmp.ours, cmp.theirs]
+        results = [cmp.ours, *cmp.others.values(), cmp.theirs]
         peak = cmp.peak_gflops_median
     else:
         res = benchmark(model, settings, input_size)
@@ -149,6 +197,9 @@ def _run_model(args: argparse.Namespace, report: dict[str, Any]) -> None:
     if args.compare:
         print(f"vitkit / transformers images/s: {cmp.speed_ratio:.3f}   max |logits diff|: {cmp.max_abs_diff:.2e}   "
               f"(transformers attention: {cmp.attn_implementation})")
+        for name, ratio in cmp.ratios().items():
+            if name != "vitkit":
+                print(f"{name} / transformers images/s: {ratio:.3f}   max |logits diff|: {cmp.other_diffs[name]:.2e}")
 
 
 def run(args: argparse.Namespace) -> int:

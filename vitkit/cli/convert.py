@@ -84,7 +84,7 @@ def _check_destination(src: str, dst: str, force: bool) -> None:
 
 def _source(src: str) -> str:
     """SRC itself, or for a run folder its best (else last) checkpoint, as `vitkit eval` and `predict` take it."""
-    from vitkit.evaluate.targets import is_run_folder, run_checkpoint
+    from vitkit.runs import is_run_folder, run_checkpoint
     if os.path.isdir(src) and is_run_folder(src):
         folder = run_checkpoint(src)
         print(f"{src} is a run folder: converting {folder}")

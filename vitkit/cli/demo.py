@@ -72,9 +72,10 @@ def _predict(run_dir: Path, dataset, count: int) -> int:
     """Predict ``count`` test digits from PNG files with the best checkpoint; returns how many were right."""
     import vitkit
     from vitkit.evaluate import predict_files
+    from vitkit.runs import checkpoint_dir
     step = max(1, len(dataset) // max(count, 1))
     files = save_digit_pngs(dataset, list(range(0, step * count, step))[:count], run_dir / "predictions")
-    model = vitkit.load_model(run_dir / "checkpoints" / "best")
+    model = vitkit.load_model(checkpoint_dir(run_dir, "best"))
     right = 0
     print(f"\npredictions on {len(files)} test digits saved as PNG in {run_dir / 'predictions'}:")
     for (path, label), pred in zip(files, predict_files(model, [p for p, _ in files], topk=1)):

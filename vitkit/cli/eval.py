@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     parser.add_argument("--device", help="e.g. cpu, cuda, mps (default: an accelerator if present)")
     add_amp_argument(parser)
+    add_runtime_arguments(parser)
     add_probe_arguments(parser)
 
 
@@ -46,6 +47,30 @@ def add_amp_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
                         help="autocast dtype; auto (default): bf16 where the device runs it natively, else fp32; "
                              "none: fp32")
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    from vitkit.deploy.names import RUNTIMES
+    parser.add_argument("--runtime", choices=tuple(RUNTIMES), default="eager",
+                        help="run the model in eager PyTorch (default) or exported (parity-checked) to ONNX Runtime, "
+                             "OpenVINO or torch.export; exported runtimes run on the CPU in fp32 (--amp is ignored)")
+    parser.add_argument("--int8", action="store_true",
+                        help="with --runtime onnxruntime: int8 weights (dynamic quantisation; see vitkit export)")
+
+
+def apply_runtime(args: argparse.Namespace, model, device):
+    """``model`` itself for ``--runtime eager``; else the model exported to that runtime (a ``RuntimeModel``), after
+    checking the request fits (CPU only; int8 only through ONNX Runtime)."""
+    if args.runtime == "eager":
+        if args.int8:
+            raise ValueError("--int8 needs --runtime onnxruntime")
+        return model
+    if str(device) != "cpu":
+        raise ValueError(f"--runtime {args.runtime} runs on the CPU; drop --device {device}")
+    if args.int8 and args.runtime != "onnxruntime":
+        raise ValueError(f"--int8 is ONNX Runtime's dynamic quantisation: use --runtime onnxruntime, not {args.runtime}")
+    from vitkit.deploy.runtime import to_runtime
+    return to_runtime(model.cpu().eval(), args.runtime, int8=args.int8)
 
 
 def precision(args: argparse.Namespace, device):
@@ -107,7 +132,8 @@ def _print_probes(report) -> None:
 def run(args: argparse.Namespace) -> int:
     from vitkit.evaluate.eval_data import build_eval_loader, resolve_data_config
     from vitkit.evaluate.metrics import evaluate, save_eval_artifacts
-    from vitkit.evaluate.targets import is_run_folder, load_target
+    from vitkit.evaluate.targets import load_target
+    from vitkit.runs import is_run_folder
     from vitkit.hardware import parse_device
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
@@ -134,7 +160,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {os.path.join(out_dir, 'probes.json')}")
         return 0
     loader, classes = build_eval_loader(data_cfg, model, args.split, args.batch_size)
-    result = evaluate(model, loader, device, amp, class_names=classes)
+    runner = apply_runtime(args, model, device)
+    result = evaluate(runner, loader, device, None if runner is not model else amp, class_names=classes)
+    result.extra["runtime"] = args.runtime + (" int8" if args.int8 else "")
     result.extra.update(_context(target, data_cfg, args))
     if probes:
         result.extra["probes"] = probes

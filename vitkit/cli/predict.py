@@ -38,13 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1, mps (default: an accelerator if present)")
-    from vitkit.cli.eval import add_amp_argument
+    from vitkit.cli.eval import add_amp_argument, add_runtime_arguments
     add_amp_argument(parser)
+    add_runtime_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from vitkit.evaluate.predict import expand_inputs, predict_files
-    from vitkit.cli.eval import precision
+    from vitkit.cli.eval import apply_runtime, precision
     from vitkit.evaluate.targets import load_target
     from vitkit.hardware import parse_device
     if args.topk < 1 or args.batch_size < 1:
@@ -55,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     device = parse_device(args.device)
     amp = precision(args, device)
     target = load_target(args.pretrained, args.model)
-    model = target.model.to(device)
+    model = apply_runtime(args, target.model.to(device), device)
+    if args.runtime != "eager":
+        amp = None  # an exported model runs in fp32 (int8 weights with --int8)
     predictions = predict_files(model, files, topk=args.topk, batch_size=args.batch_size, amp_dtype=amp)
     WRITERS[args.format](predictions, sys.stdout)
     return 0 if any(p.ok for p in predictions) else 1

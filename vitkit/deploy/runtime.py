@@ -25,8 +25,10 @@ from vitkit.deploy.names import RUNTIMES
 class RuntimeModel(nn.Module):
     """An exported model as a module: inference only, on the CPU, float32 in and out."""
 
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], meta: dict[str, Any], runtime: str):
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], meta: dict[str, Any], runtime: str,
+                 source: nn.Module | None = None):
         super().__init__()
+        self.__dict__["source"] = source  # the eager model it was exported from, when known (not a submodule)
         from vitkit.specs import PreprocessConfig
         self._run = run
         self.runtime = runtime
@@ -111,4 +113,7 @@ def to_runtime(model: nn.Module, runtime: str, int8: bool = False, images: Tenso
         return model
     with tempfile.TemporaryDirectory(prefix="vitkit-runtime-") as tmp:
         result = export_model(model, os.path.join(tmp, "model"), RUNTIMES[runtime], int8=int8, images=images)
-        return open_runtime(result.folder)
+        opened = open_runtime(result.folder)
+    opened.__dict__["source"] = model
+    opened.parity = result.parity
+    return opened

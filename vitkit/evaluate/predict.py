@@ -84,7 +84,7 @@ def predict_tensors(model: nn.Module, x: torch.Tensor, topk: int, class_names: S
                     amp_dtype: torch.dtype | None = None) -> list[list[tuple[int, str, float]]]:
     """Top-k ``(index, name, probability)`` per row of a preprocessed batch ``x`` (B, 3, H, W), under autocast to
     ``amp_dtype`` when given (probabilities are computed in fp32)."""
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device  # an exported model (RuntimeModel) runs on the CPU
     cast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     with torch.inference_mode(), cast:
         probs = model(x.to(device)).float().softmax(dim=-1)  # (B, K)

@@ -15,6 +15,8 @@ import torch
 import yaml
 from torch import nn
 
+from vitkit.runs import is_run_folder, run_checkpoint
+
 __all__ = ["Target", "load_target", "is_run_folder", "is_vitkit_folder", "run_checkpoint", "default_device"]
 
 log = logging.getLogger(__name__)
@@ -38,21 +40,6 @@ def is_vitkit_folder(path: str | os.PathLike) -> bool:
             return json.load(f).get("format") == "vitkit"
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def is_run_folder(path: str | os.PathLike) -> bool:
-    return os.path.isdir(os.path.join(os.fspath(path), "checkpoints"))
-
-
-def run_checkpoint(run_dir: str | os.PathLike) -> str:
-    """``checkpoints/best`` of a run, else ``checkpoints/last`` (or their ``.prev`` copy left by a run killed
-    mid-rename, as ``vitkit.train.checkpoint.find_checkpoint`` resolves them)."""
-    from vitkit.train.checkpoint import find_checkpoint
-    for name in ("best", "last"):
-        folder = find_checkpoint(run_dir, name)
-        if folder is not None:
-            return os.fspath(folder)
-    raise FileNotFoundError(f"{run_dir}: no checkpoints/best/ or checkpoints/last/ with a vitkit model in it")
 
 
 def _read_run_config(run_dir: str) -> dict[str, Any] | None:

@@ -17,7 +17,8 @@ from typing import Any, Callable
 import yaml
 
 from vitkit.config import ConfigError
-from vitkit.train.checkpoint import find_checkpoint, read_train_state_meta
+from vitkit.runs import checkpoint_dir, find_checkpoint
+from vitkit.train.checkpoint import read_train_state_meta
 from vitkit.train.config import RESUME_SETTABLE, RecipeConfig, dump_yaml, load_recipe, resolve
 from vitkit.train.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
 from vitkit.train.loop import NonFiniteLossError, RunResult, RunState, Trainer
@@ -153,7 +154,7 @@ def resume(run_dir: str | os.PathLike, sets: list[str] = (), clock_start: float 
             raise FileNotFoundError(
                 f"{run_dir}: checkpoints/last is missing, so the run cannot continue exactly; restarting it would "
                 f"overwrite {', '.join(history)}. Restore checkpoints/last, or start a new run (another --out; "
-                f"--set model.pretrained={run_dir / 'checkpoints' / 'best'} starts from the best weights)")
+                f"--set model.pretrained={checkpoint_dir(run_dir, 'best')} starts from the best weights)")
         log.warning("%s has no checkpoint yet (its start saved none): starting it again from step 0", run_dir)
     else:
         read_train_state_meta(last, resumable=True)  # a damaged train_state.json is named before anything else

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from vitkit.runs import find_checkpoint  # the layout lives in vitkit.runs; re-exported for the trainer
+
 __all__ = ["atomic_dir", "save_checkpoint", "find_checkpoint", "read_train_state", "read_train_state_meta",
            "load_model_weights", "capture_rng",
            "restore_rng", "optimizer_state", "load_optimizer_state", "TRAIN_STATE_FORMAT"]
@@ -73,17 +75,6 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     os.rename(tmp, final)
     _fsync_path(final.parent)
     shutil.rmtree(prev, ignore_errors=True)
-
-
-def find_checkpoint(run_dir: str | os.PathLike, name: str = "last") -> Path | None:
-    """``checkpoints/<name>``, or its ``.prev`` left by a process killed between the two renames."""
-    base = Path(run_dir) / "checkpoints"
-    for folder in (base / name, base / f"{name}.prev"):
-        if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
-            if folder.name.endswith(".prev"):
-                log.warning("using %s: the newer checkpoint was interrupted while being renamed", folder)
-            return folder
-    return None
 
 
 # ------------------------------------------------------------------------------------------------------ write

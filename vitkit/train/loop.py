@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from vitkit.runs import checkpoint_dir
 from vitkit.train import budget
 from vitkit.train import checkpoint as ckpt
 from vitkit.train.build import (build_data, build_model, build_schedule, build_splits, build_task, eval_loader,
@@ -292,7 +293,7 @@ class Trainer:
 
     def _saved_description(self) -> str:
         """For a second Ctrl-C: what is on disk and what is not."""
-        last = self.run_dir / "checkpoints" / "last"
+        last = checkpoint_dir(self.run_dir, "last")
         if self._saved_step is None:
             return f"no checkpoint had been saved; {self.state.step} step(s) were lost"
         lost = self.state.step - self._saved_step
@@ -467,7 +468,7 @@ class Trainer:
                                            else value < s.best_metric)
         if better:
             s.best_metric, s.best_step = float(value), s.step
-            ckpt.save_checkpoint(self.run_dir / "checkpoints" / "best", self.eval_model(), self.data.classes)
+            ckpt.save_checkpoint(checkpoint_dir(self.run_dir, "best"), self.eval_model(), self.data.classes)
 
     # ------------------------------------------------------------------------------------------ time budget
     def _schedule(self):
@@ -608,7 +609,7 @@ class Trainer:
         if self.reporting:
             start = time.perf_counter()
             tensors, meta = self._train_state()
-            ckpt.save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, self.data.classes, tensors, meta)
+            ckpt.save_checkpoint(checkpoint_dir(self.run_dir, "last"), self.model, self.data.classes, tensors, meta)
             self._checkpoint_s = time.perf_counter() - start
         self._saved_step = self.state.step
         return self._stop_agreed(False)
@@ -639,7 +640,7 @@ class Trainer:
             pending = " (its validation runs first when resumed)" if s.eval_pending else ""
             log.warning("stopped by %s at step %d of %s; checkpoint saved in %s%s. Continue with: "
                         "vitkit train --resume %s", self.stop.name or "a signal", s.step, self._total_text(),
-                        self.run_dir / "checkpoints" / "last", pending, self.run_dir)
+                        checkpoint_dir(self.run_dir, "last"), pending, self.run_dir)
         total = None if s.total_steps == _UNPLANNED else s.total_steps
         return RunResult(self.run_dir, "interrupted", s.step, total, None, self.stop.name or "SIGTERM")
 

@@ -1,0 +1,47 @@
+"""The run-folder layout (DESIGN.md "Run folders"), shared by training, which writes it, and evaluation, prediction,
+conversion and export, which read it: ``RUN_DIR/config.yaml``, ``metrics.csv``, ``summary.json`` and
+``checkpoints/{last,best}/`` (each a vitkit model folder; ``last`` also holds the training state)."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+__all__ = ["CHECKPOINTS", "CONFIG", "METRICS", "SUMMARY", "checkpoint_dir", "find_checkpoint", "is_run_folder",
+           "run_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+CONFIG = "config.yaml"
+METRICS = "metrics.csv"
+SUMMARY = "summary.json"
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, name: str) -> Path:
+    """``RUN_DIR/checkpoints/<name>`` (``last`` or ``best``), whether or not it exists yet."""
+    return Path(run_dir) / CHECKPOINTS / name
+
+
+def find_checkpoint(run_dir: str | os.PathLike, name: str = "last") -> Path | None:
+    """``checkpoints/<name>``, or its ``.prev`` left by a process killed between the two renames of an atomic save."""
+    base = checkpoint_dir(run_dir, name)
+    for folder in (base, base.with_name(f"{name}.prev")):
+        if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+            if folder.name.endswith(".prev"):
+                log.warning("using %s: the newer checkpoint was interrupted while being renamed", folder)
+            return folder
+    return None
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    return os.path.isdir(os.path.join(os.fspath(path), CHECKPOINTS))
+
+
+def run_checkpoint(run_dir: str | os.PathLike) -> str:
+    """``checkpoints/best`` of a run (the checkpoint it selected on its validation split), else ``checkpoints/last``."""
+    for name in ("best", "last"):
+        folder = find_checkpoint(run_dir, name)
+        if folder is not None:
+            return os.fspath(folder)
+    raise FileNotFoundError(f"{run_dir}: no checkpoints/best/ or checkpoints/last/ with a vitkit model in it")
