@@ -56,7 +56,8 @@ def _has_hooks(*modules: nn.Module) -> bool:
 
 
 class Mlp(nn.Module):
-    """fc1 → act → dropout → fc2 → dropout (dropout after every dense layer, ViT paper App. B.1).
+    """fc1 → act → dropout → fc2 → dropout (dropout after every dense layer, ViT paper App. B.1). ``hidden_drop``
+    sets the first dropout apart from ``drop`` (ml-cvnets' ``ffn_dropout`` vs ``dropout``); None = ``drop``.
 
     Without autograd (inference), the activation overwrites fc1's output instead of allocating a second
     (B, N, hidden) tensor, as ``nn.ReLU(inplace=True)`` does in CNNs. That buffer is the largest of a ViT block
@@ -67,11 +68,12 @@ class Mlp(nn.Module):
     """
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
-                 act_layer: str = "gelu", drop: float = 0.0, bias: bool = True):
+                 act_layer: str = "gelu", drop: float = 0.0, bias: bool = True, *,
+                 hidden_drop: float | None = None):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
         self.act = make_act(act_layer)
-        self.drop1 = nn.Dropout(drop)
+        self.drop1 = nn.Dropout(drop if hidden_drop is None else hidden_drop)
         self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias)
         self.drop2 = nn.Dropout(drop)
 
