@@ -314,3 +314,71 @@ def test_official_dropout_placement():
     blk = model.stages[2][1].transformer[0]
     assert (blk.mlp.drop1.p, blk.mlp.drop2.p, blk.attn.proj_drop.p, blk.attn.attn_drop) == (0.05, 0.1, 0.1, 0.02)
     assert model.head_drop.p == 0.2 and blk.norm1.eps == 1e-5 and isinstance(blk.mlp.act, torch.nn.SiLU)
+
+
+# ------------------------------------------------------------------------------------------ ConvNormAct
+def _conv_norm_act(groups=1):
+    from vitkit.layers import ConvNormAct
+    layer = randomize_(ConvNormAct(8, 8, 3, stride=2, groups=groups))
+    _randomize_bn_stats_(layer)
+    return layer
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_eval_folds_batchnorm_into_the_conv_without_changing_the_function(groups):
+    layer = _conv_norm_act(groups).eval()
+    x = torch.randn(2, 8, 9, 9)
+    unfolded = layer.act(layer.bn(layer.conv(x)))
+    with torch.no_grad():
+        assert max_diff(layer(x), unfolded) < 1e-5  # folded (and activated in place)
+    x.requires_grad_(True)  # in eval mode with autograd (e.g. saliency): folded, differentiable
+    (g1,) = torch.autograd.grad(layer(x).sum(), x)
+    (g2,) = torch.autograd.grad(layer.act(layer.bn(layer.conv(x))).sum(), x)
+    assert max_diff(g1, g2) < 1e-5
+    assert set(layer.state_dict()) == {"conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+                                       "bn.num_batches_tracked"}
+
+
+def test_training_and_hooks_keep_the_unfolded_batchnorm():
+    layer = _conv_norm_act().train()
+    x = torch.randn(4, 8, 9, 9)
+    before = layer.bn.running_mean.clone()
+    layer(x)
+    assert not torch.equal(layer.bn.running_mean, before)  # batch statistics used and tracked
+    layer.eval()
+    seen = []
+    layer.bn.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        out = layer(x)
+    assert len(seen) == 1 and torch.equal(out, layer.act(seen[0]))
+
+
+# ------------------------------------------------------------------------------------------ training data
+def test_training_and_dataset_eval_feed_bgr_weights_bgr(tmp_path):
+    """``vitkit train`` from BGR weights (the official MobileViT files) swaps the channels in its train and eval
+    transforms, so training, ``vitkit eval`` and ``predict`` all see what the weights expect."""
+    import yaml
+    from vitkit.data import build_splits
+    from vitkit.evaluate.eval_data import dataset_transform
+    from vitkit.train.build import build_data, build_model
+    from vitkit.train.config import load_recipe
+    from vitkit.train.distributed import DistInfo
+    tiny = {k: v for k, v in vitkit.get_spec("mobilevit_xxs").tiny.items() if k != "img_size"}
+    recipe = {"model": {"name": "mobilevit_xxs", "overrides": tiny},
+              "data": {"name": "fake", "img_size": 32, "train_limit": 8, "test_limit": 8, "num_workers": 0,
+                       "mean": [0.3, 0.2, 0.1], "std": [0.5, 0.5, 0.25]},
+              "augment": {"random_resized_crop": False, "crop_padding": 0, "hflip": 0.0, "auto_augment": None,
+                          "random_erasing": 0.0, "mixup": 0.0, "cutmix": 0.0},
+              "train": {"steps": 1, "batch_size": 4}, "log": {"progress": False, "plots": False, "tensorboard": False}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    cfg = load_recipe(tmp_path / "r.yaml")
+    model = build_model(cfg, 10)
+    assert model.data_cfg.channel_order == "BGR"
+    splits = build_splits(cfg.data)
+    data = build_data(cfg, splits, model, DistInfo(rank=0, world_size=1, local_rank=0))
+    image = splits.train[0][0]  # (3, 32, 32) uint8, R G B
+    expected = (image.flip(0).float() / 255 - torch.tensor([0.3, 0.2, 0.1])[:, None, None]) \
+        / torch.tensor([0.5, 0.5, 0.25])[:, None, None]  # B G R, normalised with the model-order statistics
+    torch.testing.assert_close(data.train.transform(image), expected)
+    torch.testing.assert_close(data.test.transform(splits.test[0][0]),
+                               dataset_transform(cfg.data, model)(splits.test[0][0]))

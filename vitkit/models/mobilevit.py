@@ -135,21 +135,22 @@ class InvertedResidual(nn.Module):
 def unfold_patches(x: Tensor, patch: int) -> tuple[Tensor, tuple[int, int]]:
     """(B, C, H, W) → (B·P, N, C) and the patch grid (n_h, n_w): row b·P + p holds pixel p (row-major within its
     p x p patch) of all N = n_h·n_w patches (row-major), as the official ``unfolding``; H and W are first resized
-    bilinearly to multiples of ``patch`` when they are not."""
+    bilinearly to multiples of ``patch`` when they are not. One copy (none before it for a channels-last map)."""
     B, C, H, W = x.shape
     n_h, n_w = math.ceil(H / patch), math.ceil(W / patch)
     if (n_h * patch, n_w * patch) != (H, W):
         x = F.interpolate(x, size=(n_h * patch, n_w * patch), mode="bilinear", align_corners=False)
-    x = x.reshape(B, C, n_h, patch, n_w, patch).permute(0, 3, 5, 2, 4, 1)  # (B, p_h, p_w, n_h, n_w, C)
+    x = x.permute(0, 2, 3, 1).reshape(B, n_h, patch, n_w, patch, C)  # (B, n_h, p_h, n_w, p_w, C), a view
+    x = x.permute(0, 2, 4, 1, 3, 5)  # (B, p_h, p_w, n_h, n_w, C)
     return x.reshape(B * patch * patch, n_h * n_w, C), (n_h, n_w)  # (B·P, N, C)
 
 
 def fold_patches(x: Tensor, grid: tuple[int, int], patch: int, size: tuple[int, int]) -> Tensor:
     """The inverse of ``unfold_patches``: (B·P, N, C) → (B, C, H, W) with (H, W) = ``size`` (official
-    ``folding``)."""
+    ``folding``); the map comes out in channels-last memory, one copy."""
     (n_h, n_w), C = grid, x.shape[-1]
-    x = x.reshape(-1, patch, patch, n_h, n_w, C).permute(0, 5, 3, 1, 4, 2)  # (B, C, n_h, p_h, n_w, p_w)
-    x = x.reshape(x.shape[0], C, n_h * patch, n_w * patch)  # (B, C, n_h·p, n_w·p)
+    x = x.reshape(-1, patch, patch, n_h, n_w, C).permute(0, 3, 1, 4, 2, 5)  # (B, n_h, p_h, n_w, p_w, C)
+    x = x.reshape(x.shape[0], n_h * patch, n_w * patch, C).permute(0, 3, 1, 2)  # (B, C, n_h·p, n_w·p)
     if (n_h * patch, n_w * patch) != tuple(size):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     return x
@@ -266,7 +267,12 @@ class MobileViT(FamilyModel):
     # --------------------------------------------------------------------------------------------------- forward
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C, H, W) → (B, num_features, H/32, W/32), after the final 1x1 conv (ceil-divided sizes)."""
-        return self.final_conv(self.stages(self.stem(x)))
+        return self.final_conv(self.stages(self.embed(x)))
+
+    def embed(self, x: Tensor) -> Tensor:
+        """The stem. The maps are kept in channels-last memory from here on (same values): oneDNN's convolutions
+        are faster on it, the 1x1 convs are plain matrix products, and unfolding then moves whole pixel vectors."""
+        return self.stem(x.contiguous(memory_format=torch.channels_last))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = x.mean(dim=(-2, -1))  # (B, num_features) global average pool
@@ -277,7 +283,7 @@ class MobileViT(FamilyModel):
         """Outputs of chosen stages (layer1 … layer5), (B, C_i, H_i, W_i) each at strides 2, 4, 8, 16, 32.
         ``norm`` has no effect: the model ends in a conv, not a norm."""
         wanted = select_indices(indices, len(self.stages), "stage")
-        x, outs = self.stem(x), []
+        x, outs = self.embed(x), []
         for i, stage in enumerate(self.stages[: wanted[-1] + 1]):
             x = stage(x)
             if i in wanted:
