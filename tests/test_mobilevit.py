@@ -20,7 +20,7 @@ from vitkit.models.mobilevit import fold_patches, unfold_patches
 from vitkit.models.mobilevit_formats import OFFICIAL, OFFICIAL_DATA_CFG, TIMM_DATA_CFG, to_official, to_transformers
 from vitkit.weights import CheckpointError
 
-from conftest import REPO, max_diff, randomize_, skip_or_fail
+from conftest import REPO, eval_forward, golden_close, max_diff, randomize_, skip_or_fail
 
 DATA = Path(__file__).parent / "data" / "mobilevit"
 OFFICIAL_FILE = DATA / "official_shrunk.pt"
@@ -29,17 +29,6 @@ SHRUNK = dict(widths=(8, 16, 24, 32, 40), transformer_dims=(16, 24, 32))
 SIZES = [(256, 256), (320, 320), (136, 136), (96, 160)]
 SHARED = Path(os.environ.get("VITKIT_SHARED", REPO.parent / "shared"))
 IMAGES = SHARED / "data" / "images"
-
-
-def _run(model, x):
-    model.eval()
-    with torch.no_grad():
-        return model(x)
-
-
-def _close(out, ref, tol=1e-4):
-    """The golden cases' criterion: |out - ref| <= tol + tol·|ref| everywhere."""
-    return bool(((out - ref).abs() <= tol + tol * ref.abs()).all())
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +47,8 @@ def test_official_logits_at_several_input_sizes(official_io, size):
     with torch.no_grad():
         feats = model.forward_features(x)
         logits, pre = model.forward_head(feats), model.forward_head(feats, pre_logits=True)
-    assert _close(logits, official_io[f"logits_{h}x{w}"]), max_diff(logits, official_io[f"logits_{h}x{w}"])
-    assert _close(pre, official_io[f"pre_logits_{h}x{w}"]), max_diff(pre, official_io[f"pre_logits_{h}x{w}"])
+    assert golden_close(logits, official_io[f"logits_{h}x{w}"]), max_diff(logits, official_io[f"logits_{h}x{w}"])
+    assert golden_close(pre, official_io[f"pre_logits_{h}x{w}"]), max_diff(pre, official_io[f"pre_logits_{h}x{w}"])
     report = model.load_report
     assert report.format == "official" and report.upcast == ["float16 → float32"]
     assert report.resized == [] and report.reinitialized == []
@@ -72,8 +61,8 @@ def test_pinned_official_layernorm_differs_where_patches_equal_width(official_io
     """At 64 px layer3 has 16 patches and d = 16: ml-cvnets' LayerNorm from v0.2 on then normalises over the
     patches. vitkit computes what v0.1 (which trained the weights), timm and transformers compute."""
     model = vitkit.create_model("mobilevit_xxs", pretrained=str(OFFICIAL_FILE), img_size=64, **SHRUNK)
-    out = _run(model, official_io["images_64x64"].float() / 255)
-    assert _close(out, official_io["logits_64x64_plain_layernorm"])
+    out = eval_forward(model, official_io["images_64x64"].float() / 255)
+    assert golden_close(out, official_io["logits_64x64_plain_layernorm"])
     assert max_diff(out, official_io["logits_64x64"]) > 0.1
 
 
@@ -97,7 +86,7 @@ def test_release_layout_names_its_variant_and_converts_without_model(tmp_path):
     assert main(["convert", str(tmp_path / "mobilevit_xxs.pt"), str(tmp_path / "out")]) == 0
     back = vitkit.load_model(tmp_path / "out")
     x = torch.rand(1, 3, 256, 256)
-    assert torch.equal(_run(back, x), _run(model, x))
+    assert torch.equal(eval_forward(back, x), eval_forward(model, x))
     assert back.data_cfg.channel_order == "BGR"  # saved with the official weights' preprocessing
 
 
@@ -149,7 +138,7 @@ def test_transformers_twin_computes_the_same_function(size):
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = hf(pixel_values=x).logits
-    assert max_diff(_run(model, x), ref) < 1e-4
+    assert max_diff(eval_forward(model, x), ref) < 1e-4
 
 
 def test_transformers_folder_and_live_state_dict_load(tmp_path):
@@ -168,7 +157,7 @@ def test_transformers_folder_and_live_state_dict_load(tmp_path):
     live = vitkit.create_model("mobilevit_xxs", pretrained=str(tmp_path / "live.safetensors"), **HF_TINY)
     for loaded in (from_folder, live):
         assert loaded.load_report.format == "hf" and loaded.data_cfg.channel_order == "BGR"
-        assert max_diff(_run(loaded, x), ref) < 1e-4
+        assert max_diff(eval_forward(loaded, x), ref) < 1e-4
 
 
 def test_transformers_full_size_folder_names_its_variant(tmp_path):

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from vitkit.config import ConfigError
 from vitkit.layers import Attention, Block, ConvNormAct, Mlp, drop_path_rates, to_2tuple
-from vitkit.models.base import FamilyModel, select_indices, staged_layer_id, zero_init_
+from vitkit.models.base import FamilyModel, LinearHead, select_indices, staged_layer_id
 from vitkit.models.mobilevit_formats import MOBILEVIT_FORMATS, WEIGHTS
 from vitkit.registry import register_family
 from vitkit.specs import PreprocessConfig, Reference
@@ -195,7 +195,7 @@ class MobileViTBlock(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------- model
-class MobileViT(FamilyModel):
+class MobileViT(LinearHead, FamilyModel):
     config_cls = MobileViTConfig
     intermediates = "pyramid"
 
@@ -222,9 +222,6 @@ class MobileViT(FamilyModel):
         self.init_weights()
 
     # ----------------------------------------------------------------------------------------------- construction
-    def _make_head(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def init_weights(self) -> None:
         """The official initialisation (ImageNet yaml): convs Kaiming-normal (fan_out), dense layers
         truncated-normal(0.02), zero biases; norms at 1 / 0 (PyTorch's defaults)."""
@@ -234,14 +231,6 @@ class MobileViT(FamilyModel):
             elif isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-
-    def classifiers(self) -> list[nn.Linear]:
-        return [self.head] if isinstance(self.head, nn.Linear) else []
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = self.cfg.num_classes = num_classes
-        self.head = self._make_head(num_classes)
-        zero_init_(*self.classifiers())
 
     def no_weight_decay(self) -> set[str]:
         return set()  # the official recipe decays everything (no_decay_bn_filter_bias: false); 1-d tensors aside
