@@ -24,6 +24,9 @@ map whose side is not a multiple of the patch size is resized bilinearly (align_
 multiple before unfolding and back after folding (not padded). Eval preprocessing of the official weights: BGR pixels
 in [0, 1], no mean/std (CVNets v0.1 read images with OpenCV), short side 288 bilinear, centre crop 256.
 
+Speed (same function, same state dict): the maps are kept in channels-last memory, unfolding and folding are one copy
+each, and at inference every BatchNorm is folded into its convolution (``vitkit.layers.conv.ConvNormAct``).
+
 Module names follow timm's port (``timm/models/mobilevit.py`` on ``byobnet.py``), so timm files load unchanged; the
 official and transformers layouts are converted by ``vitkit.models.mobilevit_formats``. Note: later ml-cvnets commits
 (v0.2+) replaced the transformer's LayerNorm by one that normalises over dim 1 whenever N equals d (e.g. MobileViT-XXS
@@ -156,9 +159,9 @@ def fold_patches(x: Tensor, grid: tuple[int, int], patch: int, size: tuple[int, 
     return x
 
 
-PATCH_ATTN_LAYOUT = ("(B·P, heads, N, N): for each of the P = patch² pixel positions of the 2x2 patches (row b·P + p), "
-                     "attention among the N = n_h·n_w patches of the feature map, row-major; info['grid'] = (n_h, "
-                     "n_w), info['patch'] = patch side")
+PATCH_ATTN_LAYOUT = ("(B·P, heads, N, N): row b·P + p holds image b's attention for pixel position p (row-major) of "
+                     "the P = patch x patch positions, among the N = n_h·n_w patches of the stage's feature map "
+                     "(row-major; n_h = ceil(H_stage / patch), n_w likewise)")
 
 
 class MobileViTBlock(nn.Module):
@@ -255,7 +258,8 @@ class MobileViT(LinearHead, FamilyModel):
 
     # --------------------------------------------------------------------------------------------------- forward
     def forward_features(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) → (B, num_features, H/32, W/32), after the final 1x1 conv (ceil-divided sizes)."""
+        """(B, C, H, W) → (B, num_features, H/32, W/32), after the final 1x1 conv (ceil-divided sizes; the maps are
+        in channels-last memory, see ``embed``)."""
         return self.final_conv(self.stages(self.embed(x)))
 
     def embed(self, x: Tensor) -> Tensor:
