@@ -11,7 +11,8 @@ from vitkit.layers.pos_embed import resample_pos_embed, sinusoid_table
 from vitkit.layers.pos_embed_rel import (RelativePositionBias, num_relative_distances, relative_position_index,
                                        resize_rel_pos_bias_table)
 
-__all__ = ["Attention", "AttentionMaps", "RecordsAttention", "attend", "record_attention", "Block", "ConvNormAct", "DropPath", "drop_path",
-           "drop_path_rates", "LayerScale", "ACTIVATIONS", "Mlp", "QuickGELU", "make_act", "PatchEmbed", "to_2tuple",
-           "favor_attention", "implied_attention", "orthogonal_features", "resample_pos_embed", "sinusoid_table",
-           "relative_position_index", "resize_rel_pos_bias_table", "num_relative_distances", "RelativePositionBias"]
+__all__ = ["Attention", "AttentionMaps", "RecordsAttention", "attend", "record_attention", "Block", "ConvNormAct",
+           "DropPath", "drop_path", "drop_path_rates", "LayerScale", "ACTIVATIONS", "Mlp", "QuickGELU", "make_act",
+           "PatchEmbed", "to_2tuple", "favor_attention", "implied_attention", "orthogonal_features",
+           "resample_pos_embed", "sinusoid_table", "relative_position_index", "resize_rel_pos_bias_table",
+           "num_relative_distances", "RelativePositionBias"]

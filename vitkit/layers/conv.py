@@ -1,8 +1,8 @@
 """Convolution → BatchNorm → activation, the unit convolutional stems and MobileNet-style blocks are built from
 (timm's ``ConvNormAct``: module names ``conv``, ``bn``, ``act``).
 
-The convolution has no bias (the BatchNorm's shift replaces it) and "same" padding ``(k - 1) // 2``; BatchNorm uses
-PyTorch's defaults (eps 1e-5, momentum 0.1), as ml-cvnets, timm and transformers do.
+The convolution has no bias (the BatchNorm's shift replaces it) and "same" padding ``(k - 1) // 2`` unless told
+otherwise; BatchNorm uses PyTorch's defaults (eps 1e-5, momentum 0.1), as ml-cvnets, timm and transformers do.
 
 When the BatchNorm normalises with its running statistics (eval mode), it is an affine map per channel, and it is
 folded into the convolution: ``bn(conv(x, W)) = conv(x, W·s) + (β − μ·s)`` with ``s = γ / √(σ² + ε)``. The
@@ -26,10 +26,10 @@ class ConvNormAct(nn.Module):
     """``act(bn(conv(x)))``; ``act=None`` leaves the output linear (e.g. a projection before a residual sum)."""
 
     def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1, *,
-                 act: str | None = "silu"):
+                 act: str | None = "silu", padding: int | None = None):
         super().__init__()
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=(kernel_size - 1) // 2, groups=groups,
-                              bias=False)
+        padding = (kernel_size - 1) // 2 if padding is None else padding
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=padding, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_chs)
         self.act = make_act(act) if act is not None else nn.Identity()
 
