@@ -152,3 +152,15 @@ def eager_compile(monkeypatch):
     counters.clear()
     yield compiled
     torch._dynamo.reset()
+
+
+def eval_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` in eval mode without autograd."""
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def golden_close(out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> bool:
+    """The golden cases' criterion: |out - ref| <= tol + tol·|ref| everywhere."""
+    return bool(((out - ref).abs() <= tol + tol * ref.abs()).all())

@@ -5,7 +5,6 @@ tables, and the twin), brute-force versions of the relative-position bias, the p
 layer-wise learning-rate decay through the recipe layer."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest

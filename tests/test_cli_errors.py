@@ -35,6 +35,14 @@ class Case:
     needs_no_cuda: bool = False
 
 
+def _not_yet_registered() -> tuple[str, str] | None:
+    """(name prefix, label) of a family announced in the registry but not registered on this branch, if any is left
+    (families are merged one by one, so a fixed name would turn into a registered one)."""
+    from vitkit.registry import _COMING
+    return next(((p, label) for p, label in _COMING.items() if not vitkit.list_models(f"{p}*")), None)
+
+
+
 def _cifar_recipe(root: str) -> dict:
     return {**RECIPE, "data": {**RECIPE["data"], "name": "cifar10", "root": root}}
 
@@ -69,8 +77,6 @@ CASES: dict[str, Case] = {
     "resume: last/ deleted": Case(("train", "--resume", "no_last"), "checkpoints/last is missing"),
     "CIFAR offline": Case(("train", "cifar.yaml", "--out", "run"), "--set data.root=DIR"),
     "eval without data options": Case(("eval", "model"), "which data?"),
-    "family not in vitkit yet": Case(("eval", "--model", "swin_tiny_patch4_window7_224", "--set", "data.name=digits"),
-                                     "the Swin family is not in vitkit yet", absent="did you mean"),
     "models: no match": Case(("models", "nomatch*"), "no model matches"),
     "predict --topk 0": Case(("predict", "img.png", "--pretrained", "model", "--topk", "0"), "--topk"),
     "bench without a model": Case(("bench",), "give a MODEL"),
@@ -80,6 +86,9 @@ CASES: dict[str, Case] = {
     "convert into a non-model folder": Case(("convert", "model", "notes", "--force"), "not a vitkit model folder"),
     "convert --img-size big": Case(("convert", "model", "out", "--img-size", "big"), "--img-size"),
 }
+if (_coming := _not_yet_registered()) is not None:
+    CASES["family not in vitkit yet"] = Case(("eval", "--model", f"{_coming[0]}_tiny", "--set", "data.name=digits"),
+                                             f"the {_coming[1]} family is not in vitkit yet", absent="did you mean")
 
 
 def _setup(folder: Path, model_dir: Path) -> None:

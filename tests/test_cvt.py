@@ -4,13 +4,12 @@ stage pyramid."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import vitkit
 from vitkit.config import ConfigError

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import vitkit
 from vitkit.config import ConfigError
-from vitkit.layers.pos_embed_rel import relative_position_index, resize_rel_pos_bias_table
+from vitkit.layers.pos_embed_rel import resize_rel_pos_bias_table
 from vitkit.layers.window_attention import (WindowAttention, shifted_window_mask, window_attention_to_grid,
                                             window_partition, window_reverse)
 from vitkit.models.swin import REFERENCES, VARIANTS, block_geometry, closed_form_size, computed_buffers

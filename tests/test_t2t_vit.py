@@ -21,23 +21,12 @@ from vitkit.models.t2t_vit import t2t_grid
 from vitkit.weights import CheckpointError
 from vitkit.weights.report import CheckpointMismatchError
 
-from conftest import max_diff, randomize_, tiny_overrides
+from conftest import eval_forward, golden_close, max_diff, randomize_, tiny_overrides
 
 DATA = Path(__file__).parent / "data" / "t2t_vit"
 PERFORMER = DATA / "performer_64"
 # the official constructor arguments of tests/data/t2t_vit/performer_64, as vitkit overrides of t2t_vit_7
 PERFORMER_KW = dict(img_size=64, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, token_dim=16, qk_scale=32 ** -0.5)
-
-
-def _run(model, x):
-    model.eval()
-    with torch.no_grad():
-        return model(x)
-
-
-def _close(out, ref, tol=1e-4):
-    """The golden cases' criterion: |out - ref| <= tol + tol·|ref| everywhere."""
-    return bool(((out - ref).abs() <= tol + tol * ref.abs()).all())
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +41,9 @@ def _golden_checkpoint(golden_root, case: str) -> dict:
 # ------------------------------------------------------------------------------------------ official reference
 def test_official_performer_loads_the_ema_weights_by_default(performer_io):
     model = vitkit.create_model("t2t_vit_7", pretrained=str(PERFORMER / "checkpoint.pth.tar"), **PERFORMER_KW)
-    out = _run(model, performer_io["pixel_values"])
-    assert _close(out, performer_io["logits_ema"]), max_diff(out, performer_io["logits_ema"])
-    assert not _close(out, performer_io["logits_state_dict"])  # the two weight sets really differ
+    out = eval_forward(model, performer_io["pixel_values"])
+    assert golden_close(out, performer_io["logits_ema"]), max_diff(out, performer_io["logits_ema"])
+    assert not golden_close(out, performer_io["logits_state_dict"])  # the two weight sets really differ
     report = model.load_report
     assert report.format == "official" and report.container == "{'state_dict_ema': state_dict}"
     assert any("'state_dict' (different weights)" in n and "checkpoint_key" in n for n in report.notes), report.notes
@@ -64,7 +53,7 @@ def test_official_performer_loads_the_ema_weights_by_default(performer_io):
 def test_official_performer_state_dict_on_request(performer_io, tmp_path):
     path = str(PERFORMER / "checkpoint.pth.tar")
     model = vitkit.create_model("t2t_vit_7", pretrained=path, checkpoint_key="state_dict", **PERFORMER_KW)
-    assert _close(_run(model, performer_io["pixel_values"]), performer_io["logits_state_dict"])
+    assert golden_close(eval_forward(model, performer_io["pixel_values"]), performer_io["logits_state_dict"])
     assert model.load_report.container == "{'state_dict': state_dict}"
     assert any("'state_dict_ema' (different weights)" in n for n in model.load_report.notes)
     # the same choice from the command line
@@ -72,7 +61,7 @@ def test_official_performer_state_dict_on_request(performer_io, tmp_path):
     args = ["convert", path, str(tmp_path / "raw"), "--model", "t2t_vit_7", "--checkpoint-key", "state_dict"]
     args += [f"--set={k}={v}" for k, v in PERFORMER_KW.items() if k != "img_size"] + ["--img-size", "64"]
     assert main(args) == 0
-    assert _close(_run(vitkit.load_model(tmp_path / "raw"), performer_io["pixel_values"]),
+    assert golden_close(eval_forward(vitkit.load_model(tmp_path / "raw"), performer_io["pixel_values"]),
                   performer_io["logits_state_dict"])
 
 
@@ -99,7 +88,7 @@ def test_qk_scale_is_the_official_evaluations_unless_overridden(performer_io):
     kw = {k: v for k, v in PERFORMER_KW.items() if k != "qk_scale"}
     model = vitkit.create_model("t2t_vit_7", pretrained=str(PERFORMER / "checkpoint.pth.tar"), **kw)
     assert all(b.attn.scale == 16 ** -0.5 for b in model.blocks)  # head_dim = 32 / 2
-    assert max_diff(_run(model, performer_io["pixel_values"]), performer_io["logits_ema"]) > 1e-2
+    assert max_diff(eval_forward(model, performer_io["pixel_values"]), performer_io["logits_ema"]) > 1e-2
 
 
 def test_another_input_size_regenerates_the_sinusoidal_table(performer_io):
@@ -108,8 +97,8 @@ def test_another_input_size_regenerates_the_sinusoidal_table(performer_io):
     interpolate the table instead; that gives other logits (compared for the record)."""
     kw = {**PERFORMER_KW, "img_size": 96}
     model = vitkit.create_model("t2t_vit_7", pretrained=str(PERFORMER / "checkpoint.pth.tar"), **kw)
-    out = _run(model, performer_io["pixel_values_96"])
-    assert _close(out, performer_io["logits_96_regenerated"]), max_diff(out, performer_io["logits_96_regenerated"])
+    out, ref = eval_forward(model, performer_io["pixel_values_96"]), performer_io["logits_96_regenerated"]
+    assert golden_close(out, ref), max_diff(out, ref)
     assert max_diff(out, performer_io["logits_96_interpolated"]) > 1e-2
     assert torch.equal(model.pos_embed, sinusoid_table(37, 32))
     (line,) = model.load_report.resized
@@ -130,8 +119,8 @@ def test_official_transformer_cifar_container():
     io = load_file(str(DATA / "transformer_48_cifar" / "io.safetensors"))
     model = vitkit.create_model("t2t_vit_t_14", pretrained=str(DATA / "transformer_48_cifar" / "ckpt.pth"),
                                 img_size=48, embed_dim=24, depth=2, num_heads=3, token_dim=16)
-    out = _run(model, io["pixel_values"])
-    assert _close(out, io["logits"]), max_diff(out, io["logits"])
+    out = eval_forward(model, io["pixel_values"])
+    assert golden_close(out, io["logits"]), max_diff(out, io["logits"])
     report = model.load_report
     assert report.container == "{'net': state_dict}" and any("'module.'" in n for n in report.notes)
 
@@ -160,7 +149,7 @@ def test_redrawn_features_would_change_the_output(performer_io):
     with torch.no_grad():
         for i in (1, 2):
             getattr(model.tokens_to_token, f"attention{i}").attn.w.copy_(vitkit.layers.orthogonal_features(8, 16))
-    assert max_diff(_run(model, performer_io["pixel_values"]), performer_io["logits_ema"]) > 1e-3
+    assert max_diff(eval_forward(model, performer_io["pixel_values"]), performer_io["logits_ema"]) > 1e-3
 
 
 def test_a_checkpoint_of_the_other_t2t_type_names_the_right_variants(golden_root):
@@ -252,7 +241,7 @@ def test_t2t_grid_is_what_the_unfolds_produce(size):
     H, W = (size, size) if isinstance(size, int) else size
     tokens = model.tokens_to_token(torch.randn(1, 3, H, W))
     assert tokens.shape[1] == t2t_grid(size)[0] * t2t_grid(size)[1] == model.pos_embed.shape[1] - 1
-    assert _run(model, torch.randn(1, 3, H, W)).shape == (1, model.num_classes)
+    assert eval_forward(model, torch.randn(1, 3, H, W)).shape == (1, model.num_classes)
 
 
 def test_an_input_of_another_size_is_a_value_error():
@@ -321,4 +310,4 @@ def test_a_full_size_release_layout_names_its_variant_and_size(tmp_path):
     assert "config img_size=384 taken from the checkpoint" in model.load_report.notes
     assert main(["convert", str(path), str(tmp_path / "out")]) == 0
     x = torch.randn(1, 3, 384, 384)
-    assert torch.equal(_run(vitkit.load_model(tmp_path / "out"), x), _run(source, x))
+    assert torch.equal(eval_forward(vitkit.load_model(tmp_path / "out"), x), eval_forward(source, x))

@@ -230,6 +230,9 @@ def _load_into(model: nn.Module, loaded: Loaded, hints: dict[str, Any], spec: Mo
         model.class_names = list(loaded.class_names)
     if loaded.data_cfg:
         model.data_cfg = dataclasses.replace(model.data_cfg, **loaded.data_cfg)
+        if report.format != "vitkit":  # a format's own preprocessing (SourceFormat.data_cfg)
+            report.notes.append(f"preprocessing set for {report.format} weights: "
+                                + ", ".join(f"{k}={v!r}" for k, v in loaded.data_cfg.items()))
     model.load_report = report
     log.info("%s", report.summary())
 

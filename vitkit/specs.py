@@ -80,7 +80,9 @@ class SourceFormat:
     ``state_dict → state_dict`` function into the family's vitkit layout; ``hints`` reads architecture hints the
     checkpoint implies (head size, activation, …); ``infer`` names a registered variant for a checkpoint that
     describes its own architecture (``vitkit convert`` without ``--model``); ``twin`` builds the source library's own
-    model with a vitkit model's weights (transformers, for parity tests and ``bench --compare``).
+    model with a vitkit model's weights (transformers, for parity tests and ``bench --compare``); ``data_cfg`` holds
+    the ``PreprocessConfig`` fields the weights of this source expect when they differ between sources of one family
+    (MobileViT: BGR for the official files, RGB for timm's port); loading replaces the variant's and reports it.
     """
 
     name: str  # official | timm | hf | jax
@@ -90,6 +92,7 @@ class SourceFormat:
     infer: Callable[[CheckpointView], tuple[str, dict[str, Any]] | None] | None = None
     twin: Callable[["nn.Module"], "nn.Module"] | None = None
     description: str = ""
+    data_cfg: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

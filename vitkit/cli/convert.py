@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
-from typing import Any, Iterator
+from typing import Iterator
 
 HELP = "convert a checkpoint (timm, official, transformers, JAX .npz, vitkit) into a vitkit model folder"
 

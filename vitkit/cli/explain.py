@@ -49,7 +49,7 @@ def _methods(text: str, model) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from vitkit.evaluate.predict import expand_inputs, load_batch
+    from vitkit.evaluate.predict import expand_inputs
     from vitkit.evaluate.targets import load_target
     from vitkit.explain.pipeline import explain_files
     files = expand_inputs(args.images)[: args.max_images]

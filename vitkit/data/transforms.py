@@ -37,7 +37,7 @@ from .splits import DataConfig
 
 __all__ = [
     "Transform", "Compose", "RandomResizedCrop", "RandomCropPad", "RandomHorizontalFlip", "Resize",
-    "ResizeCenterCrop", "Normalize", "RandomErasing", "AugmentConfig", "build_train_transform",
+    "ResizeCenterCrop", "Normalize", "ToBGR", "RandomErasing", "AugmentConfig", "build_train_transform",
     "build_eval_transform", "build_mixup", "TransformDataset",
 ]
 
@@ -263,9 +263,26 @@ def _fill(mean: tuple[float, ...]) -> tuple[float, float, float]:
     return tuple(float(min(255, round(255 * m))) for m in mean)  # timm's img_mean for the geometric ops
 
 
+class ToBGR:
+    """(3, H, W) R, G, B → B, G, R, for weights trained on OpenCV-read images (MobileViT's ``channel_order``)."""
+
+    def __call__(self, x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
+        return x.flip(-3)
+
+    def __repr__(self) -> str:
+        return "ToBGR()"
+
+
+def _in_model_order(channel_order: str) -> list:
+    if channel_order not in ("RGB", "BGR"):
+        raise ConfigError(f"channel_order must be 'RGB' or 'BGR', got {channel_order!r}")
+    return [ToBGR()] if channel_order == "BGR" else []
+
+
 def build_train_transform(aug: AugmentConfig, data_cfg: DataConfig, mean: tuple[float, ...],
-                          std: tuple[float, ...]) -> Compose:
-    """crop → flip → auto-augment → normalise → erase, at ``data_cfg.img_size``; mean/std on the 0..1 scale."""
+                          std: tuple[float, ...], *, channel_order: str = "RGB") -> Compose:
+    """crop → flip → auto-augment → normalise → erase, at ``data_cfg.img_size``; mean/std on the 0..1 scale, in the
+    model's ``channel_order`` (BGR: the channels are swapped just before normalising)."""
     size, interp = data_cfg.img_size, data_cfg.interpolation
     if aug.random_resized_crop:
         ops: list = [RandomResizedCrop(size, aug.scale, aug.ratio, interp)]
@@ -274,17 +291,20 @@ def build_train_transform(aug: AugmentConfig, data_cfg: DataConfig, mean: tuple[
     if aug.hflip > 0:
         ops.append(RandomHorizontalFlip(aug.hflip))
     if aug.auto_augment:
-        ops.append(build_auto_augment(aug.auto_augment, OpContext(fill=_fill(mean))))
+        rgb_mean = mean[::-1] if channel_order == "BGR" else mean
+        ops.append(build_auto_augment(aug.auto_augment, OpContext(fill=_fill(rgb_mean))))
+    ops += _in_model_order(channel_order)
     ops.append(Normalize(mean, std))
     if aug.random_erasing > 0:
         ops.append(RandomErasing(aug.random_erasing, mode="pixel"))
     return Compose(ops)
 
 
-def build_eval_transform(data_cfg: DataConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> Compose:
-    """timm eval: resize by ``crop_pct`` → centre crop ``img_size`` → normalise."""
+def build_eval_transform(data_cfg: DataConfig, mean: tuple[float, ...], std: tuple[float, ...], *,
+                         channel_order: str = "RGB") -> Compose:
+    """timm eval: resize by ``crop_pct`` → centre crop ``img_size`` → (BGR: swap the channels) → normalise."""
     return Compose([ResizeCenterCrop(data_cfg.img_size, data_cfg.crop_pct, data_cfg.interpolation),
-                    Normalize(mean, std)])
+                    *_in_model_order(channel_order), Normalize(mean, std)])
 
 
 def build_mixup(aug: AugmentConfig, num_classes: int) -> MixupCutmix | None:

@@ -13,14 +13,12 @@ import logging
 import os
 from typing import Any, Sequence
 
-import torch
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
 from vitkit.config import ConfigError, apply_dotted, from_dict, merge
-from vitkit.data import (Compose, DataConfig, Normalize, ResizeCenterCrop, TransformDataset, build_eval_transform,
-                         build_splits, collate_skip_none)
+from vitkit.data import DataConfig, TransformDataset, build_eval_transform, build_splits, collate_skip_none
 
 __all__ = ["resolve_data_config", "build_eval_loader", "dataset_transform"]
 
@@ -76,22 +74,11 @@ def _check_size(model: nn.Module, cfg: DataConfig) -> None:
         raise ConfigError(f"data.img_size={cfg.img_size} but the model takes {H}x{W} inputs")
 
 
-class _ToBGR:
-    def __call__(self, x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
-        return x.flip(-3)  # (3, H, W): R, G, B → B, G, R
-
-    def __repr__(self) -> str:
-        return "ToBGR()"
-
-
 def dataset_transform(cfg: DataConfig, model: nn.Module):
     """``vitkit.data``'s eval transform with the model's mean/std (unless the data section sets them); a model whose
     ``data_cfg.channel_order`` is BGR gets its channels swapped before normalising (mean/std in model order)."""
-    mean = cfg.mean or model.data_cfg.mean
-    std = cfg.std or model.data_cfg.std
-    if model.data_cfg.channel_order == "RGB":
-        return build_eval_transform(cfg, mean, std)
-    return Compose([ResizeCenterCrop(cfg.img_size, cfg.crop_pct, cfg.interpolation), _ToBGR(), Normalize(mean, std)])
+    return build_eval_transform(cfg, cfg.mean or model.data_cfg.mean, cfg.std or model.data_cfg.std,
+                                channel_order=model.data_cfg.channel_order)
 
 
 def build_eval_loader(cfg: DataConfig, model: nn.Module, split: str = "test",

@@ -85,6 +85,7 @@ class Attention(RecordsAttention):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.record_info: dict = {}  # what a recorder is told about the tokens (set by the owner, e.g. their grid)
 
     def project_qkv(self, x: Tensor) -> Tensor:
         """(B, N, C) → (B, N, 3C), the fused q, k, v projections."""
@@ -100,7 +101,7 @@ class Attention(RecordsAttention):
         if self.rel_pos is not None:
             bias = self.rel_pos() if bias is None else self.rel_pos() + bias  # (h, N, N)
         x = attend(q, k, v, scale=self.scale, bias=bias, dropout_p=self.attn_drop if self.training else 0.0,
-                   record=self.attn_recorder)
+                   record=self.attn_recorder, **self.record_info)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         return self.proj_drop(self.proj(x))
 

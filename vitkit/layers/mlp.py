@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-__all__ = ["Mlp", "QuickGELU", "make_act", "ACTIVATIONS"]
+__all__ = ["Mlp", "QuickGELU", "make_act", "activate", "ACTIVATIONS"]
 
 
 class QuickGELU(nn.Module):
@@ -55,8 +55,19 @@ def _has_hooks(*modules: nn.Module) -> bool:
                 or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
+def activate(act: nn.Module, h: Tensor, producer: nn.Module) -> Tensor:
+    """``act(h)`` for ``h`` freshly computed by the layer ``producer``; in place when nothing can observe it (see
+    ``Mlp``): the activation has an in-place form, ``h`` needs no gradient, no hook on ``producer`` or ``act`` could
+    hold it, and no tracer or compiler is recording."""
+    inplace = _INPLACE.get(type(act))
+    if inplace is None or h.requires_grad or torch.jit.is_tracing() or _compiling() or _has_hooks(producer, act):
+        return act(h)
+    return inplace(act, h)
+
+
 class Mlp(nn.Module):
-    """fc1 → act → dropout → fc2 → dropout (dropout after every dense layer, ViT paper App. B.1).
+    """fc1 → act → dropout → fc2 → dropout (dropout after every dense layer, ViT paper App. B.1). ``hidden_drop``
+    sets the first dropout apart from ``drop`` (ml-cvnets' ``ffn_dropout`` vs ``dropout``); None = ``drop``.
 
     Without autograd (inference), the activation overwrites fc1's output instead of allocating a second
     (B, N, hidden) tensor, as ``nn.ReLU(inplace=True)`` does in CNNs. That buffer is the largest of a ViT block
@@ -67,21 +78,15 @@ class Mlp(nn.Module):
     """
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
-                 act_layer: str = "gelu", drop: float = 0.0, bias: bool = True):
+                 act_layer: str = "gelu", drop: float = 0.0, bias: bool = True, *,
+                 hidden_drop: float | None = None):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
         self.act = make_act(act_layer)
-        self.drop1 = nn.Dropout(drop)
+        self.drop1 = nn.Dropout(drop if hidden_drop is None else hidden_drop)
         self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.fc1(x)  # (..., hidden)
-        return self.drop2(self.fc2(self.drop1(self._activate(x))))
-
-    def _activate(self, h: Tensor) -> Tensor:
-        inplace = _INPLACE.get(type(self.act))
-        if (inplace is None or h.requires_grad or torch.jit.is_tracing() or _compiling()
-                or _has_hooks(self.fc1, self.act)):
-            return self.act(h)
-        return inplace(self.act, h)
+        return self.drop2(self.fc2(self.drop1(activate(self.act, x, self.fc1))))

@@ -23,13 +23,12 @@ from functools import partial
 from typing import Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.config import ConfigError
-from vitkit.layers import Block, Mlp, PatchEmbed, RecordsAttention, attend, drop_path_rates, to_2tuple
-from vitkit.models.base import (FamilyModel, select_indices, staged_layer_id, tokens_to_map, trunc_normal_linears_,
-                                zero_init_)
+from vitkit.layers import Block, ConvNormAct, Mlp, PatchEmbed, RecordsAttention, attend, drop_path_rates, to_2tuple
+from vitkit.models.base import (FamilyModel, LinearHead, select_indices, staged_layer_id, tokens_to_map,
+                                trunc_normal_linears_)
 from vitkit.models.cvt_formats import CVT_FORMATS, WEIGHTS
 from vitkit.registry import register_family
 from vitkit.specs import PreprocessConfig, Reference
@@ -101,16 +100,13 @@ def split_map(x: Tensor, grid: tuple[int, int], class_token: bool) -> tuple[Tens
     return cls, x.reshape(B, grid[0], grid[1], C).permute(0, 3, 1, 2)  # (B, C, H, W)
 
 
-class ConvProjection(nn.Module):
-    """The official ``dw_bn`` projection: depth-wise conv (no bias) → BatchNorm → tokens (paper eq. 2, Conv2d + BN).
-
-    In eval mode BatchNorm is an affine map per channel, folded into the conv's weight and bias on every call (a
-    ``C·k²`` computation): one pass over the feature map instead of two, the same function up to float rounding."""
+class ConvProjection(ConvNormAct):
+    """The official ``dw_bn`` projection: depth-wise conv (no bias) → BatchNorm → tokens (paper eq. 2, Conv2d + BN);
+    a ``ConvNormAct`` without activation, so in eval mode the BatchNorm is folded into the conv (one pass over the
+    feature map instead of two, the same function up to float rounding)."""
 
     def __init__(self, dim: int, kernel_size: int, stride: int, padding: int):
-        super().__init__()
-        self.conv = nn.Conv2d(dim, dim, kernel_size, stride, padding, groups=dim, bias=False)
-        self.bn = nn.BatchNorm2d(dim)
+        super().__init__(dim, dim, kernel_size, stride, groups=dim, act=None, padding=padding)
 
     def output_grid(self, H: int, W: int) -> tuple[int, int]:
         k, s, p = self.conv.kernel_size[0], self.conv.stride[0], self.conv.padding[0]
@@ -118,15 +114,7 @@ class ConvProjection(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) → (B, h·w, C)."""
-        bn = self.bn
-        if bn.training or not bn.track_running_stats:
-            x = bn(self.conv(x))
-        else:
-            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C,)
-            weight = self.conv.weight * scale.reshape(-1, 1, 1, 1)
-            x = F.conv2d(x, weight, bn.bias - bn.running_mean * scale, self.conv.stride, self.conv.padding,
-                         groups=self.conv.groups)
-        return x.flatten(2).transpose(1, 2)  # (B, h·w, C)
+        return super().forward(x).flatten(2).transpose(1, 2)  # (B, h·w, C)
 
 
 class ConvAttention(RecordsAttention):
@@ -214,7 +202,7 @@ class CvTStage(nn.Module):
         return split_map(x, grid, self.cls_token is not None)[1]
 
 
-class ConvolutionalVisionTransformer(FamilyModel):
+class ConvolutionalVisionTransformer(LinearHead, FamilyModel):
     config_cls = CvTConfig
     intermediates = "pyramid"
 
@@ -234,9 +222,6 @@ class ConvolutionalVisionTransformer(FamilyModel):
         self.init_weights()
 
     # ----------------------------------------------------------------------------------------------- construction
-    def _make_head(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def init_weights(self) -> None:
         """The official init (``_init_weights_trunc_normal``): truncated-normal(0.02) dense layers, class token and
         head, zero biases; norms start at identity; convolutions keep PyTorch's default."""
@@ -244,14 +229,6 @@ class ConvolutionalVisionTransformer(FamilyModel):
         for stage in self.stages:
             if stage.cls_token is not None:
                 nn.init.trunc_normal_(stage.cls_token, std=0.02)
-
-    def classifiers(self) -> list[nn.Linear]:
-        return [self.head] if isinstance(self.head, nn.Linear) else []
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = self.cfg.num_classes = num_classes
-        self.head = self._make_head(num_classes)
-        zero_init_(*self.classifiers())
 
     def no_weight_decay(self) -> set[str]:
         """The class token (official ``no_weight_decay``); norms, BatchNorm and biases are 1-d."""

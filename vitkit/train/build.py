@@ -61,10 +61,11 @@ class Data:
 def build_data(cfg: RecipeConfig, splits: Splits, model: nn.Module, info: DistInfo, pin_memory: bool = False
                ) -> Data:
     """Transforms from ``model.data_cfg`` (set by ``build_model``), the resumable sampler and the train loader."""
-    mean, std = model.data_cfg.mean, model.data_cfg.std
+    mean, std, order = model.data_cfg.mean, model.data_cfg.std, model.data_cfg.channel_order  # BGR: MobileViT
     seed = cfg.train.seed
-    train = TransformDataset(splits.train, build_train_transform(cfg.augment, cfg.data, mean, std), seed)
-    eval_tf = build_eval_transform(cfg.data, mean, std)
+    train = TransformDataset(splits.train, build_train_transform(cfg.augment, cfg.data, mean, std,
+                                                                 channel_order=order), seed)
+    eval_tf = build_eval_transform(cfg.data, mean, std, channel_order=order)
     val = TransformDataset(splits.val, eval_tf, seed) if splits.val is not None and len(splits.val) else None
     test = TransformDataset(splits.test, eval_tf, seed) if splits.test is not None and len(splits.test) else None
     sampler = StepBatchSampler(len(train), cfg.train.batch_size, cfg.train.accum_steps, info.rank,

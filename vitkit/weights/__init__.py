@@ -134,7 +134,7 @@ def read_checkpoint(path: str | os.PathLike, spec: ModelSpec,
     report.format = fmt.name
     hints = fmt.hints(state, raw.config)
     class_names = _hf_class_names(raw.config) if fmt.name == "hf" else None
-    return Loaded(fmt.convert(state, report), hints, report, class_names)
+    return Loaded(fmt.convert(state, report), hints, report, class_names, dict(fmt.data_cfg))
 
 
 def _hf_class_names(config: dict | None) -> list[str] | None:
