@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from vitkit.config import ConfigError
-from vitkit.layers import Block, Mlp, PatchEmbed, drop_path_rates, resample_pos_embed, to_2tuple
-from vitkit.layers.spatial_reduction import SpatialReductionAttention
+from vitkit.layers import (Block, Mlp, PatchEmbed, SpatialReductionAttention, drop_path_rates, resample_pos_embed,
+                           to_2tuple)
 from vitkit.models.base import FamilyModel, select_indices, staged_layer_id, zero_init_
 from vitkit.models.pvt_formats import PVT_FORMATS, WEIGHTS
 from vitkit.registry import register_family

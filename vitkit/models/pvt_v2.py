@@ -21,8 +21,7 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from vitkit.layers import PatchEmbed, drop_path_rates
-from vitkit.layers.mlp import DWConvMlp
+from vitkit.layers import DWConvMlp, PatchEmbed, drop_path_rates
 from vitkit.models.pvt import NUM_STAGES, PyramidConfig, PyramidModel, sra_block, tiny
 from vitkit.models.pvt_v2_formats import PVT_V2_FORMATS, WEIGHTS
 from vitkit.registry import register_family
