@@ -79,10 +79,11 @@ class Mlp(nn.Module):
         x = self.fc1(x)  # (..., hidden)
         return self.drop2(self.fc2(self.drop1(self._activate(x))))
 
-    def _activate(self, h: Tensor) -> Tensor:
+    def _activate(self, h: Tensor, source: nn.Module | None = None) -> Tensor:
+        """act(h), in place when nothing can observe it; ``source``: the layer that produced ``h`` (fc1 by default)."""
         inplace = _INPLACE.get(type(self.act))
         if (inplace is None or h.requires_grad or torch.jit.is_tracing() or _compiling()
-                or _has_hooks(self.fc1, self.act)):
+                or _has_hooks(source or self.fc1, self.act)):
             return self.act(h)
         return inplace(self.act, h)
 
@@ -91,7 +92,8 @@ class DWConvMlp(Mlp):
     """PVT v2's convolutional feed-forward (PVT v2 paper §3.3, "Convolutional Feed-Forward"): fc1 → [ReLU] → 3×3
     depth-wise conv over the H×W token grid → activation → fc2, dropout after the activation and after fc2
     (whai362/PVT classification/pvt_v2.py ``Mlp`` + ``DWConv``; timm ``MlpWithDepthwiseConv``). ``extra_relu``: the
-    ReLU after fc1 of the linear variant (PVT-v2-Li). Takes the grid, so the shared ``Block`` passes it (H, W)."""
+    ReLU after fc1 of the linear variant (PVT-v2-Li). Takes the grid, so the shared ``Block`` passes it (H, W).
+    Without autograd the activation overwrites the conv's output, as ``Mlp`` does with fc1's."""
 
     takes_grid = True
 
@@ -105,5 +107,5 @@ class DWConvMlp(Mlp):
         x = self.relu(self.fc1(x))  # (B, N, hidden)
         B, N, C = x.shape
         x = x.transpose(1, 2).reshape(B, C, H, W)  # (B, hidden, H, W), a channels-last view: no copy
-        x = self.dwconv(x).flatten(2).transpose(1, 2)  # (B, N, hidden)
-        return self.drop2(self.fc2(self.drop1(self.act(x))))
+        x = self.dwconv(x).flatten(2).transpose(1, 2)  # (B, N, hidden), the conv's fresh output
+        return self.drop2(self.fc2(self.drop1(self._activate(x, self.dwconv))))

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from vitkit.layers.patch_embed import check_image_batch
 
-__all__ = ["FamilyModel", "check_contract", "select_indices", "staged_layer_id", "block_layer_id", "block_outputs",
-           "zero_init_", "trunc_normal_linears_", "check_input", "token_grid", "tokens_to_map"]
+__all__ = ["FamilyModel", "SingleHead", "check_contract", "select_indices", "staged_layer_id", "block_layer_id",
+           "block_outputs", "zero_init_", "trunc_normal_linears_", "check_input", "token_grid", "tokens_to_map"]
 
 
 class FamilyModel(nn.Module, metaclass=abc.ABCMeta):
@@ -121,6 +121,24 @@ class FamilyModel(nn.Module, metaclass=abc.ABCMeta):
         """Adapt a state dict already in this family's vitkit layout to this model (resize position embeddings and
         bias tables for another input size, replace a classifier of another size, check computed buffers), noting
         every change in ``report``; the loader then checks the result strictly."""
+
+
+class SingleHead:
+    """One linear classifier ``head`` on ``num_features`` inputs, zero-initialised (ViT paper App. B.1.1): the
+    ``classifiers`` / ``reset_classifier`` part of the contract for families with a single head (list it before
+    ``FamilyModel`` among the bases)."""
+
+    def _make_head(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def classifiers(self) -> list[nn.Linear]:
+        return [self.head] if isinstance(self.head, nn.Linear) else []
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new zero-initialised classifier; 0 removes it."""
+        self.num_classes = self.cfg.num_classes = num_classes
+        self.head = self._make_head(num_classes)
+        zero_init_(*self.classifiers())
 
 
 def check_contract(model_cls: type) -> None:

@@ -24,9 +24,10 @@ families share one layout; ``pvt_formats`` converts the official and transformer
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from functools import partial
-from typing import ClassVar, Literal, Sequence
+from typing import Callable, ClassVar, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from vitkit.config import ConfigError
 from vitkit.layers import (Block, Mlp, PatchEmbed, SpatialReductionAttention, drop_path_rates, resample_pos_embed,
                            to_2tuple)
-from vitkit.models.base import FamilyModel, select_indices, staged_layer_id, zero_init_
+from vitkit.models.base import FamilyModel, SingleHead, select_indices, staged_layer_id, zero_init_
 from vitkit.models.pvt_formats import PVT_FORMATS, WEIGHTS
 from vitkit.registry import register_family
 from vitkit.specs import PreprocessConfig, Reference
@@ -117,7 +118,7 @@ def sra_block(cfg: PyramidConfig, i: int, drop_path: float, mlp: nn.Module, proj
     return Block(dim, drop_path=drop_path, norm_eps=cfg.norm_eps, attn=attn, mlp=mlp)
 
 
-class PyramidModel(FamilyModel):
+class PyramidModel(SingleHead, FamilyModel):
     """What PVT v1 and v2 share: the stem ``patch_embed``, four ``stages``, one classifier ``head``, the per-stage
     pyramid of ``forward_intermediates`` and Swin's layer numbering for layer-wise learning-rate decay."""
 
@@ -126,17 +127,16 @@ class PyramidModel(FamilyModel):
     stages: nn.ModuleList
     head: nn.Module
 
-    def _make_head(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def classifiers(self) -> list[nn.Linear]:
-        return [self.head] if isinstance(self.head, nn.Linear) else []
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """A new zero-initialised classifier (ViT paper App. B.1.1); 0 removes it."""
-        self.num_classes = self.cfg.num_classes = num_classes
-        self.head = self._make_head(num_classes)
-        zero_init_(*self.classifiers())
+    def build_trunk(self, cfg: PyramidConfig, stem: nn.Module, stage: Callable[..., nn.Module]) -> None:
+        """The config, the stem and the four stages, ``stage(cfg, i, drop_path_rates_of_its_blocks)``."""
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.num_features = cfg.embed_dims[-1]
+        self.patch_embed = stem
+        rates = drop_path_rates(cfg.drop_path_rate, sum(cfg.depths))
+        starts = [sum(cfg.depths[:i]) for i in range(NUM_STAGES)]
+        self.stages = nn.ModuleList([stage(cfg, i, rates[starts[i]: starts[i] + cfg.depths[i]])
+                                     for i in range(NUM_STAGES)])
 
     def layer_id(self, param_name: str) -> int:
         """``staged_layer_id``: the stem 0, a stage's embedding (downsample, position embedding, class token) the id
@@ -171,9 +171,9 @@ class PyramidModel(FamilyModel):
                 outs.append(x)
         return outs
 
+    @abc.abstractmethod
     def stage_map(self, i: int, out, norm: bool) -> Tensor:
-        """A stage's output as a (B, C, H, W) map."""
-        raise NotImplementedError
+        """Stage ``i``'s output as a (B, C, H, W) map."""
 
     def init_linear_(self) -> None:
         """Truncated-normal(0.02) dense layers with zero biases (the official ``_init_weights``), zero classifier."""
@@ -230,16 +230,9 @@ class PyramidVisionTransformer(PyramidModel):
 
     def __init__(self, cfg: PVTConfig):
         super().__init__()
-        self.cfg = cfg
-        self.num_classes = cfg.num_classes
-        self.num_features = cfg.embed_dims[-1]
-        self.patch_embed = PatchEmbed(cfg.img_size, 4, cfg.in_chans, cfg.embed_dims[0], strict_img_size=False,
-                                      drop_remainder=True, norm_layer=partial(nn.LayerNorm, eps=cfg.embed_norm_eps),
-                                      output_fmt="NHWC")
-        rates = drop_path_rates(cfg.drop_path_rate, sum(cfg.depths))
-        starts = [sum(cfg.depths[:i]) for i in range(NUM_STAGES)]
-        self.stages = nn.ModuleList([PVTStage(cfg, i, rates[starts[i]: starts[i] + cfg.depths[i]])
-                                     for i in range(NUM_STAGES)])
+        stem = PatchEmbed(cfg.img_size, 4, cfg.in_chans, cfg.embed_dims[0], strict_img_size=False, drop_remainder=True,
+                          norm_layer=partial(nn.LayerNorm, eps=cfg.embed_norm_eps), output_fmt="NHWC")
+        self.build_trunk(cfg, stem, PVTStage)
         self.norm = nn.LayerNorm(self.num_features, eps=cfg.norm_eps)
         self.head = self._make_head(cfg.num_classes)
         self.init_weights()

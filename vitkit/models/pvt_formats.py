@@ -17,18 +17,20 @@ from vitkit.specs import CheckpointView, SourceFormat, WeightSpec
 from vitkit.weights.keymap import Fuse, KeyMap, Rename
 from vitkit.weights.report import CheckpointError
 
-__all__ = ["PVT_FORMATS", "WEIGHTS", "OFFICIAL", "HF", "to_transformers", "strip_base", "hf_act", "head_hints",
+__all__ = ["PVT_FORMATS", "WEIGHTS", "OFFICIAL", "OFFICIAL_EMBEDS", "OFFICIAL_HEAD", "HF", "to_transformers", "strip_base", "hf_act", "head_hints",
            "hf_stage_hints", "nearest_variant", "twin_from"]
 
 # ------------------------------------------------------------------------------------------------------- official
-OFFICIAL = KeyMap([
-    Rename("patch_embed1.", "patch_embed."),  # first match wins: stage 1's embedding is the stem
-    Rename("patch_embed{i+1}.", "stages.{i}.downsample."),
+# What the official PVT and PVT v2 files name alike: per-stage embeddings numbered from 1 (the first is vitkit's stem;
+# first match wins) and the classifier.
+OFFICIAL_EMBEDS = [Rename("patch_embed1.", "patch_embed."), Rename("patch_embed{i+1}.", "stages.{i}.downsample.")]
+OFFICIAL_HEAD = Rename("head.", "head.")
+OFFICIAL = KeyMap(OFFICIAL_EMBEDS + [
     Rename("pos_embed{i+1}", "stages.{i}.pos_embed"),
     Rename("cls_token", "stages.3.cls_token"),
     Rename("block{i+1}.{j}.", "stages.{i}.blocks.{j}."),
     Rename("norm.", "norm."),
-    Rename("head.", "head."),
+    OFFICIAL_HEAD,
 ], name="official PVT")
 
 

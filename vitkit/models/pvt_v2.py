@@ -21,11 +21,11 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from vitkit.layers import DWConvMlp, PatchEmbed, drop_path_rates
-from vitkit.models.pvt import NUM_STAGES, PyramidConfig, PyramidModel, sra_block, tiny
+from vitkit.layers import DWConvMlp, PatchEmbed
+from vitkit.models.pvt import DATA_CFG, PyramidConfig, PyramidModel, sra_block, tiny
 from vitkit.models.pvt_v2_formats import PVT_V2_FORMATS, WEIGHTS
 from vitkit.registry import register_family
-from vitkit.specs import PreprocessConfig, Reference
+from vitkit.specs import Reference
 
 __all__ = ["PVTv2Config", "PyramidVisionTransformerV2"]
 
@@ -76,14 +76,7 @@ class PyramidVisionTransformerV2(PyramidModel):
 
     def __init__(self, cfg: PVTv2Config):
         super().__init__()
-        self.cfg = cfg
-        self.num_classes = cfg.num_classes
-        self.num_features = cfg.embed_dims[-1]
-        self.patch_embed = overlap_embed(cfg.in_chans, cfg.embed_dims[0], True, cfg.embed_norm_eps)
-        rates = drop_path_rates(cfg.drop_path_rate, sum(cfg.depths))
-        starts = [sum(cfg.depths[:i]) for i in range(NUM_STAGES)]
-        self.stages = nn.ModuleList([PVTv2Stage(cfg, i, rates[starts[i]: starts[i] + cfg.depths[i]])
-                                     for i in range(NUM_STAGES)])
+        self.build_trunk(cfg, overlap_embed(cfg.in_chans, cfg.embed_dims[0], True, cfg.embed_norm_eps), PVTv2Stage)
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = self._make_head(cfg.num_classes)
         self.init_weights()
@@ -145,9 +138,8 @@ VARIANTS = {
     "pvt_v2_b5": dict(_WIDE, depths=(3, 6, 40, 3), mlp_ratios=(4.0, 4.0, 4.0, 4.0)),
     "pvt_v2_b2_li": dict(_WIDE, depths=(3, 4, 6, 3), linear=True),
 }
-# The official evaluation (classification/datasets.py): resize to 256/224 · size (bicubic), centre crop, ImageNet
-# mean/std. timm's pretrained_cfg evaluates its ports at crop 0.9.
-DATA_CFG = PreprocessConfig(crop_pct=0.875, interpolation="bicubic")
+# DATA_CFG: PVT's official evaluation (one classification/datasets.py serves both versions); timm's pretrained_cfg
+# evaluates its ports at crop 0.9 instead of 0.875.
 
 _SOURCE = ("architectures.md §1.6: whai362/PVT README params (3.7/14.0/25.4/45.2/62.6/82.0/22.6 M), paper GFLOPs "
            "(0.6/2.1/4.0/6.9/10.1/11.8/3.9); two decimals counted on the official pvt_v2.py")

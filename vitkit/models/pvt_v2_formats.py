@@ -12,8 +12,8 @@ from typing import Any, Mapping
 
 from torch import Tensor, nn
 
-from vitkit.models.pvt_formats import (hf_common, hf_stage_hints, head_hints, nearest_variant, strip_base,
-                                       twin_from)
+from vitkit.models.pvt_formats import (OFFICIAL_EMBEDS, OFFICIAL_HEAD, hf_common, hf_stage_hints, head_hints,
+                                       nearest_variant, strip_base, twin_from)
 from vitkit.specs import CheckpointView, SourceFormat, WeightSpec
 from vitkit.weights.keymap import Fuse, KeyMap, Rename
 
@@ -21,13 +21,11 @@ __all__ = ["PVT_V2_FORMATS", "WEIGHTS", "OFFICIAL", "HF", "to_transformers"]
 
 TIMM = KeyMap([Rename("", "")], name="timm PVT v2")  # timm's names are vitkit's
 
-OFFICIAL = KeyMap([
-    Rename("patch_embed1.", "patch_embed."),  # first match wins: stage 1's embedding is the stem
-    Rename("patch_embed{i+1}.", "stages.{i}.downsample."),
+OFFICIAL = KeyMap(OFFICIAL_EMBEDS + [
     Rename("block{i+1}.{j}.mlp.dwconv.dwconv.", "stages.{i}.blocks.{j}.mlp.dwconv."),
     Rename("block{i+1}.{j}.", "stages.{i}.blocks.{j}."),
     Rename("norm{i+1}.", "stages.{i}.norm."),
-    Rename("head.", "head."),
+    OFFICIAL_HEAD,
 ], name="official PVT v2")
 
 _STAGE = "encoder.layers.{i}."

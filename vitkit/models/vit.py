@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from vitkit.config import ConfigError
 from vitkit.layers import Block, PatchEmbed, drop_path_rates, resample_pos_embed, to_2tuple
-from vitkit.models.base import (FamilyModel, block_layer_id, block_outputs, select_indices, tokens_to_map,
-                                trunc_normal_linears_, zero_init_)
+from vitkit.models.base import (FamilyModel, SingleHead, block_layer_id, block_outputs, select_indices,
+                                tokens_to_map, trunc_normal_linears_, zero_init_)
 from vitkit.models.vit_formats import VIT_FORMATS, WEIGHTS
 from vitkit.registry import register_family
 from vitkit.specs import INCEPTION_MEAN, INCEPTION_STD, PreprocessConfig, Reference
@@ -71,7 +71,7 @@ class ViTConfig:
                 raise ConfigError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
 
 
-class VisionTransformer(FamilyModel):
+class VisionTransformer(SingleHead, FamilyModel):
     config_cls = ViTConfig
     intermediates = "tokens"
     num_dist_tokens = 0  # DeiT's distillation token (vitkit.models.deit)
@@ -112,24 +112,12 @@ class VisionTransformer(FamilyModel):
         return Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.proj_drop_rate, cfg.attn_drop_rate,
                      drop_path, cfg.init_values, cfg.act_layer, cfg.norm_eps)
 
-    def _make_head(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def init_weights(self) -> None:
         """Truncated-normal(0.02) dense layers and position embedding, zero class token and zero head kernel (the
         JAX code's initialisers for the tokens and the head; timm's for the rest)."""
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_linears_(self)
-        zero_init_(*self.classifiers())
-
-    def classifiers(self) -> list[nn.Linear]:
-        return [self.head] if isinstance(self.head, nn.Linear) else []
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """A new zero-initialised classifier (paper App. B.1.1); 0 removes it."""
-        self.num_classes = self.cfg.num_classes = num_classes
-        self.head = self._make_head(num_classes)
         zero_init_(*self.classifiers())
 
     def no_weight_decay(self) -> set[str]:
