@@ -234,3 +234,22 @@ def test_stage_grids_follow_the_official_patch_embeddings():
     assert pvt_module.stage_grids(224) == [(56, 56), (28, 28), (14, 14), (7, 7)]
     assert pvt_module.stage_grids((200, 100)) == [(50, 25), (25, 12), (12, 6), (6, 3)]
     assert all(math.prod(g) > 0 for g in pvt_module.stage_grids(32))
+
+
+def test_catalog_names_hub_repositories_that_load_through_their_format(tmp_path, monkeypatch):
+    """Named weights are transformers' Hub copies (no hash-less release URL); a file of that format placed where the
+    catalog looks for it loads with pretrained=True and gives transformers' logits."""
+    from vitkit.weights.hub import cached_path
+    named = {n: vitkit.get_spec(n).weights for n in vitkit.list_models("pvt_[tsml]*")}
+    assert {n: w.url for n, w in named.items() if w} == {"pvt_tiny": "hf-hub:Zetatech/pvt-tiny-224",
+                                                          "pvt_medium": "hf-hub:Zetatech/pvt-medium-224",
+                                                          "pvt_large": "hf-hub:Zetatech/pvt-large-224"}
+    assert all(w.source_format == "hf" and w.filename == "model.safetensors" for w in named.values() if w)
+    monkeypatch.setenv("VITKIT_HOME", str(tmp_path))
+    hf = hf_model("PvtConfig", "PvtForImageClassification", PVT_HF_PARTS, image_size=64)
+    dest = cached_path(named["pvt_tiny"])
+    dest.parent.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(dest))
+    model = vitkit.create_model("pvt_tiny", pretrained=True, img_size=64, **TINY)
+    assert model.load_report.format == "hf"
+    assert max_diff(logits(model, X64), hf_logits(hf, X64)) <= 1e-5

@@ -122,3 +122,21 @@ def test_dwconv_mlp_is_fc1_depthwise_conv_act_fc2():
     h = torch.nn.functional.conv2d(h, mlp.dwconv.weight, mlp.dwconv.bias, padding=1, groups=8)
     expected = mlp.fc2(torch.nn.functional.gelu(h.flatten(2).transpose(1, 2)))
     torch.testing.assert_close(mlp(x, 2, 3), expected)
+
+
+def test_catalog_names_timm_hub_repositories(tmp_path, monkeypatch):
+    """Every variant's named weights are timm's Hub port (timm/<name>.in1k, timm's layout = vitkit's); a file placed
+    where the catalog looks for it loads with pretrained=True as the timm format."""
+    from safetensors.torch import save_file
+    from vitkit.weights.hub import cached_path
+    for name in vitkit.list_models("pvt_v2_*"):
+        w = vitkit.get_spec(name).weights
+        assert (w.url, w.source_format, w.filename) == (f"hf-hub:timm/{name}.in1k", "timm", "model.safetensors")
+    monkeypatch.setenv("VITKIT_HOME", str(tmp_path))
+    source = randomize_(vitkit.create_model("pvt_v2_b2_li", img_size=64, **TINY)).eval()
+    dest = cached_path(vitkit.get_spec("pvt_v2_b2_li").weights)
+    dest.parent.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(dest))
+    model = vitkit.create_model("pvt_v2_b2_li", pretrained=True, img_size=64, **TINY)
+    assert model.load_report.format == "timm"
+    assert torch.equal(logits(model, X64), logits(source, X64))
