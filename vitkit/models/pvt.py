@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from vitkit.config import ConfigError
 from vitkit.layers import (Block, Mlp, PatchEmbed, SpatialReductionAttention, drop_path_rates, resample_pos_embed,
                            to_2tuple)
-from vitkit.models.base import FamilyModel, SingleHead, select_indices, staged_layer_id, zero_init_
+from vitkit.models.base import (FamilyModel, SingleHead, select_indices, staged_layer_id, trunc_normal_linears_,
+                                zero_init_)
 from vitkit.models.pvt_formats import PVT_FORMATS, WEIGHTS
 from vitkit.registry import register_family
 from vitkit.specs import PreprocessConfig, Reference
@@ -177,11 +178,7 @@ class PyramidModel(SingleHead, FamilyModel):
 
     def init_linear_(self) -> None:
         """Truncated-normal(0.02) dense layers with zero biases (the official ``_init_weights``), zero classifier."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears_(self)
         zero_init_(*self.classifiers())
 
 

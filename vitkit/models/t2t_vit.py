@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from vitkit.config import ConfigError
 from vitkit.layers import (Attention, Block, Mlp, RecordsAttention, attend, drop_path_rates, favor_attention,
                            orthogonal_features, sinusoid_table, to_2tuple)
-from vitkit.models.base import (FamilyModel, block_layer_id, block_outputs, select_indices, tokens_to_map,
-                                trunc_normal_linears_, zero_init_)
+from vitkit.models.base import (FamilyModel, SingleHead, block_layer_id, block_outputs, select_indices,
+                                tokens_to_map, trunc_normal_linears_)
 from vitkit.models.t2t_vit_formats import T2T_FORMATS
 from vitkit.registry import register_family
 from vitkit.specs import PreprocessConfig, Reference
@@ -207,7 +207,7 @@ class T2TModule(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------ model
-class T2TViT(FamilyModel):
+class T2TViT(SingleHead, FamilyModel):
     config_cls = T2TViTConfig
     num_prefix_tokens = 1  # the class token before the soft-split grid
     intermediates = "tokens"
@@ -235,22 +235,11 @@ class T2TViT(FamilyModel):
         self.init_weights()
 
     # ----------------------------------------------------------------------------------------------- construction
-    def _make_head(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def init_weights(self) -> None:
         """The official initialisation: truncated-normal(0.02) dense layers and class token, zero biases (the head
         too is truncated-normal, as in T2T_ViT._init_weights); LayerNorms at 1 / 0."""
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         trunc_normal_linears_(self)
-
-    def classifiers(self) -> list[nn.Linear]:
-        return [self.head] if isinstance(self.head, nn.Linear) else []
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = self.cfg.num_classes = num_classes
-        self.head = self._make_head(num_classes)
-        zero_init_(*self.classifiers())
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token"}  # official; pos_embed and the Performer features are frozen
