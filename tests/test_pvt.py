@@ -222,6 +222,13 @@ def test_bad_config_is_an_error_naming_the_field(override, message):
         vitkit.create_model("pvt_tiny", **override)
 
 
+def test_an_input_below_32_pixels_is_a_value_error():
+    model = vitkit.create_model("pvt_tiny", img_size=64, **TINY)
+    for run in (model, model.forward_intermediates):
+        with pytest.raises(ValueError, match="smaller than 32x32"):
+            run(torch.randn(1, 3, 28, 64))
+
+
 def test_patch_embedding_floors_like_the_official_conv_only_when_asked():
     embed = PatchEmbed(5, 2, 3, 4, strict_img_size=False, drop_remainder=True, output_fmt="NHWC")
     assert embed(torch.randn(1, 3, 5, 7)).shape == (1, 2, 3, 4)

@@ -124,6 +124,7 @@ class PyramidModel(SingleHead, FamilyModel):
     pyramid of ``forward_intermediates`` and Swin's layer numbering for layer-wise learning-rate decay."""
 
     intermediates = "pyramid"
+    min_input_size: ClassVar[int] = 1  # PVT v1's non-overlapping patch convs need 32 pixels
     patch_embed: nn.Module
     stages: nn.ModuleList
     head: nn.Module
@@ -164,13 +165,20 @@ class PyramidModel(SingleHead, FamilyModel):
         """The output map of chosen stages, (B, C_i, H/2^(i+2), W/2^(i+2)) each: an int n = the last n stages, a list
         = those (negative allowed), None = all four. ``norm``: see ``stage_map``."""
         wanted = select_indices(indices, NUM_STAGES, "stage")
-        x = self.patch_embed(x)  # (B, H/4, W/4, C_0)
+        x = self.embed(x)  # (B, H/4, W/4, C_1)
         outs = []
         for i, stage in enumerate(self.stages[: wanted[-1] + 1]):
             x = self.stage_map(i, stage(x), norm=norm)  # (B, C_i, H_i, W_i)
             if i in wanted:
                 outs.append(x)
         return outs
+
+    def embed(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) images → the stem's (B, H/4, W/4, C_1) tokens; too small an image is a ValueError."""
+        if min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(f"input {x.shape[-2]}x{x.shape[-1]} is smaller than {self.min_input_size}x"
+                             f"{self.min_input_size}: {type(self).__name__}'s patch embeddings reduce it 32-fold")
+        return self.patch_embed(x)
 
     @abc.abstractmethod
     def stage_map(self, i: int, out, norm: bool) -> Tensor:
@@ -224,6 +232,7 @@ class PVTStage(nn.Module):
 
 class PyramidVisionTransformer(PyramidModel):
     config_cls = PVTConfig
+    min_input_size = 32
 
     def __init__(self, cfg: PVTConfig):
         super().__init__()
@@ -247,7 +256,7 @@ class PyramidVisionTransformer(PyramidModel):
     # --------------------------------------------------------------------------------------------------- forward
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C, H, W) images → (B, 1 + N_4, C_4) last-stage tokens after the final LayerNorm."""
-        x = self.patch_embed(x)  # (B, H/4, W/4, C_1)
+        x = self.embed(x)  # (B, H/4, W/4, C_1)
         for i, stage in enumerate(self.stages):
             x = stage(x)
             x = self.stage_map(i, x, norm=False) if i < NUM_STAGES - 1 else x[0]

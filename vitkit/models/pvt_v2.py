@@ -97,7 +97,7 @@ class PyramidVisionTransformerV2(PyramidModel):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C, H, W) images → (B, C_4, H/32, W/32) last-stage map, after its LayerNorm."""
-        x = self.patch_embed(x)  # (B, H/4, W/4, C_1)
+        x = self.embed(x)  # (B, H/4, W/4, C_1)
         for stage in self.stages:
             x = stage(x)  # (B, C_i, H_i, W_i)
         return x
