@@ -118,6 +118,22 @@ def test_the_reference_case_pins_eps_and_interpolation(monkeypatch):
     assert max_diff(logits(model, io["pixel_values_48x80"].float()), io["logits_48x80"]) > 1e-3
 
 
+def test_where_the_official_forward_skips_or_fails_vitkit_resamples_every_stage(monkeypatch):
+    """The official ``_get_pos_embed`` compares a stage's patch count with stage 1's: on the 64 model it leaves stage 1
+    as it is for a 32×128 input (8×32 = 16×16 patches) and fails at 128×128 (stage 2's 16×16 grid; checked on the
+    official code). vitkit resamples each stage whose grid differs from its own and runs at both sizes."""
+    meta, _, folder = CASE
+    model = load_reference(meta, folder)
+    resampled = []
+    real = pvt_module.resample_pos_embed
+    monkeypatch.setattr(pvt_module, "resample_pos_embed", lambda pos, new, *a, **k: (resampled.append(new),
+                                                                                      real(pos, new, *a, **k))[1])
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 128))
+        assert resampled == [(8, 32), (4, 16), (2, 8), (1, 4)]
+        assert torch.isfinite(model(torch.randn(1, 3, 128, 128))).all()
+
+
 def test_official_key_list():
     """vitkit's weights written back through the inverse official table give exactly the 161 keys of the official
     PVT-Tiny (architectures.md §1.5, measured on the official code): stage 4 has no reduction conv or norm."""
