@@ -1,4 +1,4 @@
-"""Spatial-reduction attention (SRA), the attention of PVT v1 and v2 (Wang et al. 2021, PVT paper eq. 2-3; PVT v2 §3.1):
+"""Spatial-reduction attention (SRA), the attention of PVT v1 and v2 (Wang et al. 2021, PVT eq. 2-3; PVT v2 §3.1):
 
     SRA(Q, K, V) = Concat(head_1, …, head_h) W^O,   head_j = Attention(Q W_j^Q, SR(K) W_j^K, SR(V) W_j^V)
     SR(x) = Norm(Reshape(x, R) W^S)

@@ -17,8 +17,8 @@ from vitkit.specs import CheckpointView, SourceFormat, WeightSpec
 from vitkit.weights.keymap import Fuse, KeyMap, Rename
 from vitkit.weights.report import CheckpointError
 
-__all__ = ["PVT_FORMATS", "WEIGHTS", "OFFICIAL", "OFFICIAL_EMBEDS", "OFFICIAL_HEAD", "HF", "to_transformers", "strip_base", "hf_act", "head_hints",
-           "hf_stage_hints", "nearest_variant", "twin_from"]
+__all__ = ["PVT_FORMATS", "WEIGHTS", "OFFICIAL", "OFFICIAL_EMBEDS", "OFFICIAL_HEAD", "HF", "to_transformers",
+           "strip_base", "hf_act", "head_hints", "hf_stage_hints", "hf_common", "nearest_variant", "twin_from"]
 
 # ------------------------------------------------------------------------------------------------------- official
 # What the official PVT and PVT v2 files name alike: per-stage embeddings numbered from 1 (the first is vitkit's stem;
@@ -49,7 +49,7 @@ def head_hints(state: Mapping[str, Tensor], key: str = "head.weight") -> dict[st
 OFFICIAL_FORMAT = SourceFormat(
     "official", lambda v: v.has("patch_embed1.proj.weight", "pos_embed1"), OFFICIAL.forward,
     lambda state, config: head_hints(state),
-    description="whai362/PVT release (classification/pvt.py): bare state dict, patch_embed{1-4}/pos_embed{1-4}/block{1-4}")
+    description="whai362/PVT release (classification/pvt.py): bare state dict, patch_embed/pos_embed/block{1-4}")
 
 # ------------------------------------------------------------------------------------------------- transformers
 HF = KeyMap([
@@ -182,9 +182,9 @@ def hf_common(cfg) -> dict[str, Any]:
         raise ValueError(f"transformers' PVT takes integer MLP ratios, not {list(cfg.mlp_ratios)}")
     return dict(num_channels=cfg.in_chans, num_encoder_blocks=4, depths=list(cfg.depths),
                 hidden_sizes=list(cfg.embed_dims), num_attention_heads=list(cfg.num_heads),
-                mlp_ratios=[int(r) for r in cfg.mlp_ratios], hidden_act=_TWIN_ACT[cfg.act_layer], hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0, drop_path_rate=0.0, layer_norm_eps=cfg.norm_eps,
-                qkv_bias=cfg.qkv_bias, num_labels=cfg.num_classes, strides=[4, 2, 2, 2])
+                mlp_ratios=[int(r) for r in cfg.mlp_ratios], hidden_act=_TWIN_ACT[cfg.act_layer],
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0,
+                layer_norm_eps=cfg.norm_eps, qkv_bias=cfg.qkv_bias, num_labels=cfg.num_classes, strides=[4, 2, 2, 2])
 
 
 def to_transformers(model: nn.Module) -> nn.Module:

@@ -43,6 +43,7 @@ class PVTv2Config(PyramidConfig):
 def overlap_embed(in_chans: int, dim: int, first: bool, eps: float) -> PatchEmbed:
     """OverlapPatchEmbed: 7×7 stride 4 (stage 1) or 3×3 stride 2, padding k // 2, then LayerNorm; (B, H, W, C) out."""
     k, s = (7, 4) if first else (3, 2)
+    # the image size (224) is nominal: a padded overlapping conv takes any size
     return PatchEmbed(224, k, in_chans, dim, strict_img_size=False, stride=s, padding=k // 2,
                       norm_layer=partial(nn.LayerNorm, eps=eps), output_fmt="NHWC")
 
