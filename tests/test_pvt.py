@@ -222,8 +222,9 @@ def test_attention_maps_read_the_spatially_reduced_keys():
         model(X64)
     first, last = maps["stages.0.blocks.0.attn"], maps["stages.3.blocks.0.attn"]
     assert first.shape == (2, 1, 256, 4)  # 16×16 queries, keys from the 8×8-reduced 2×2 map
-    assert maps.info["stages.0.blocks.0.attn"] == dict(grid=(16, 16), kv_grid=(2, 2), prefix_tokens=0)
-    assert last.shape == (2, 4, 5, 5) and maps.info["stages.3.blocks.0.attn"]["prefix_tokens"] == 1
+    assert maps.info["stages.0.blocks.0.attn"] == dict(grid=(16, 16), kv_grid=(2, 2), class_token=False)
+    assert last.shape == (2, 4, 5, 5)  # no reduction in the last stage: the class token is the first key
+    assert maps.info["stages.3.blocks.0.attn"] == dict(grid=(2, 2), kv_grid=(2, 2), class_token=True)
 
 
 # --------------------------------------------------------------------------------------------- configuration

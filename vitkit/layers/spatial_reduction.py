@@ -24,7 +24,8 @@ __all__ = ["SpatialReductionAttention"]
 
 class SpatialReductionAttention(RecordsAttention):
     attn_layout = ("(B, heads, N, M): each of the N query tokens (the H×W grid, after a class token where the stage "
-                   "has one) attends to M keys of the spatially reduced map; info: grid (H, W), kv_grid, prefix_tokens")
+                   "has one) attends to M keys of the spatially reduced kv_grid (the class token first when the stage "
+                   "has one and no reduction); info: grid (H, W), kv_grid, class_token")
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, *, linear: bool = False, pool_size: int = 7,
                  qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, norm_eps: float = 1e-5):
@@ -67,7 +68,8 @@ class SpatialReductionAttention(RecordsAttention):
         kv_src, kv_grid = self.reduce(x, H, W)
         kv = self.kv(kv_src).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, h, M, d)
         k, v = kv.unbind(0)
+        class_token = k.shape[2] > kv_grid[0] * kv_grid[1]  # unreduced keys of a stage with a class token
         x = attend(q, k, v, scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0,
-                   record=self.attn_recorder, grid=(H, W), kv_grid=kv_grid, prefix_tokens=N - H * W)
+                   record=self.attn_recorder, grid=(H, W), kv_grid=kv_grid, class_token=class_token)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         return self.proj_drop(self.proj(x))

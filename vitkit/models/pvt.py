@@ -233,6 +233,7 @@ class PVTStage(nn.Module):
 class PyramidVisionTransformer(PyramidModel):
     config_cls = PVTConfig
     min_input_size = 32
+    num_prefix_tokens = 1  # the class token before the last stage's grid in forward_features
 
     def __init__(self, cfg: PVTConfig):
         super().__init__()
@@ -269,6 +270,11 @@ class PyramidVisionTransformer(PyramidModel):
         if i == NUM_STAGES - 1:
             x = (self.norm(x) if norm else x)[:, 1:]  # (B, H·W, C)
         return x.transpose(1, 2).reshape(x.shape[0], -1, H, W)  # (B, C, H, W)
+
+    def feature_map(self, features: Tensor, image_hw: tuple[int, int]) -> Tensor:
+        """The last stage's patch tokens (class token dropped) as a (B, C, H/32, W/32) map."""
+        h, w = stage_grids(image_hw)[-1]
+        return features[:, 1:].transpose(1, 2).reshape(features.shape[0], -1, h, w)  # (B, C, h, w)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = x[:, 0]  # (B, C) the class token

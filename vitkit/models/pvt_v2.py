@@ -103,6 +103,9 @@ class PyramidVisionTransformerV2(PyramidModel):
             x = stage(x)  # (B, C_i, H_i, W_i)
         return x
 
+    def feature_map(self, features: Tensor, image_hw: tuple[int, int]) -> Tensor:
+        return features  # already the (B, C, h, w) map of the last stage
+
     def stage_map(self, i: int, out: Tensor, norm: bool) -> Tensor:
         """Stages return (B, C, H, W) maps after their own LayerNorm, so ``norm`` changes nothing."""
         return out
