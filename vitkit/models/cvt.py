@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from vitkit.config import ConfigError
 from vitkit.layers import Block, Mlp, PatchEmbed, RecordsAttention, attend, drop_path_rates, to_2tuple
-from vitkit.models.base import (FamilyModel, select_indices, staged_layer_id, tokens_to_map, trunc_normal_linears_,
-                                zero_init_)
+from vitkit.models.base import (FamilyModel, SingleHead, select_indices, staged_layer_id, tokens_to_map,
+                                trunc_normal_linears_)
 from vitkit.models.cvt_formats import CVT_FORMATS, WEIGHTS
 from vitkit.registry import register_family
 from vitkit.specs import PreprocessConfig, Reference
@@ -214,7 +214,7 @@ class CvTStage(nn.Module):
         return split_map(x, grid, self.cls_token is not None)[1]
 
 
-class ConvolutionalVisionTransformer(FamilyModel):
+class ConvolutionalVisionTransformer(SingleHead, FamilyModel):
     config_cls = CvTConfig
     intermediates = "pyramid"
 
@@ -234,9 +234,6 @@ class ConvolutionalVisionTransformer(FamilyModel):
         self.init_weights()
 
     # ----------------------------------------------------------------------------------------------- construction
-    def _make_head(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def init_weights(self) -> None:
         """The official init (``_init_weights_trunc_normal``): truncated-normal(0.02) dense layers, class token and
         head, zero biases; norms start at identity; convolutions keep PyTorch's default."""
@@ -244,14 +241,6 @@ class ConvolutionalVisionTransformer(FamilyModel):
         for stage in self.stages:
             if stage.cls_token is not None:
                 nn.init.trunc_normal_(stage.cls_token, std=0.02)
-
-    def classifiers(self) -> list[nn.Linear]:
-        return [self.head] if isinstance(self.head, nn.Linear) else []
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = self.cfg.num_classes = num_classes
-        self.head = self._make_head(num_classes)
-        zero_init_(*self.classifiers())
 
     def no_weight_decay(self) -> set[str]:
         """The class token (official ``no_weight_decay``); norms, BatchNorm and biases are 1-d."""

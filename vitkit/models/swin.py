@@ -32,7 +32,7 @@ from vitkit.config import ConfigError, from_dict
 from vitkit.layers import Block, PatchEmbed, to_2tuple
 from vitkit.layers.pos_embed_rel import relative_position_index
 from vitkit.layers.window_attention import WindowAttention, padded_grid, shifted_window_mask
-from vitkit.models.base import (FamilyModel, select_indices, staged_layer_id, trunc_normal_linears_,
+from vitkit.models.base import (FamilyModel, SingleHead, select_indices, staged_layer_id, trunc_normal_linears_,
                                 zero_init_)
 from vitkit.models.swin_formats import SWIN_FORMATS, WEIGHTS
 from vitkit.registry import register_family
@@ -163,7 +163,7 @@ class SwinStage(nn.Module):
         return self.blocks(self.downsample(x))  # (B, H_i, W_i, C_i)
 
 
-class SwinTransformer(FamilyModel):
+class SwinTransformer(SingleHead, FamilyModel):
     config_cls = SwinConfig
     intermediates = "pyramid"
 
@@ -185,21 +185,10 @@ class SwinTransformer(FamilyModel):
         self.init_weights()
 
     # ----------------------------------------------------------------------------------------------- construction
-    def _make_head(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def init_weights(self) -> None:
         """Truncated-normal(0.02) dense layers with zero biases (official ``_init_weights``; the bias tables are
         initialised by ``WindowAttention``), and a zero-initialised head."""
         trunc_normal_linears_(self, std=0.02)
-        zero_init_(*self.classifiers())
-
-    def classifiers(self) -> list[nn.Linear]:
-        return [self.head] if isinstance(self.head, nn.Linear) else []
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = self.cfg.num_classes = num_classes
-        self.head = self._make_head(num_classes)
         zero_init_(*self.classifiers())
 
     def no_weight_decay(self) -> set[str]:
