@@ -125,8 +125,8 @@ class FamilyModel(nn.Module, metaclass=abc.ABCMeta):
 
 class SingleHead:
     """One linear classifier ``head`` on ``num_features`` inputs, zero-initialised (ViT paper App. B.1.1): the
-    ``classifiers`` / ``reset_classifier`` part of the contract for families with a single head (list it before
-    ``FamilyModel`` among the bases)."""
+    ``classifiers`` / ``reset_classifier`` part of the contract for families with a single head (ViT, T2T-ViT, Swin,
+    CvT, PVT; list it before ``FamilyModel`` among the bases)."""
 
     def _make_head(self, num_classes: int) -> nn.Module:
         return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
