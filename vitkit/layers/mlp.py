@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-__all__ = ["Mlp", "QuickGELU", "make_act", "activate", "ACTIVATIONS"]
+__all__ = ["Mlp", "DWConvMlp", "QuickGELU", "make_act", "activate", "ACTIVATIONS"]
 
 
 class QuickGELU(nn.Module):
@@ -90,3 +90,26 @@ class Mlp(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.fc1(x)  # (..., hidden)
         return self.drop2(self.fc2(self.drop1(activate(self.act, x, self.fc1))))
+
+
+class DWConvMlp(Mlp):
+    """PVT v2's convolutional feed-forward (PVT v2 paper §3.3, "Convolutional Feed-Forward"): fc1 → [ReLU] → 3×3
+    depth-wise conv over the H×W token grid → activation → fc2, dropout after the activation and after fc2
+    (whai362/PVT classification/pvt_v2.py ``Mlp`` + ``DWConv``; timm ``MlpWithDepthwiseConv``). ``extra_relu``: the
+    ReLU after fc1 of the linear variant (PVT-v2-Li). Takes the grid, so the shared ``Block`` passes it (H, W).
+    Without autograd the activation overwrites the conv's output, as ``Mlp`` does with fc1's."""
+
+    takes_grid = True
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
+                 act_layer: str = "gelu", drop: float = 0.0, *, extra_relu: bool = False):
+        super().__init__(in_features, hidden_features, out_features, act_layer=act_layer, drop=drop)
+        self.relu = nn.ReLU() if extra_relu else nn.Identity()
+        self.dwconv = nn.Conv2d(hidden_features, hidden_features, 3, padding=1, groups=hidden_features)
+
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+        x = self.relu(self.fc1(x))  # (B, N, hidden)
+        B, N, C = x.shape
+        x = x.transpose(1, 2).reshape(B, C, H, W)  # (B, hidden, H, W), a channels-last view: no copy
+        x = self.dwconv(x).flatten(2).transpose(1, 2)  # (B, N, hidden), the conv's fresh output
+        return self.drop2(self.fc2(self.drop1(activate(self.act, x, self.dwconv))))

@@ -3,8 +3,9 @@
 As in the JAX code ("s2d + embedding merged into a single conv"), this is a conv with kernel = stride = P and no
 padding. The same layer serves the hierarchical families: an overlapping conv (PVT v2's 7×7 stride-4 patches, CvT's
 convolutional token embedding: ``stride`` < ``patch_size`` with ``padding``), an optional norm on the tokens (Swin,
-PVT), and three output layouts: tokens (B, N, D), channels-last maps (B, H, W, D) as Swin keeps them between stages,
-or channels-first maps (B, D, H, W). Non-square images and grids are supported.
+PVT), PVT v1's flooring of sizes that are not a multiple of the patch (``drop_remainder``), and three output layouts:
+tokens (B, N, D), channels-last maps (B, H, W, D) as Swin keeps them between stages, or channels-first maps
+(B, D, H, W). Non-square images and grids are supported.
 """
 from __future__ import annotations
 
@@ -41,14 +42,15 @@ class PatchEmbed(nn.Module):
                  in_chans: int = 3, embed_dim: int = 768, bias: bool = True, strict_img_size: bool = True, *,
                  stride: int | tuple[int, int] | None = None, padding: int | tuple[int, int] = 0,
                  norm_layer: Callable[[int], nn.Module] | None = None,
-                 output_fmt: Literal["NLC", "NHWC", "NCHW"] = "NLC"):
+                 output_fmt: Literal["NLC", "NHWC", "NCHW"] = "NLC", drop_remainder: bool = False):
         super().__init__()
         self.img_size = to_2tuple(img_size)
         self.patch_size = to_2tuple(patch_size)
         self.stride = to_2tuple(stride if stride is not None else patch_size)
         self.padding = to_2tuple(padding)
         self.overlapping = self.stride != self.patch_size or any(self.padding)
-        if not self.overlapping:
+        self.drop_remainder = drop_remainder  # True: rows/columns that do not fill a patch are dropped (conv floor)
+        if not (self.overlapping or drop_remainder):
             for s, p in zip(self.img_size, self.patch_size):
                 if s % p:
                     raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
@@ -73,7 +75,7 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"input is {H}x{W} but the model was built for {self.img_size[0]}x{self.img_size[1]}; "
                              f"pass img_size= to create_model, or dynamic_img_size=True")
         ph, pw = self.patch_size
-        if not self.overlapping and (H % ph or W % pw):
+        if not (self.overlapping or self.drop_remainder) and (H % ph or W % pw):
             raise ValueError(f"input {H}x{W} is not a multiple of the patch size {ph}x{pw}")
 
     def forward(self, x: Tensor) -> Tensor:
