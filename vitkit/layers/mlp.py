@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-__all__ = ["Mlp", "QuickGELU", "make_act", "ACTIVATIONS"]
+__all__ = ["Mlp", "DWConvMlp", "QuickGELU", "make_act", "ACTIVATIONS"]
 
 
 class QuickGELU(nn.Module):
@@ -79,9 +79,44 @@ class Mlp(nn.Module):
         x = self.fc1(x)  # (..., hidden)
         return self.drop2(self.fc2(self.drop1(self._activate(x))))
 
-    def _activate(self, h: Tensor) -> Tensor:
+    def _activate(self, h: Tensor, source: nn.Module | None = None) -> Tensor:
+        """act(h), in place when nothing can observe it; ``source``: the layer that produced ``h`` (fc1 by default)."""
         inplace = _INPLACE.get(type(self.act))
         if (inplace is None or h.requires_grad or torch.jit.is_tracing() or _compiling()
-                or _has_hooks(self.fc1, self.act)):
+                or _has_hooks(source or self.fc1, self.act)):
             return self.act(h)
         return inplace(self.act, h)
+
+
+class DWConvMlp(Mlp):
+    """PVT v2's convolutional feed-forward (PVT v2 paper §3.3, "Convolutional Feed-Forward"): fc1 → [ReLU] → 3×3
+    depth-wise conv over the H×W token grid → activation → fc2, dropout after the activation and after fc2
+    (whai362/PVT classification/pvt_v2.py ``Mlp`` + ``DWConv``; timm ``MlpWithDepthwiseConv``; DAT v1's
+    ``TransformerMLPWithConv``). ``extra_relu``: the ReLU after fc1 of the linear variant (PVT-v2-Li).
+    ``dw_residual``: the conv is a residual branch, h + dwconv(h) (DAT++ ``TransformerMLPWithConv``, whose dropout
+    after fc1 instead of after the activation matters only when training with drop > 0; its configs use 0).
+    Takes the grid, so the shared ``Block`` passes it (H, W); channels-last maps (B, H, W, C) need none.
+    Without autograd the activation overwrites the conv's output, as ``Mlp`` does with fc1's."""
+
+    takes_grid = True
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
+                 act_layer: str = "gelu", drop: float = 0.0, *, extra_relu: bool = False, dw_residual: bool = False):
+        super().__init__(in_features, hidden_features, out_features, act_layer=act_layer, drop=drop)
+        self.relu = nn.ReLU() if extra_relu else nn.Identity()
+        self.dwconv = nn.Conv2d(hidden_features, hidden_features, 3, padding=1, groups=hidden_features)
+        self.dw_residual = dw_residual
+
+    def forward(self, x: Tensor, H: int | None = None, W: int | None = None) -> Tensor:
+        shape = x.shape
+        if x.ndim == 4:  # a channels-last map (B, H, W, C)
+            H, W = shape[1:3]
+            x = x.flatten(1, 2)  # (B, N, C)
+        x = self.relu(self.fc1(x))  # (B, N, hidden)
+        B, N, C = x.shape
+        h = x.transpose(1, 2).reshape(B, C, H, W)  # (B, hidden, H, W), a channels-last view: no copy
+        h = self.dwconv(h).flatten(2).transpose(1, 2)  # (B, N, hidden), the conv's fresh output
+        if self.dw_residual:
+            h = h + x
+        x = self.drop2(self.fc2(self.drop1(self._activate(h, self.dwconv))))
+        return x.view(*shape[:-1], x.shape[-1])
