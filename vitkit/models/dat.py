@@ -127,9 +127,10 @@ class DATConfig:
                 raise ConfigError(f"offset_range_factor[{i}] = 0: use > 0 (bounded offsets) or < 0 (unbounded)")
 
 
-def stage_grids(cfg: DATConfig) -> list[tuple[int, int]]:
-    """The (H, W) map of every stage: img / patch_size, halved by each downsampling."""
-    h, w = (s // cfg.patch_size for s in to_2tuple(cfg.img_size))
+def stage_grids(cfg: DATConfig, img_size: int | tuple[int, int] | None = None) -> list[tuple[int, int]]:
+    """The (H, W) map of every stage for ``img_size`` (default: the config's): img / patch_size, halved by each
+    downsampling."""
+    h, w = (s // cfg.patch_size for s in to_2tuple(img_size or cfg.img_size))
     return [(h >> i, w >> i) for i in range(len(cfg.depths))]
 
 
