@@ -50,7 +50,12 @@ def _check(grid: tuple[int, int], kernel: int) -> None:
 @functools.lru_cache(maxsize=32)
 def _neighbour_index(grid: tuple[int, int], kernel: int) -> tuple[Tensor, Tensor]:
     """For every query (row-major) its k² neighbours, window row-major: (H·W·k²,) flat key positions and (H·W·k²,)
-    rows of the flattened (2k − 1)² bias table."""
+    rows of the flattened (2k − 1)² bias table. Index arithmetic on the CPU (also under a "meta" default device)."""
+    with torch.device("cpu"):
+        return _neighbour_index_cpu(grid, kernel)
+
+
+def _neighbour_index_cpu(grid: tuple[int, int], kernel: int) -> tuple[Tensor, Tensor]:
     (H, W), k = grid, kernel
     rows = neighborhood_starts(H, k)[:, None] + torch.arange(k)  # (H, k) key rows of each query row
     cols = neighborhood_starts(W, k)[:, None] + torch.arange(k)  # (W, k)
@@ -66,7 +71,12 @@ def _tiles(grid: tuple[int, int], kernel: int, tile: int) -> tuple[Tensor, Tenso
     """The tiling of an H×W map: flat query positions of every T×T tile (the last tiles repeat the border row /
     column), flat key positions of its band, and per (tile, query, band key) the bias-table row and whether the key is
     in the query's window. Returns (queries (nT·T²,), keys (nT·L²,), table (nT, T², L²), inside (nT, T², L²),
-    (nTh, nTw, T, Lh, Lw))."""
+    (nTh, nTw, T, Lh, Lw)). Index arithmetic on the CPU (also under a "meta" default device)."""
+    with torch.device("cpu"):
+        return _tiles_cpu(grid, kernel, tile)
+
+
+def _tiles_cpu(grid: tuple[int, int], kernel: int, tile: int) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[int, ...]]:
     k, T = kernel, tile
 
     def axis(n: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int, int]:
@@ -119,36 +129,60 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, 
 
 
 def _explicit(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, kernel: int, scale: float, dropout_p: float,
-              record: Callable[..., None], **info: Any) -> Tensor:
-    """Every query's k² neighbours gathered: softmax over (B, h, H·W, k²) logits, handed to ``record``."""
+              record: Callable[..., None], chunk_elements: int = 2 ** 24, **info: Any) -> Tensor:
+    """Every query's k² neighbours gathered, in chunks of queries whose gathered keys hold about ``chunk_elements``
+    values: softmax over (B, h, H·W, k²) logits, handed to ``record``."""
     B, h, H, W, d = q.shape
     keys, table = (t.to(q.device) for t in _neighbour_index((H, W), kernel))
-    K = kernel * kernel
-    kn = k.flatten(2, 3).index_select(2, keys).view(B, h, H * W, K, d)  # (B, h, H·W, k², d)
-    vn = v.flatten(2, 3).index_select(2, keys).view(B, h, H * W, K, d)
-    attn = torch.einsum("bhnd,bhnkd->bhnk", q.flatten(2, 3) * scale, kn)  # (B, h, H·W, k²)
-    if rpb is not None:
-        attn = attn + rpb.flatten(1)[:, table].view(h, H * W, K)
-    attn = attn.softmax(dim=-1)
-    record(attn, grid=(H, W), kernel=kernel, **info)
-    attn = F.dropout(attn, dropout_p, training=dropout_p > 0)
-    return torch.einsum("bhnk,bhnkd->bhnd", attn, vn).view(B, h, H, W, d)
+    K, N = kernel * kernel, H * W
+    keys, table = keys.view(N, K), table.view(N, K)
+    q, k, v = q.flatten(2, 3) * scale, k.flatten(2, 3), v.flatten(2, 3)  # (B, h, H·W, d)
+    bias = rpb.flatten(1) if rpb is not None else None  # (h, (2k − 1)²)
+    step = max(1, chunk_elements // (B * h * K * d))
+    probs, outs = [], []
+    for n0 in range(0, N, step):
+        idx = keys[n0: n0 + step]  # (n, k²)
+        kn = k.index_select(2, idx.flatten()).view(B, h, -1, K, d)  # (B, h, n, k², d)
+        attn = torch.einsum("bhnd,bhnkd->bhnk", q[:, :, n0: n0 + step], kn)  # (B, h, n, k²)
+        if bias is not None:
+            attn = attn + bias[:, table[n0: n0 + step]]
+        attn = attn.softmax(dim=-1)
+        probs.append(attn)
+        vn = v.index_select(2, idx.flatten()).view(B, h, -1, K, d)
+        attn = F.dropout(attn, dropout_p, training=dropout_p > 0)
+        outs.append(torch.einsum("bhnk,bhnkd->bhnd", attn, vn))  # (B, h, n, d)
+    record(torch.cat(probs, dim=2), grid=(H, W), kernel=kernel, **info)
+    return torch.cat(outs, dim=2).view(B, h, H, W, d)
 
 
 def neighborhood_attention_dense(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, kernel: int, *,
-                                 scale: float) -> Tensor:
-    """Brute force: dense (H·W)×(H·W) attention whose mask is the bias inside each query's window and −inf outside
-    (O((H·W)²) memory; the reference the tiled and explicit paths are tested against). Shapes as
+                                 scale: float, fused: bool = True) -> Tensor:
+    """Brute force, written from the definition alone (no index table of this module): dense (H·W)×(H·W) attention
+    whose mask is rpb[h, a − i + k − 1, b − j + k − 1] where key (a, b) lies in the clamped window of query (i, j)
+    and −inf elsewhere. O((H·W)²) memory: the reference the tiled and explicit paths are tested against. ``fused``:
+    ``scaled_dot_product_attention``, else softmax(q kᵀ · scale + mask) v written out. Shapes as
     ``neighborhood_attention``."""
     B, h, H, W, d = q.shape
     _check((H, W), kernel)
-    keys, table = _neighbour_index((H, W), kernel)
-    mask = torch.full((h, H * W, H * W), float("-inf"), dtype=q.dtype, device=q.device)
-    query = torch.arange(H * W).repeat_interleave(kernel * kernel)
-    values = torch.zeros(h, keys.numel(), dtype=q.dtype) if rpb is None else rpb.flatten(1)[:, table].to(q.dtype)
-    mask[:, query.to(q.device), keys.to(q.device)] = values.to(q.device)  # (h, H·W, H·W)
-    out = F.scaled_dot_product_attention(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), attn_mask=mask[None],
-                                         scale=scale)  # (B, h, H·W, d)
+
+    def axis(n: int) -> tuple[Tensor, Tensor]:  # (query, key) pairs of one axis: in the window?, table offset
+        i, a = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        start = (i - kernel // 2).clamp(0, n - kernel)
+        return (a >= start) & (a < start + kernel), (a - i + kernel - 1).clamp(0, 2 * kernel - 2)
+
+    (in_r, off_r), (in_c, off_c) = axis(H), axis(W)
+    inside = (in_r[:, None, :, None] & in_c[None, :, None, :]).reshape(H * W, H * W).to(q.device)
+    if rpb is None:
+        bias = torch.zeros(h, H * W, H * W, dtype=q.dtype, device=q.device)
+    else:
+        bias = rpb[:, off_r[:, None, :, None].to(q.device), off_c[None, :, None, :].to(q.device)]  # (h, H, W, H, W)
+        bias = bias.reshape(h, H * W, H * W).to(q.dtype)
+    mask = bias.masked_fill(~inside, float("-inf"))  # (h, H·W, H·W)
+    q, k, v = q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3)  # (B, h, H·W, d)
+    if fused:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None], scale=scale)
+    else:
+        out = ((q * scale) @ k.transpose(-2, -1) + mask).softmax(dim=-1) @ v  # (B, h, H·W, H·W) @ (B, h, H·W, d)
     return out.view(B, h, H, W, d)
 
 
