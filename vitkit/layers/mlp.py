@@ -95,21 +95,32 @@ class Mlp(nn.Module):
 class DWConvMlp(Mlp):
     """PVT v2's convolutional feed-forward (PVT v2 paper §3.3, "Convolutional Feed-Forward"): fc1 → [ReLU] → 3×3
     depth-wise conv over the H×W token grid → activation → fc2, dropout after the activation and after fc2
-    (whai362/PVT classification/pvt_v2.py ``Mlp`` + ``DWConv``; timm ``MlpWithDepthwiseConv``). ``extra_relu``: the
-    ReLU after fc1 of the linear variant (PVT-v2-Li). Takes the grid, so the shared ``Block`` passes it (H, W).
+    (whai362/PVT classification/pvt_v2.py ``Mlp`` + ``DWConv``; timm ``MlpWithDepthwiseConv``; DAT v1's
+    ``TransformerMLPWithConv``). ``extra_relu``: the ReLU after fc1 of the linear variant (PVT-v2-Li).
+    ``dw_residual``: the conv is a residual branch, h + dwconv(h) (DAT++ ``TransformerMLPWithConv``, whose dropout
+    after fc1 instead of after the activation matters only when training with drop > 0; its configs use 0).
+    Takes the grid, so the shared ``Block`` passes it (H, W); channels-last maps (B, H, W, C) need none.
     Without autograd the activation overwrites the conv's output, as ``Mlp`` does with fc1's."""
 
     takes_grid = True
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
-                 act_layer: str = "gelu", drop: float = 0.0, *, extra_relu: bool = False):
+                 act_layer: str = "gelu", drop: float = 0.0, *, extra_relu: bool = False, dw_residual: bool = False):
         super().__init__(in_features, hidden_features, out_features, act_layer=act_layer, drop=drop)
         self.relu = nn.ReLU() if extra_relu else nn.Identity()
         self.dwconv = nn.Conv2d(hidden_features, hidden_features, 3, padding=1, groups=hidden_features)
+        self.dw_residual = dw_residual
 
-    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+    def forward(self, x: Tensor, H: int | None = None, W: int | None = None) -> Tensor:
+        shape = x.shape
+        if x.ndim == 4:  # a channels-last map (B, H, W, C)
+            H, W = shape[1:3]
+            x = x.flatten(1, 2)  # (B, N, C)
         x = self.relu(self.fc1(x))  # (B, N, hidden)
         B, N, C = x.shape
-        x = x.transpose(1, 2).reshape(B, C, H, W)  # (B, hidden, H, W), a channels-last view: no copy
-        x = self.dwconv(x).flatten(2).transpose(1, 2)  # (B, N, hidden), the conv's fresh output
-        return self.drop2(self.fc2(self.drop1(activate(self.act, x, self.dwconv))))
+        h = x.transpose(1, 2).reshape(B, C, H, W)  # (B, hidden, H, W), a channels-last view: no copy
+        h = self.dwconv(h).flatten(2).transpose(1, 2)  # (B, N, hidden), the conv's fresh output
+        if self.dw_residual:
+            h = h + x
+        x = self.drop2(self.fc2(self.drop1(activate(self.act, h, self.dwconv))))
+        return x.view(*shape[:-1], x.shape[-1])

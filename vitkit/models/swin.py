@@ -19,7 +19,6 @@ pad them (the official classification code only accepts sizes that divide).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal, Sequence
@@ -31,7 +30,8 @@ from torch import Tensor, nn
 from vitkit.config import ConfigError, from_dict
 from vitkit.layers import Block, PatchEmbed, to_2tuple
 from vitkit.layers.pos_embed_rel import relative_position_index
-from vitkit.layers.window_attention import WindowAttention, padded_grid, shifted_window_mask
+from vitkit.layers.window_attention import (WindowAttention, check_window_buffers, padded_grid, shifted_window_mask,
+                                            table_window)
 from vitkit.models.base import (FamilyModel, LinearHead, select_indices, staged_layer_id, trunc_normal_linears_,
                                 zero_init_)
 from vitkit.models.swin_formats import SWIN_FORMATS, WEIGHTS
@@ -255,48 +255,12 @@ class SwinTransformer(LinearHead, FamilyModel):
         zero-initialise a head of another class count."""
         from vitkit.weights.adapt import adapt_head, reconcile_buffers, resize_rel_pos_tables
         source = report.source_config if report.format == "vitkit" else None  # a vitkit file states its geometry
-        _check_buffers_are_computed(state, report, computed_buffers(from_dict(SwinConfig, dict(source)))
-                                    if source else None)
+        check_window_buffers(state, report, computed_buffers(from_dict(SwinConfig, dict(source))) if source else None)
         state = resize_rel_pos_tables(state, self, "relative_position_bias_table", report, self.cfg.rel_pos_resize,
-                                      _square_window)
+                                      table_window)
         state = reconcile_buffers(state, self, ("relative_position_index", "attn_mask"), report,
                                   "this model's input size or window differs from the checkpoint's")
         return adapt_head(state, "head", self.head, report)
-
-
-def _square_window(rows: int) -> tuple[int, int] | None:
-    side = math.isqrt(rows)
-    return ((side + 1) // 2,) * 2 if side * side == rows and side % 2 else None
-
-
-def _check_buffers_are_computed(state: dict[str, Tensor], report, source: dict[str, Tensor] | None) -> None:
-    """A checkpoint's indices and masks must be the ones Swin computes for its own geometry: ``source``'s when the
-    checkpoint states its configuration (vitkit's files), else the geometry their shapes imply: an index of N = W²
-    tokens for a W×W window, a mask of nW windows of N tokens for a square grid of √nW windows shifted by W // 2 (how
-    the official code builds every shifted block). Anything else is not a Swin buffer: refused."""
-    from vitkit.weights.report import CheckpointMismatchError
-    wrong = []
-    for key, value in state.items():
-        if source is not None and key.endswith(("relative_position_index", "attn_mask")):
-            expected = source.get(key)
-        elif key.endswith("relative_position_index") and value.ndim == 2:
-            side = math.isqrt(value.shape[0])
-            expected = relative_position_index((side, side))
-        elif key.endswith("attn_mask") and value.ndim == 3:
-            side, per_axis = math.isqrt(value.shape[1]), math.isqrt(value.shape[0])
-            grid = (per_axis * side,) * 2
-            expected = shifted_window_mask(grid, (side, side), (side // 2,) * 2)
-        elif key.endswith(("relative_position_index", "attn_mask")):
-            expected = None
-        else:
-            continue
-        if expected is None or expected.shape != value.shape or not torch.equal(expected.to(value.dtype), value):
-            wrong.append(key)
-    if wrong:
-        raise CheckpointMismatchError(f"{report.source}: {len(wrong)} buffer(s) are not the relative-position index "
-                                      f"/ shifted-window mask Swin computes for their shape (vitkit names): "
-                                      f"{', '.join(wrong[:4])}"
-                                      f"{' …' if len(wrong) > 4 else ''}")
 
 
 # -------------------------------------------------------------------------------------------------- variants

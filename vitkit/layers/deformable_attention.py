@@ -1,0 +1,196 @@
+"""Deformable multi-head attention (Xia et al., "Vision Transformer with Deformable Attention", CVPR 2022, §3.2-3.3;
+DAT++, arXiv 2309.01430, §3), for channels-last feature maps (B, H, W, C):
+
+    q = x W_q,   Δp = θ_offset(q),   x̃ = φ(x; p + Δp),   k̃ = x̃ W_k,   ṽ = x̃ W_v            (DAT eq. 9-11)
+    z⁽ᵐ⁾ = σ(q⁽ᵐ⁾ k̃⁽ᵐ⁾ᵀ / √d + φ(B̂; R)) ṽ⁽ᵐ⁾,   z = Concat(z⁽¹⁾ … z⁽ᴹ⁾) W_o                      (eq. 12)
+
+- offset network θ_offset, one per group of channels and shared by that group's heads (official ``conv_offset``):
+  depth-wise k×k conv (stride s, the sampling stride) → LayerNorm → GELU → 1×1 projection to 2 channels (no bias),
+  giving (Δy, Δx) on an Hk×Wk grid of reference points p;
+- offsets bounded by ``offset_range_factor`` > 0: Δp = tanh(Δp) · factor / (Hk, Wk) (normalised units; DAT v1
+  ``dat_blocks.py``) or · factor / (Hk − 1, Wk − 1) (DAT++); a negative factor leaves them unbounded and squashes
+  p + Δp into [−1, 1] with tanh (v1) or a clamp (DAT++);
+- φ(x; ·) = ``F.grid_sample(bilinear, align_corners=True)`` of each group's channels at the deformed points, keys
+  and values projected from those samples, queries from every position;
+- relative-position bias at the deformed points: R = (query position − sampled position) / 2 in normalised
+  coordinates, and the bias is ``grid_sample`` (bilinear, align_corners=True) of a (heads, 2H − 1, 2W − 1) table
+  ``rpe_table`` at R (both versions), or DAT++'s log-spaced continuous bias: an MLP 2 → 32 → heads/groups (ReLU)
+  of sign(4R') · log2(1 + |4R'|) / 3, with R' the un-halved displacement (Swin v2's log-CPB, ``log_cpb``).
+
+``convention`` names the coordinate conventions of the two official code versions (everything else is an explicit
+argument): "dat" (LeapLabTHU/DAT@566a593, CVPR 2022) normalises point i of an n-point axis as (i + 0.5) / n · 2 − 1
+for both reference points and queries; "dat_pp" (the repository head, DAT++) puts reference points at
+(i + 0.5) / (n − 1) · 2 − 1 and queries at i / (n − 1) · 2 − 1.
+
+The sampling positions and reference points of every call reach the attention recorder (``record_attention``) as
+``info["positions"]`` / ``info["references"]``, (B, groups, Hk, Wk, 2) in normalised (y, x) order;
+``points_to_pixels`` converts them to pixel coordinates of the input image.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitkit.layers.attention import RecordsAttention, attend
+from vitkit.layers.patch_embed import to_2tuple
+
+__all__ = ["DeformableAttention", "OffsetNetwork", "reference_points", "points_to_pixels"]
+
+Convention = Literal["dat", "dat_pp"]
+
+
+def reference_points(n: tuple[int, int], convention: Convention, *, queries: bool = False, dtype=torch.float32,
+                     device=None) -> Tensor:
+    """(n_h, n_w, 2) normalised (y, x) coordinates of an n_h×n_w grid of points (module docstring): the reference
+    points of the sampling grid, or with ``queries`` the query positions the bias displacement starts from."""
+    axes = []
+    for size in n:
+        if convention == "dat_pp" and queries:
+            axis = torch.arange(size, dtype=dtype, device=device)
+        else:
+            axis = torch.linspace(0.5, size - 0.5, size, dtype=dtype, device=device)
+        denominator = size if convention == "dat" else size - 1.0
+        axes.append(axis.div(denominator).mul(2.0).sub(1.0))  # the official order of the float operations
+    y, x = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack((y, x), -1)  # (n_h, n_w, 2)
+
+
+def points_to_pixels(points: Tensor, grid: tuple[int, int], img_size: tuple[int, int]) -> Tensor:
+    """Normalised (y, x) points on an H×W feature map, as ``grid_sample(align_corners=True)`` reads them, → (x, y)
+    pixel coordinates of the input image (continuous: pixel (0, 0) covers [0, 1)²). Map position u ∈ [−1, 1] is
+    feature index (u + 1) / 2 · (n − 1), whose centre lies at (index + 0.5) · (image size / n) in the image."""
+    (H, W), (img_h, img_w) = to_2tuple(grid), to_2tuple(img_size)
+    y = ((points[..., 0] + 1) / 2 * (H - 1) + 0.5) * (img_h / H)
+    x = ((points[..., 1] + 1) / 2 * (W - 1) + 0.5) * (img_w / W)
+    return torch.stack((x, y), -1)
+
+
+class OffsetNetwork(nn.Module):
+    """θ_offset of one group (DAT §3.2, official ``conv_offset``): depth-wise conv → LayerNorm → GELU → 1×1 to
+    (Δy, Δx). (B·g, C_g, H, W) → (B·g, Hk, Wk, 2)."""
+
+    def __init__(self, channels: int, kernel: int, stride: int, padding: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel, stride, padding, groups=channels)
+        self.norm = nn.LayerNorm(channels)
+        self.act = nn.GELU()
+        self.proj = nn.Linear(channels, 2, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x).permute(0, 2, 3, 1)  # (B·g, Hk, Wk, C_g)
+        return self.proj(self.act(self.norm(x)))  # (B·g, Hk, Wk, 2)
+
+
+class DeformableAttention(RecordsAttention):
+    """Deformable attention over an (H, W) map ``grid`` (module docstring). Projections are dense layers on channels
+    (the official 1×1 convs), named as the official ``DAttentionBaseline`` (``proj_q/k/v``, ``rpe_table``) except the
+    output projection, ``proj`` as in every vitkit attention layer (official ``proj_out``).
+
+    ``position_bias``: "table" (``rpe_table``, (heads, 2H_t − 1, 2W_t − 1) for ``table_grid`` = (H_t, W_t), the grid
+    by default; sampled in normalised coordinates, so another map size reads the same table), "log_cpb"
+    (``rpe_mlp``) or None. ``offset_kernel`` / ``offset_padding``: the offset network's depth-wise conv.
+    """
+
+    attn_layout = ("(B, heads, H·W, Hk·Wk): every query (row-major) over the keys sampled at the deformed points "
+                   "(row-major on the Hk×Wk grid of reference points, one grid per group of heads); info: grid (H, W), "
+                   "sample_grid (Hk, Wk), groups, positions and references (B, groups, Hk, Wk, 2) normalised (y, x) "
+                   "for grid_sample(align_corners=True); vitkit.layers.deformable_attention.points_to_pixels "
+                   "converts them to image pixels")
+
+    def __init__(self, dim: int, num_heads: int, groups: int, grid: int | tuple[int, int], *, stride: int = 1,
+                 offset_kernel: int = 3, offset_padding: int | None = None, offset_range_factor: float = 2.0,
+                 position_bias: Literal["table", "log_cpb"] | None = "table",
+                 table_grid: int | tuple[int, int] | None = None, convention: Convention = "dat",
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads or num_heads % groups:
+            raise ValueError(f"dim {dim}, heads {num_heads} and groups {groups} must divide each other")
+        if offset_range_factor == 0:
+            raise ValueError("offset_range_factor 0 means different things in the two official versions; use > 0 "
+                             "(bounded offsets) or < 0 (unbounded)")
+        self.grid, self.num_heads, self.groups = to_2tuple(grid), num_heads, groups
+        self.head_dim, self.convention = dim // num_heads, convention
+        self.scale = self.head_dim ** -0.5
+        self.offset_range_factor = offset_range_factor
+        padding = offset_kernel // 2 if offset_padding is None else offset_padding
+        self.offsets = OffsetNetwork(dim // groups, offset_kernel, stride, padding)
+        self.proj_q, self.proj_k, self.proj_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop = attn_drop
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.position_bias = position_bias
+        self.rpe_table = self.rpe_mlp = None
+        if position_bias == "table":
+            th, tw = to_2tuple(table_grid or self.grid)
+            self.rpe_table = nn.Parameter(torch.zeros(num_heads, 2 * th - 1, 2 * tw - 1))
+            nn.init.trunc_normal_(self.rpe_table, std=0.01)
+        elif position_bias == "log_cpb":
+            self.rpe_mlp = nn.Sequential(nn.Linear(2, 32), nn.ReLU(inplace=True),
+                                         nn.Linear(32, num_heads // groups, bias=False))
+        elif position_bias is not None:
+            raise ValueError(f"position_bias must be 'table', 'log_cpb' or None, got {position_bias!r}")
+
+    # -------------------------------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, H, W, C) → (B, H, W, C)."""
+        B, H, W, C = x.shape
+        g, h = self.groups, self.num_heads
+        q = self.proj_q(x)  # (B, H, W, C)
+        offset = self.offsets(_grouped(q, g))  # (B·g, Hk, Wk, 2)
+        Hk, Wk = offset.shape[1:3]
+        reference = reference_points((Hk, Wk), self.convention, dtype=x.dtype, device=x.device)  # (Hk, Wk, 2)
+        pos = self.deformed_points(offset, reference)  # (B·g, Hk, Wk, 2)
+        sampled = F.grid_sample(_grouped(x, g), pos.flip(-1), mode="bilinear", align_corners=True)  # (B·g, C/g, Hk, Wk)
+        sampled = sampled.reshape(B, C, Hk * Wk).transpose(1, 2)  # (B, Ns, C)
+        q = q.reshape(B, H * W, h, self.head_dim).transpose(1, 2)  # (B, h, H·W, d)
+        k = self.proj_k(sampled).view(B, -1, h, self.head_dim).transpose(1, 2)  # (B, h, Ns, d)
+        v = self.proj_v(sampled).view(B, -1, h, self.head_dim).transpose(1, 2)
+        bias = self.bias_at(pos, (H, W)) if self.position_bias else None  # (B, h, H·W, Ns)
+        out = attend(q, k, v, scale=self.scale, bias=bias, dropout_p=self.attn_drop if self.training else 0.0,
+                     record=self.attn_recorder, grid=(H, W), sample_grid=(Hk, Wk), groups=g,
+                     positions=pos.view(B, g, Hk, Wk, 2), references=reference.expand(B, g, Hk, Wk, 2))
+        out = out.transpose(1, 2).reshape(B, H, W, C)  # (B, H, W, C)
+        return self.proj_drop(self.proj(out))
+
+    def deformed_points(self, offset: Tensor, reference: Tensor) -> Tensor:
+        """p + Δp with the offset range of the convention (module docstring): (B·g, Hk, Wk, 2)."""
+        Hk, Wk = offset.shape[1:3]
+        if self.offset_range_factor > 0:
+            n = (Hk, Wk) if self.convention == "dat" else (Hk - 1.0, Wk - 1.0)
+            scale = torch.tensor([1.0 / n[0], 1.0 / n[1]], device=offset.device)
+            return offset.tanh().mul(scale).mul(self.offset_range_factor) + reference
+        pos = offset + reference
+        return pos.tanh() if self.convention == "dat" else pos.clamp(-1.0, 1.0)
+
+    def bias_at(self, pos: Tensor, grid: tuple[int, int]) -> Tensor:
+        """φ(B̂; R): the bias of every (query, sampled key) pair, (B, h, H·W, Ns)."""
+        Bg, Hk, Wk, _ = pos.shape
+        g, hg = self.groups, self.num_heads // self.groups
+        B, HW, Ns = Bg // g, grid[0] * grid[1], Hk * Wk
+        queries = reference_points(grid, self.convention, queries=True, dtype=pos.dtype, device=pos.device)
+        displacement = queries.view(1, HW, 1, 2) - pos.view(Bg, 1, Ns, 2)  # (B·g, H·W, Ns, 2) (y, x)
+        if self.position_bias == "log_cpb":
+            d = displacement.mul(4.0)
+            d = torch.sign(d) * torch.log2(d.abs() + 1.0) / math.log2(8.0)
+            bias = self.rpe_mlp(d)  # (B·g, H·W, Ns, h/g)
+            return bias.view(B, g, HW, Ns, hg).permute(0, 1, 4, 2, 3).reshape(B, self.num_heads, HW, Ns)
+        table = self.rpe_table.to(pos.dtype)
+        table = table.view(1, g, hg, *table.shape[1:]).expand(B, -1, -1, -1, -1).reshape(Bg, hg, *table.shape[1:])
+        bias = F.grid_sample(table, displacement.mul(0.5).flip(-1), mode="bilinear", align_corners=True)
+        return bias.view(B, self.num_heads, HW, Ns)  # (B·g, h/g, H·W, Ns) → (B, h, H·W, Ns)
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, groups={self.groups}, grid={self.grid}, "
+                f"offset_range_factor={self.offset_range_factor}, bias={self.position_bias}, "
+                f"convention={self.convention}")
+
+
+def _grouped(x: Tensor, groups: int) -> Tensor:
+    """(B, H, W, C) → (B·g, C/g, H, W): each group's channels as its own channels-first map (official
+    ``'b (g c) h w -> (b g) c h w'``)."""
+    B, H, W, C = x.shape
+    return x.permute(0, 3, 1, 2).reshape(B * groups, C // groups, H, W)
