@@ -149,6 +149,29 @@ def test_hierarchical_models_refuse_token_methods_by_name(capsys, tmp_path):
         explain(model, _x(model, 1), "rollout")
 
 
+def test_dat_sampling_points_are_drawn_where_the_layers_sample():
+    """Each deformable layer's sampled points (from the recorded attention info, in input pixels) are drawn as red dots
+    on the photo, one picture per layer; models without deformable layers get none."""
+    import numpy as np
+    from vitkit.explain.pipeline import explain_image
+    model = _tiny("dat_tiny")
+    x = _x(model, batch=1)[0]
+    item, images = explain_image(model, x, ["attention"], None, [str(i) for i in range(model.num_classes)], "x")
+    _, points = model.deformable_points(x[None])
+    deformable = [n for n, m in model.named_modules() if type(m).__name__ == "DeformableAttention"]
+    assert deformable and sorted(points) == sorted(deformable)
+    assert sorted(item.extra) == sorted(f"sampling points {n}" for n in deformable)
+    H, W = x.shape[-2:]
+    for layer, p in points.items():
+        drawn = np.asarray(images[f"points_{layer.replace('.', '_')}"]).astype(int)
+        red = (drawn[..., 0] > 200) & (drawn[..., 1] < 90) & (drawn[..., 2] < 90)
+        for px, py in p["pixels"][0].reshape(-1, 2).tolist():
+            if 2 <= px < W - 2 and 2 <= py < H - 2:
+                assert red[round(py), round(px)], (layer, px, py)
+    plain, _ = explain_image(_tiny(), _x(_tiny(), 1)[0], ["attention"], None, [str(i) for i in range(1000)], "x")
+    assert plain.extra == {}
+
+
 # ------------------------------------------------------------------------------------------ CLI and report
 def test_cli_writes_overlays_and_a_report(tmp_path, capsys):
     from PIL import Image

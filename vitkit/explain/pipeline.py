@@ -13,7 +13,7 @@ from vitkit.evaluate.labels import resolve_class_names
 from vitkit.evaluate.predict import load_batch
 from vitkit.evaluate.preprocess import eval_transform
 from vitkit.explain.methods import explain, upsample
-from vitkit.explain.render import denormalize, overlay, to_data_uri
+from vitkit.explain.render import denormalize, draw_points, overlay, to_data_uri
 from vitkit.explain.report import ImageReport, heat_png, write_report
 
 __all__ = ["explain_files", "explain_image"]
@@ -38,7 +38,22 @@ def explain_image(model: nn.Module, x: torch.Tensor, methods: Sequence[str], tar
             for layer, maps in exp.layers.items():  # (1, heads, h, w)
                 heads = [heat_png(m.numpy()) for m in maps[0]]
                 item.attention[layer] = heads + [heat_png(maps[0].mean(0).numpy())]
+    for layer, image in sampling_points(model, batch, photo).items():
+        images[f"points_{layer.replace('.', '_')}"] = image
+        item.extra[f"sampling points {layer}"] = to_data_uri(image)
     return item, images
+
+
+def sampling_points(model: nn.Module, batch: torch.Tensor, photo) -> dict[str, "object"]:
+    """Deformable layers (DAT, DAT++): per layer, the photo with every group's sampling points (red dots) and their
+    reference points (white squares) drawn in input pixels; empty for other models."""
+    if not hasattr(model, "deformable_points"):
+        return {}
+    with torch.no_grad():
+        _, points = model.deformable_points(batch)
+    return {layer: draw_points(photo, p["pixels"][0].reshape(-1, 2).numpy(),  # (groups·Hk·Wk, 2) of image 0
+                               p["reference_pixels"][0].reshape(-1, 2).numpy())
+            for layer, p in points.items()}
 
 
 def explain_files(model: nn.Module, files: Sequence[str], methods: Sequence[str], out: str,

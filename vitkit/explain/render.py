@@ -48,10 +48,10 @@ def overlay(image: np.ndarray, heat: Tensor | np.ndarray, alpha: float = 0.55) -
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
 
 
-def draw_points(image: Image.Image, points: np.ndarray, refs: np.ndarray | None = None) -> Image.Image:
+def draw_points(image: Image.Image | np.ndarray, points: np.ndarray, refs: np.ndarray | None = None) -> Image.Image:
     """Mark sampling points (N, 2) in pixel (x, y) coordinates, and their reference points, on a copy of ``image``."""
     from PIL import ImageDraw
-    out = image.copy()
+    out = Image.fromarray(image) if isinstance(image, np.ndarray) else image.copy()  # (H, W, 3) uint8 or PIL
     draw = ImageDraw.Draw(out)
     if refs is not None:
         for x, y in refs:
