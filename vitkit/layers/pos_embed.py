@@ -2,6 +2,9 @@
 embeddings"). Bicubic with antialiasing in float32, prefix tokens (class, distillation) untouched: the convention of
 timm's ``resample_abs_pos_embed`` and of the DeiT/BEiT fine-tuning scripts. The one resampler in vitkit: pure, no side
 effects, non-square grids supported.
+
+Also the fixed sinusoidal table of Vaswani et al. 2017 (§3.5) over a flattened token sequence, which CCT and T2T-ViT
+use instead of a learned one.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["resample_pos_embed"]
+__all__ = ["resample_pos_embed", "sinusoidal_table"]
 
 
 def resample_pos_embed(posemb: Tensor, new_size: tuple[int, int], old_size: tuple[int, int] | None = None,
@@ -37,3 +40,19 @@ def resample_pos_embed(posemb: Tensor, new_size: tuple[int, int], old_size: tupl
     grid = F.interpolate(grid, size=new_size, mode=interpolation, antialias=antialias, align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_size[0] * new_size[1], D)  # (1, H·W, D)
     return torch.cat([prefix, grid.to(posemb.dtype)], dim=1)
+
+
+def sinusoidal_table(length: int, dim: int, *, angle_dtype: torch.dtype = torch.float32) -> Tensor:
+    """(1, length, dim) float32 table: PE[p, i] = sin(p / 10000^(2⌊i/2⌋/dim)) for even i, cos(...) for odd i
+    (Vaswani et al. 2017, §3.5), over the row-major flattened token grid.
+
+    The angles are computed in float64 and rounded to ``angle_dtype`` before sin/cos: float32 reproduces CCT's
+    ``sinusoidal_embedding`` (a FloatTensor of the angles) bit for bit; float64 is numpy's order of rounding. The two
+    differ by up to ~1e-4 at long lengths, which matters when a checkpoint's table is checked against this one.
+    """
+    pos = torch.arange(length, dtype=torch.float64)[:, None]  # (length, 1)
+    i = torch.arange(dim)
+    exponent = 2 * (i // 2).double() / dim  # (dim,)
+    angle = (pos / 10000.0 ** exponent).to(angle_dtype)  # (length, dim)
+    table = torch.where(i % 2 == 0, angle.sin(), angle.cos())
+    return table.float().unsqueeze(0)

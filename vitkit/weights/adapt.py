@@ -17,11 +17,14 @@ __all__ = ["resample_pos_embed_state", "resize_rel_pos_tables", "reconcile_buffe
 
 def resample_pos_embed_state(state: dict[str, Tensor], key: str, target: Tensor, num_prefix_tokens: int,
                              grid: tuple[int, int], report: LoadReport,
-                             old_grid: tuple[int, int] | None = None) -> dict[str, Tensor]:
+                             old_grid: tuple[int, int] | None = None, *, interpolation: str = "bicubic",
+                             antialias: bool = True) -> dict[str, Tensor]:
     """Resample ``state[key]`` (1, prefix + h·w, D) to the model's ``grid`` when the number of patches differs.
 
     The checkpoint's grid is ``old_grid`` when the caller knows it (a non-square checkpoint), else the square grid
-    its length implies; a length that fits neither is left for the strict mismatch error."""
+    its length implies; a length that fits neither is left for the strict mismatch error. ``interpolation`` and
+    ``antialias`` follow the family's official code (bicubic with antialiasing: timm, DeiT, BEiT; CCT's ``pe_check``:
+    bilinear without)."""
     pos = state.get(key)
     if pos is None or pos.shape == target.shape or pos.ndim != 3 or pos.shape[-1] != target.shape[-1]:
         return state
@@ -34,9 +37,10 @@ def resample_pos_embed_state(state: dict[str, Tensor], key: str, target: Tensor,
     if old_grid[0] * old_grid[1] != n_old:
         return state
     out = dict(state)
-    out[key] = resample_pos_embed(pos, grid, old_grid, num_prefix_tokens)
+    out[key] = resample_pos_embed(pos, grid, old_grid, num_prefix_tokens, interpolation, antialias)
     report.resized.append(f"{key} {tuple(pos.shape)} → {tuple(out[key].shape)} (grid {old_grid[0]}x{old_grid[1]} → "
-                          f"{grid[0]}x{grid[1]}, bicubic, {num_prefix_tokens} prefix token(s) kept)")
+                          f"{grid[0]}x{grid[1]}, {interpolation}{'' if antialias else ' without antialiasing'}, "
+                          f"{num_prefix_tokens} prefix token(s) kept)")
     return out
 
 
