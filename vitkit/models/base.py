@@ -11,12 +11,13 @@ from __future__ import annotations
 import abc
 import dataclasses
 import inspect
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FamilyModel", "check_contract", "select_indices", "staged_layer_id", "zero_init_", "check_input"]
+__all__ = ["FamilyModel", "LinearHead", "check_contract", "select_indices", "staged_layer_id", "block_layer_id",
+           "collect_blocks", "zero_init_", "check_input"]
 
 
 class FamilyModel(nn.Module, metaclass=abc.ABCMeta):
@@ -86,6 +87,23 @@ class FamilyModel(nn.Module, metaclass=abc.ABCMeta):
         every change in ``report``; the loader then checks the result strictly."""
 
 
+class LinearHead:
+    """The classifier part of the contract for a model with one linear head ``self.head`` on ``self.num_features``
+    (an ``nn.Identity`` when ``num_classes`` is 0); mixed into a ``FamilyModel`` subclass."""
+
+    def _make_head(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def classifiers(self) -> list[nn.Linear]:
+        return [self.head] if isinstance(self.head, nn.Linear) else []
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new zero-initialised classifier (ViT paper App. B.1.1); 0 removes it."""
+        self.num_classes = self.cfg.num_classes = num_classes
+        self.head = self._make_head(num_classes)
+        zero_init_(*self.classifiers())
+
+
 def check_contract(model_cls: type) -> None:
     """Raise ``TypeError`` naming whatever part of the family contract ``model_cls`` lacks."""
     if not (isinstance(model_cls, type) and issubclass(model_cls, FamilyModel)):
@@ -135,6 +153,19 @@ def select_indices(indices: int | Sequence[int] | None, count: int, what: str = 
     return sorted({i % count for i in indices})
 
 
+def collect_blocks(blocks: Sequence[nn.Module], x: Tensor, indices: int | Sequence[int] | None,
+                   finish: Callable[[Tensor], Tensor]) -> list[Tensor]:
+    """``forward_intermediates`` of a plain model: run ``blocks`` on the embedded tokens ``x`` up to the last block
+    ``indices`` selects (``select_indices``) and return ``finish(output)`` of each selected block."""
+    wanted = select_indices(indices, len(blocks))
+    outs = []
+    for i, blk in enumerate(blocks[: wanted[-1] + 1]):
+        x = blk(x)
+        if i in wanted:
+            outs.append(finish(x))
+    return outs
+
+
 def staged_layer_id(depths: Sequence[int], stage: int | None, block: int | None = None) -> int:
     """Layer id of a parameter of a staged (hierarchical) model, for layer-wise learning-rate decay.
 
@@ -153,6 +184,17 @@ def staged_layer_id(depths: Sequence[int], stage: int | None, block: int | None 
     if block is None:
         return sum(depths[:stage])
     return sum(depths[:stage]) + block + 1
+
+
+def block_layer_id(param_name: str, depth: int, embed_prefixes: tuple[str, ...]) -> int:
+    """Layer id of a parameter of a plain (one-stage) model whose blocks are ``blocks.{i}``: 0 for names starting with
+    one of ``embed_prefixes`` (patch embedding, tokens, position table), i + 1 for block i, depth + 1 for the rest
+    (final norm, pooling, head): BEiT's layer-decay numbering."""
+    if param_name.startswith(embed_prefixes):
+        return 0
+    if param_name.startswith("blocks."):
+        return int(param_name.split(".")[1]) + 1
+    return depth + 1
 
 
 def zero_init_(*layers: nn.Module) -> None:

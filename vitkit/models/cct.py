@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from vitkit.config import ConfigError
 from vitkit.layers import Attention, Block, drop_path_rates, resample_pos_embed, sinusoidal_table, to_2tuple
-from vitkit.models.base import FamilyModel, select_indices, zero_init_
+from vitkit.models.base import FamilyModel, LinearHead, block_layer_id, collect_blocks, select_indices
 from vitkit.models.cct_formats import CCT_FORMATS, WEIGHTS
 from vitkit.registry import register_family
 from vitkit.specs import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, Reference
@@ -119,12 +119,13 @@ class ConvTokenizer(nn.Module):
         self.pool = nn.MaxPool2d(cfg.pooling_kernel_size, cfg.pooling_stride, cfg.pooling_padding)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)  # faster convs and pooling (cct.md), and free tokens
         for conv in self.convs:
-            x = self.pool(F.relu(conv(x), inplace=True))  # (B, C_i, H_i, W_i)
-        return x.flatten(2).transpose(1, 2)  # (B, h·w, D)
+            x = self.pool(F.relu(conv(x), inplace=True))  # (B, C_i, H_i, W_i), channels-last in memory
+        return x.flatten(2).transpose(1, 2)  # (B, h·w, D): a view, already contiguous
 
 
-class CCT(FamilyModel):
+class CCT(LinearHead, FamilyModel):
     config_cls = CCTConfig
     intermediates = "tokens"
 
@@ -157,9 +158,6 @@ class CCT(FamilyModel):
         self.init_weights()
 
     # ----------------------------------------------------------------------------------------------- construction
-    def _make_head(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def init_weights(self) -> None:
         """The official initialisation: Kaiming-normal tokenizer convs, truncated-normal(0.02) dense layers (head
         included) with zero biases, unit LayerNorms, and a learnable position table drawn with std 0.2 (not 0.02)."""
@@ -173,14 +171,6 @@ class CCT(FamilyModel):
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.2)
 
-    def classifiers(self) -> list[nn.Linear]:
-        return [self.head] if isinstance(self.head, nn.Linear) else []
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = self.cfg.num_classes = num_classes
-        self.head = self._make_head(num_classes)
-        zero_init_(*self.classifiers())
-
     def no_weight_decay(self) -> set[str]:
         """None besides 1-d tensors: the official training (timm ``create_optimizer``; CCT defines no
         ``no_weight_decay``) decays the learnable position table."""
@@ -188,11 +178,7 @@ class CCT(FamilyModel):
 
     def layer_id(self, param_name: str) -> int:
         """0 for the tokenizer and position table, i + 1 for block i, num_layers + 1 for norm, pooling and head."""
-        if param_name.startswith(("tokenizer.", "pos_embed")):
-            return 0
-        if param_name.startswith("blocks."):
-            return int(param_name.split(".")[1]) + 1
-        return self.cfg.num_layers + 1
+        return block_layer_id(param_name, self.cfg.num_layers, ("tokenizer.", "pos_embed"))
 
     @property
     def num_layer_ids(self) -> int:
@@ -238,16 +224,13 @@ class CCT(FamilyModel):
                               reshape: bool = False) -> list[Tensor]:
         """Outputs of chosen blocks (an int n = the last n, a list of indices, None = all), each (B, N, D), or with
         ``reshape=True`` a (B, D, h, w) map; ``norm`` applies the final LayerNorm to each."""
-        wanted = select_indices(indices, len(self.blocks))
+        select_indices(indices, len(self.blocks))  # a bad index fails before any work
         h, w = token_grid(self.cfg, x.shape[2], x.shape[3])
-        x = self.embed(x)
-        outs = []
-        for i, blk in enumerate(self.blocks[: wanted[-1] + 1]):
-            x = blk(x)
-            if i in wanted:
-                y = self.norm(x) if norm else x
-                outs.append(y.transpose(1, 2).reshape(y.shape[0], -1, h, w) if reshape else y)  # (B, D, h, w)
-        return outs
+
+        def finish(y: Tensor) -> Tensor:
+            y = self.norm(y) if norm else y
+            return y.transpose(1, 2).reshape(y.shape[0], -1, h, w) if reshape else y  # (B, D, h, w)
+        return collect_blocks(self.blocks, self.embed(x), indices, finish)
 
     # ------------------------------------------------------------------------------------------ weight loading
     def load_pretrained_state(self, state: dict[str, Tensor], report) -> dict[str, Tensor]:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from vitkit.config import ConfigError
 from vitkit.layers import Block, PatchEmbed, drop_path_rates, resample_pos_embed, to_2tuple
-from vitkit.models.base import FamilyModel, select_indices, zero_init_
+from vitkit.models.base import FamilyModel, LinearHead, block_layer_id, collect_blocks, select_indices, zero_init_
 from vitkit.models.vit_formats import VIT_FORMATS, WEIGHTS
 from vitkit.registry import register_family
 from vitkit.specs import INCEPTION_MEAN, INCEPTION_STD, PreprocessConfig, Reference
@@ -70,7 +70,7 @@ class ViTConfig:
                 raise ConfigError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
 
 
-class VisionTransformer(FamilyModel):
+class VisionTransformer(LinearHead, FamilyModel):
     config_cls = ViTConfig
     intermediates = "tokens"
     num_dist_tokens = 0  # DeiT's distillation token (vitkit.models.deit)
@@ -101,9 +101,6 @@ class VisionTransformer(FamilyModel):
         self.init_weights()
 
     # ----------------------------------------------------------------------------------------------- construction
-    def _make_head(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def init_weights(self) -> None:
         """Truncated-normal(0.02) dense layers and position embedding, zero class token and zero head kernel (the
         JAX code's initialisers for the tokens and the head; timm's for the rest)."""
@@ -115,25 +112,12 @@ class VisionTransformer(FamilyModel):
                     nn.init.zeros_(m.bias)
         zero_init_(*self.classifiers())
 
-    def classifiers(self) -> list[nn.Linear]:
-        return [self.head] if isinstance(self.head, nn.Linear) else []
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """A new zero-initialised classifier (paper App. B.1.1); 0 removes it."""
-        self.num_classes = self.cfg.num_classes = num_classes
-        self.head = self._make_head(num_classes)
-        zero_init_(*self.classifiers())
-
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "dist_token"} & {n for n, _ in self.named_parameters()}
 
     def layer_id(self, param_name: str) -> int:
         """0 for the embeddings, i + 1 for block i, depth + 1 for the final norm and head (BEiT's layer decay)."""
-        if param_name.startswith(("cls_token", "dist_token", "pos_embed", "patch_embed")):
-            return 0
-        if param_name.startswith("blocks."):
-            return int(param_name.split(".")[1]) + 1
-        return self.cfg.depth + 1
+        return block_layer_id(param_name, self.cfg.depth, ("cls_token", "dist_token", "pos_embed", "patch_embed"))
 
     @property
     def num_layer_ids(self) -> int:
@@ -179,19 +163,16 @@ class VisionTransformer(FamilyModel):
         Each is (B, prefix + N, D), or with ``reshape=True`` the patch tokens as a (B, D, H/P, W/P) map; ``norm``
         applies the final LayerNorm to each.
         """
-        wanted = select_indices(indices, len(self.blocks))
+        select_indices(indices, len(self.blocks))  # a bad index fails before any work
         B, _, H, W = x.shape
         P = self.patch_embed.patch_size
-        x = self.embed(x)
-        outs = []
-        for i, blk in enumerate(self.blocks[: wanted[-1] + 1]):
-            x = blk(x)
-            if i in wanted:
-                y = self.norm(x) if norm else x
-                if reshape:
-                    y = y[:, self.num_prefix_tokens:].transpose(1, 2).reshape(B, -1, H // P[0], W // P[1])  # (B, D, h, w)
-                outs.append(y)
-        return outs
+
+        def finish(y: Tensor) -> Tensor:
+            y = self.norm(y) if norm else y
+            if reshape:
+                y = y[:, self.num_prefix_tokens:].transpose(1, 2).reshape(B, -1, H // P[0], W // P[1])  # (B, D, h, w)
+            return y
+        return collect_blocks(self.blocks, self.embed(x), indices, finish)
 
     # ------------------------------------------------------------------------------------------ weight loading
     def load_pretrained_state(self, state: dict[str, Tensor], report) -> dict[str, Tensor]:
