@@ -2,6 +2,10 @@
     z' = z + MSA(LN(z)),  z = z' + MLP(LN(z')),
 with optional LayerScale (CaiT/DeiT-III) and stochastic depth on each residual branch.
 
+``residual_norm=True`` gives CCT's order (SHI-Labs/Compact-Transformers ``TransformerEncoderLayer``), where the second
+norm normalises the residual stream itself and the MLP branch and its skip both start from it:
+    z' = LN(z + MSA(LN(z))),  z = z' + MLP(z').
+
 The attention, MLP and norm layers are arguments, so every family with this residual structure builds its blocks
 here: ViT's global attention by default, Swin's window attention, PVT's spatial-reduction attention, a convolutional
 MLP (PVT v2), another LayerNorm epsilon. Extra positional arguments of ``forward`` (e.g. the token grid ``(H, W)``)
@@ -27,7 +31,7 @@ class Block(nn.Module):
                  proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
                  init_values: float | None = None, act_layer: str = "gelu", norm_eps: float = 1e-6, *,
                  attn: nn.Module | None = None, mlp: nn.Module | None = None,
-                 norm_layer: Callable[[int], nn.Module] | None = None):
+                 norm_layer: Callable[[int], nn.Module] | None = None, residual_norm: bool = False):
         super().__init__()
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=norm_eps)
         if attn is None and num_heads is None:
@@ -42,8 +46,12 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self._mlp_takes_grid = getattr(self.mlp, "takes_grid", False)
+        self.residual_norm = residual_norm
 
     def forward(self, x: Tensor, *args) -> Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), *args)))  # eq. 2
-        h = self.mlp(self.norm2(x), *args) if self._mlp_takes_grid else self.mlp(self.norm2(x))
+        if self.residual_norm:  # CCT: the stream itself is normalised; the MLP and its skip start from it
+            x = self.norm2(x)
+        y = x if self.residual_norm else self.norm2(x)
+        h = self.mlp(y, *args) if self._mlp_takes_grid else self.mlp(y)
         return x + self.drop_path2(self.ls2(h))  # eq. 3

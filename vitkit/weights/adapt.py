@@ -23,8 +23,8 @@ def resample_pos_embed_state(state: dict[str, Tensor], key: str, target: Tensor,
 
     The checkpoint's grid is ``old_grid`` when the caller knows it (a non-square checkpoint), else the square grid
     its length implies; a length that fits neither is left for the strict mismatch error. ``interpolation`` and
-    ``antialias`` default to timm's convention (bicubic, antialiased); PVT v1 follows its official forward (bilinear,
-    no antialiasing)."""
+    ``antialias`` follow the family's official code: timm's convention by default (bicubic, antialiased: timm, DeiT,
+    BEiT); PVT v1's official forward and CCT's ``pe_check`` use bilinear without antialiasing."""
     pos = state.get(key)
     if pos is None or pos.shape == target.shape or pos.ndim != 3 or pos.shape[-1] != target.shape[-1]:
         return state
