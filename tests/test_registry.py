@@ -83,3 +83,18 @@ def test_registration_rejects_duplicates_and_bad_tables():
         register_family("vit", VisionTransformer, {"zz_broken_variant": dict(depth="12")},
                         {"zz_broken_variant": cfg})
     assert "zz_broken_variant" not in vitkit.list_models()
+
+
+@pytest.mark.parametrize("name, field, value, message", [
+    ("vit_tiny_patch16_224", "drop_path_rate", 1.5, r"drop_path_rate must be in \[0, 1\), got 1.5"),
+    ("swin_tiny_patch4_window7_224", "window_size", 0, "window_size must be positive, got 0"),
+    ("cvt_13", "padding_kv", -1, "padding_kv must be >= 0, got -1"),
+    ("mobilevit_xxs", "widths", (16, 24, 48, 64, -80), r"widths must be positive, got \[16, 24, 48, 64, -80\]"),
+    ("cct_2_3x2_32", "mlp_ratio", 0.0, "mlp_ratio must be positive, got 0.0"),
+    ("t2t_vit_7", "num_classes", -2, "num_classes must be >= 0, got -2"),
+    ("dat_tiny", "attn_drop_rate", -0.1, r"attn_drop_rate must be in \[0, 1\), got -0.1"),
+])
+def test_out_of_range_values_are_named(name, field, value, message):
+    """Every family's ranges go through one checker (config.check_ranges): the error names the field and the value."""
+    with pytest.raises(vitkit.config.ConfigError, match=message):
+        vitkit.create_model(name, **{field: value})

@@ -10,12 +10,12 @@ import dataclasses
 import math
 import types
 import typing
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Sequence, Union, get_args, get_origin
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "config_diff", "check_value", "apply_dotted", "parse_overrides", "parse_scalar",
-           "merge"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "config_diff", "check_value", "check_ranges", "apply_dotted",
+           "parse_overrides", "parse_scalar", "merge"]
 
 
 class ConfigError(ValueError):
@@ -139,6 +139,21 @@ def to_dict(obj: Any) -> Any:
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
 
+
+
+def check_ranges(cfg: Any, *, positive: Sequence[str] = (), rates: Sequence[str] = (),
+                 non_negative: Sequence[str] = ()) -> None:
+    """Raise ``ConfigError`` naming the first field of ``cfg`` out of its range: ``positive`` fields > 0 (every entry of
+    a sequence), ``rates`` (dropout, stochastic depth) in [0, 1), ``non_negative`` fields >= 0."""
+    for name in rates:
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), got {getattr(cfg, name)}")
+    for names, ok, what in ((positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, ">= 0")):
+        for name in names:
+            value = getattr(cfg, name)
+            if not all(ok(v) for v in (value if isinstance(value, (list, tuple)) else (value,))):
+                shown = list(value) if isinstance(value, (list, tuple)) else value
+                raise ConfigError(f"{name} must be {what}, got {shown}")
 
 def config_diff(cfg: Any, reference: Any) -> dict[str, Any]:
     """The fields of dataclass ``cfg`` whose values differ from ``reference`` (same class), as plain data."""

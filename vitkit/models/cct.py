@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit.config import ConfigError
+from vitkit.config import ConfigError, check_ranges
 from vitkit.layers import Attention, Block, drop_path_rates, resample_pos_embed, sinusoid_table, to_2tuple
 from vitkit.models.base import (FamilyModel, LinearHead, block_layer_id, block_outputs, select_indices,
                                 tokens_to_map)
@@ -62,19 +62,12 @@ class CCTConfig:
     dynamic_img_size: bool = False  # accept other input sizes: learnable table resampled, sine table regenerated
 
     def validate(self) -> None:
-        for name in ("dropout", "attention_dropout", "stochastic_depth"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("in_chans", "embedding_dim", "num_layers", "num_heads", "n_conv_layers", "kernel_size",
-                     "pooling_kernel_size", "pooling_stride", "conv_channels"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.mlp_ratio <= 0:
-            raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        check_ranges(self, rates=("dropout", "attention_dropout", "stochastic_depth"),
+                     positive=("in_chans", "embedding_dim", "num_layers", "num_heads", "n_conv_layers", "kernel_size",
+                               "pooling_kernel_size", "pooling_stride", "conv_channels", "mlp_ratio"),
+                     non_negative=("num_classes",))
         if self.embedding_dim % self.num_heads:
             raise ConfigError(f"embedding_dim {self.embedding_dim} is not divisible by num_heads {self.num_heads}")
-        if self.num_classes < 0:
-            raise ConfigError(f"num_classes must be >= 0, got {self.num_classes}")
         if (self.stride is not None and self.stride <= 0) or (self.padding is not None and self.padding < 0) \
                 or self.pooling_padding < 0:
             raise ConfigError("stride must be positive, padding and pooling_padding >= 0")

@@ -25,7 +25,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from vitkit.config import ConfigError
+from vitkit.config import ConfigError, check_ranges
 from vitkit.layers import Block, ConvNormAct, Mlp, PatchEmbed, RecordsAttention, attend, drop_path_rates, to_2tuple
 from vitkit.models.base import (FamilyModel, LinearHead, select_indices, staged_layer_id, tokens_to_map,
                                 trunc_normal_linears_)
@@ -72,12 +72,8 @@ class CvTConfig:
         for name in ("embed_dim", "depth", "num_heads", "patch_size", "patch_stride"):
             if stages == 0 or min(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be a non-empty list of positive integers, got {getattr(self, name)}")
-        for name in ("in_chans", "kernel_qkv", "stride_q", "stride_kv", "mlp_ratio"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("padding_q", "padding_kv", "num_classes"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_ranges(self, positive=("in_chans", "kernel_qkv", "stride_q", "stride_kv", "mlp_ratio"),
+                     non_negative=("padding_q", "padding_kv", "num_classes"))
         if min(self.patch_padding) < 0:
             raise ConfigError(f"patch_padding must be >= 0, got {self.patch_padding}")
         bad = [f"{d}/{h}" for d, h in zip(self.embed_dim, self.num_heads) if d % h]

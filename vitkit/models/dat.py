@@ -32,7 +32,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from vitkit.config import ConfigError, from_dict
+from vitkit.config import ConfigError, check_ranges, from_dict
 from vitkit.layers import Block, DWConvMlp, Mlp, PatchEmbed, record_attention, to_2tuple
 from vitkit.layers.deformable_attention import DeformableAttention, points_to_pixels
 from vitkit.layers.pos_embed_rel import relative_position_index, resize_rel_pos_bias_table
@@ -78,14 +78,9 @@ class DATConfig:
     drop_path_rate: float = 0.2
 
     def validate(self) -> None:
-        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("patch_size", "in_chans", "dim_stem", "expansion"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_classes < 0:
-            raise ConfigError(f"num_classes must be >= 0, got {self.num_classes}")
+        check_ranges(self, rates=("drop_rate", "attn_drop_rate", "drop_path_rate"),
+                     positive=("patch_size", "in_chans", "dim_stem", "expansion"),
+                     non_negative=("num_classes",))
         for name in _PER_STAGE:
             if len(getattr(self, name)) != _STAGES:
                 raise ConfigError(f"{name} needs one entry per stage (DAT has {_STAGES}), got {list(getattr(self, name))}")

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit.config import ConfigError
+from vitkit.config import ConfigError, check_ranges
 from vitkit.layers import Attention, Block, ConvNormAct, Mlp, drop_path_rates, to_2tuple
 from vitkit.models.base import FamilyModel, LinearHead, select_indices, staged_layer_id
 from vitkit.models.mobilevit_formats import MOBILEVIT_FORMATS, WEIGHTS
@@ -82,12 +82,11 @@ class MobileViTConfig:
         if not len(self.transformer_dims) == len(self.transformer_depths) == 3:
             raise ConfigError(f"transformer_dims and transformer_depths need 3 entries (layer3-5), got "
                               f"{self.transformer_dims} and {self.transformer_depths}")
-        for name in ("in_chans", "stem_chs", "num_heads", "patch_size", "kernel_size", "last_layer_exp_factor"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("widths", "mv2_depths", "transformer_dims", "transformer_depths"):
-            if min(getattr(self, name)) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        check_ranges(self, positive=("in_chans", "stem_chs", "num_heads", "patch_size", "kernel_size",
+                               "last_layer_exp_factor", "widths", "mv2_depths", "transformer_dims",
+                               "transformer_depths"),
+                     non_negative=("num_classes",),
+                     rates=("drop_rate", "proj_drop_rate", "mlp_drop_rate", "attn_drop_rate", "drop_path_rate"))
         bad = [d for d in self.transformer_dims if d % self.num_heads]
         if bad:
             raise ConfigError(f"transformer_dims {bad} are not divisible by num_heads {self.num_heads}")
@@ -96,11 +95,6 @@ class MobileViTConfig:
         if self.expand_ratio < 1 or self.mlp_ratio <= 0:
             raise ConfigError(f"expand_ratio must be >= 1 and mlp_ratio > 0, got {self.expand_ratio}, "
                               f"{self.mlp_ratio}")
-        if self.num_classes < 0:
-            raise ConfigError(f"num_classes must be >= 0, got {self.num_classes}")
-        for name in ("drop_rate", "proj_drop_rate", "mlp_drop_rate", "attn_drop_rate", "drop_path_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if min(to_2tuple(self.img_size)) < 1:
             raise ConfigError(f"img_size must be positive, got {self.img_size}")
 

@@ -32,7 +32,7 @@ from typing import Callable, ClassVar, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from vitkit.config import ConfigError
+from vitkit.config import ConfigError, check_ranges
 from vitkit.layers import (Block, Mlp, PatchEmbed, SpatialReductionAttention, drop_path_rates, resample_pos_embed,
                            to_2tuple)
 from vitkit.models.base import (FamilyModel, LinearHead, select_indices, staged_layer_id, trunc_normal_linears_,
@@ -81,9 +81,7 @@ class PyramidConfig:
         for name in ("drop_path_rate", "attn_drop_rate") + self._rate_fields:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("norm_eps", "embed_norm_eps", "sr_norm_eps"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        check_ranges(self, positive=("norm_eps", "embed_norm_eps", "sr_norm_eps"))
         if self.in_chans <= 0 or self.num_classes < 0:
             raise ConfigError(f"in_chans must be positive and num_classes >= 0, got {self.in_chans}, "
                               f"{self.num_classes}")

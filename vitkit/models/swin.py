@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit.config import ConfigError, from_dict
+from vitkit.config import ConfigError, check_ranges, from_dict
 from vitkit.layers import Block, PatchEmbed, to_2tuple
 from vitkit.layers.pos_embed_rel import relative_position_index
 from vitkit.layers.window_attention import (WindowAttention, check_window_buffers, padded_grid, shifted_window_mask,
@@ -61,14 +61,9 @@ class SwinConfig:
     rel_pos_resize: Literal["bicubic", "geometric", "geometric_linear"] = "bicubic"  # how loading resizes tables
 
     def validate(self) -> None:
-        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("patch_size", "embed_dim", "window_size", "in_chans"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_classes < 0:
-            raise ConfigError(f"num_classes must be >= 0, got {self.num_classes}")
+        check_ranges(self, rates=("drop_rate", "attn_drop_rate", "drop_path_rate"),
+                     positive=("patch_size", "embed_dim", "window_size", "in_chans"),
+                     non_negative=("num_classes",))
         if not self.depths or len(self.depths) != len(self.num_heads) or min(self.depths) < 1:
             raise ConfigError(f"depths {list(self.depths)} and num_heads {list(self.num_heads)} need one positive "
                               f"entry per stage")

@@ -29,7 +29,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from vitkit.config import ConfigError
+from vitkit.config import ConfigError, check_ranges
 from vitkit.layers import (Attention, Block, Mlp, RecordsAttention, attend, drop_path_rates, favor_attention,
                            orthogonal_features, sinusoid_table, to_2tuple)
 from vitkit.models.base import (FamilyModel, LinearHead, block_layer_id, block_outputs, select_indices,
@@ -79,15 +79,10 @@ class T2TViTConfig:
     drop_path_rate: float = 0.0
 
     def validate(self) -> None:
-        for name in ("embed_dim", "depth", "num_heads", "token_dim", "in_chans"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        check_ranges(self, positive=("embed_dim", "depth", "num_heads", "token_dim", "in_chans", "mlp_ratio"),
+                     non_negative=("num_classes",))
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.num_classes < 0:
-            raise ConfigError(f"num_classes must be >= 0, got {self.num_classes}")
-        if self.mlp_ratio <= 0:
-            raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
         if int(self.token_dim * self.kernel_ratio) < 1:
             raise ConfigError(f"kernel_ratio {self.kernel_ratio} leaves no Performer feature for token_dim "
                               f"{self.token_dim}")

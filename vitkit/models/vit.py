@@ -17,7 +17,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from vitkit.config import ConfigError
+from vitkit.config import ConfigError, check_ranges
 from vitkit.layers import Block, PatchEmbed, drop_path_rates, resample_pos_embed, to_2tuple
 from vitkit.models.base import (FamilyModel, LinearHead, block_layer_id, block_outputs, select_indices,
                                 tokens_to_map, trunc_normal_linears_, zero_init_)
@@ -54,16 +54,11 @@ class ViTConfig:
     dynamic_img_size: bool = False  # accept any multiple of the patch size; position embeddings resampled on the fly
 
     def validate(self) -> None:
-        for name in ("pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate", "drop_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("patch_size", "embed_dim", "depth", "num_heads", "in_chans"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        check_ranges(self, rates=("pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate", "drop_rate"),
+                     positive=("patch_size", "embed_dim", "depth", "num_heads", "in_chans"),
+                     non_negative=("num_classes",))
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.num_classes < 0:
-            raise ConfigError(f"num_classes must be >= 0, got {self.num_classes}")
         if self.global_pool == "token" and not self.class_token:
             raise ConfigError("global_pool='token' needs class_token=True")
         for s in to_2tuple(self.img_size):
