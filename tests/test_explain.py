@@ -191,6 +191,28 @@ def test_cli_writes_overlays_and_a_report(tmp_path, capsys):
     assert main(["explain", str(tmp_path / "img0.png"), "--pretrained", str(tmp_path / "m"), "--method", "sharp"]) == 2
 
 
+def test_cli_figure7_and_faithfulness(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+    model = _tiny("deit_tiny_patch16_224")
+    vitkit.save_pretrained(model, tmp_path / "m")
+    for i in range(2):
+        Image.fromarray((torch.rand(40, 50, 3) * 255).byte().numpy()).save(tmp_path / f"img{i}.png")
+    code = main(["explain", str(tmp_path / "img0.png"), str(tmp_path / "img1.png"), "--pretrained",
+                 str(tmp_path / "m"), "--out", str(tmp_path / "out"), "--method", "attention,gradcam", "--figure7",
+                 "--faithfulness"])
+    out = capsys.readouterr().out
+    layers = model.cfg.depth
+    assert code == 0 and (tmp_path / "out" / "figure7.png").stat().st_size > 1000
+    assert sum(line.strip().startswith("layer ") for line in out.splitlines()) == layers
+    rows = json.loads((tmp_path / "out" / "faithfulness.json").read_text())
+    assert sorted(rows) == ["attention", "gradcam"]
+    for row in rows.values():
+        assert len(row["spearman"]) == 2 and -1 <= row["spearman_mean"] <= 1
+        assert row["fractions"][0] == 0 and row["fractions"][-1] == 1 and 0 <= row["deletion_auc"] <= 1
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -16,7 +16,7 @@ import platform
 import time
 from typing import Any
 
-HELP = "benchmark a model (throughput, latency, memory, %% of GEMM peak), optionally against transformers"
+HELP = "benchmark a model (throughput, latency, memory, % of GEMM peak), optionally against transformers"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

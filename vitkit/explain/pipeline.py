@@ -16,7 +16,7 @@ from vitkit.explain.methods import explain, upsample
 from vitkit.explain.render import denormalize, draw_points, overlay, to_data_uri
 from vitkit.explain.report import ImageReport, heat_png, write_report
 
-__all__ = ["explain_files", "explain_image"]
+__all__ = ["explain_files", "explain_image", "load_images", "sampling_points"]
 
 
 def explain_image(model: nn.Module, x: torch.Tensor, methods: Sequence[str], target: int | None,
@@ -54,6 +54,12 @@ def sampling_points(model: nn.Module, batch: torch.Tensor, photo) -> dict[str, "
     return {layer: draw_points(photo, p["pixels"][0].reshape(-1, 2).numpy(),  # (groups·Hk·Wk, 2) of image 0
                                p["reference_pixels"][0].reshape(-1, 2).numpy())
             for layer, p in points.items()}
+
+
+def load_images(model: nn.Module, files: Sequence[str]) -> torch.Tensor:
+    """(N, 3, H, W): the readable ``files`` preprocessed as the model's data config says."""
+    tensors, _ = load_batch(list(files), eval_transform(model.data_cfg))
+    return torch.stack([t for t in tensors if t is not None])
 
 
 def explain_files(model: nn.Module, files: Sequence[str], methods: Sequence[str], out: str,
