@@ -306,3 +306,31 @@ def test_data_config_layering(tmp_path):
     recipe.write_text(yaml.safe_dump({"data": {"name": "digits", "crop_pct": 0.5}}))
     cfg = resolve_data_config(model, {"name": "fake", "test_limit": 3}, recipe, ["data.crop_pct=0.75"])
     assert cfg == DataConfig(name="digits", img_size=16, interpolation="bilinear", crop_pct=0.75, test_limit=3)
+
+
+def test_top1_agreement_with_a_reference_model():
+    """evaluate(reference=...) counts the images on which both models give the same top-1 class (what `vitkit eval
+    --runtime onnxruntime --int8` reports against eager PyTorch), computed here by hand."""
+    from vitkit.evaluate.metrics import evaluate
+    torch.manual_seed(0)
+    images, labels = torch.randn(40, 3, 8, 8), torch.randint(0, 4, (40,))
+    loader = [(images[i:i + 16], labels[i:i + 16]) for i in range(0, 40, 16)]
+
+    class Linear(torch.nn.Module):
+        num_classes = 4
+
+        def __init__(self, seed):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 8 * 8, 4)
+            torch.nn.init.normal_(self.fc.weight, generator=torch.Generator().manual_seed(seed))
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    a, b = Linear(1), Linear(2)
+    with torch.no_grad():
+        expected = (a(images).argmax(-1) == b(images).argmax(-1)).float().mean().item()
+    assert 0 < expected < 1
+    assert evaluate(a, loader, reference=b, progress=False).extra["top1_agreement"] == pytest.approx(expected)
+    assert evaluate(a, loader, reference=a, progress=False).extra["top1_agreement"] == 1.0
+    assert "top1_agreement" not in evaluate(a, loader, progress=False).extra

@@ -161,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     loader, classes = build_eval_loader(data_cfg, model, args.split, args.batch_size)
     runner = apply_runtime(args, model, device)
-    result = evaluate(runner, loader, device, None if runner is not model else amp, class_names=classes)
+    result = evaluate(runner, loader, device, None if runner is not model else amp, class_names=classes,
+                      reference=None if runner is model else model)  # exported: agreement with eager PyTorch
     result.extra["runtime"] = args.runtime + (" int8" if args.int8 else "")
     result.extra.update(_context(target, data_cfg, args))
     if probes:
@@ -203,6 +204,8 @@ def _print_report(target, result, paths: dict[str, str], precision: str) -> None
     print(precision)
     print(f"samples: {result.num_samples}  classes: {result.num_classes}")
     print(f"top-1 {_pct(result.top1)}   top-5 {_pct(result.top5)}   loss {result.loss:.4f}")
+    if "top1_agreement" in result.extra:
+        print(f"top-1 agreement with eager PyTorch ({result.extra['runtime']}): {_pct(result.extra['top1_agreement'])}")
     names = result.class_names or [f"class_{i}" for i in range(result.num_classes)]
     rows = list(range(result.num_classes))
     if result.num_classes > MAX_PRINTED_CLASSES:  # the 10 worst classes; the CSV has all of them

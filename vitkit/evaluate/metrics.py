@@ -116,16 +116,18 @@ def _progress(loader: Iterable, enabled: bool):
 
 def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu",
              amp_dtype: torch.dtype | None = None, class_names: list[str] | None = None,
-             progress: bool = True) -> EvalResult:
+             progress: bool = True, reference: nn.Module | None = None) -> EvalResult:
     """Top-1/top-5 accuracy, mean cross-entropy, per-class accuracy and the confusion matrix of ``model`` on
     ``loader``'s ``(images (B, 3, H, W), labels (B,))`` batches. Empty batches (all items unreadable, see
     ``vitkit.data.collate_skip_none``) are skipped. The model is moved to ``device``; its train/eval mode is
-    restored afterwards."""
+    restored afterwards. ``reference`` (e.g. the eager model behind an exported or int8 one) runs on the same batches
+    and ``extra["top1_agreement"]`` is the fraction of images whose top-1 class both give."""
     device = torch.device(device)
     num_classes = int(model.num_classes)
     if num_classes <= 0:
         raise ValueError("the model has no classification head (num_classes=0)")
     acc = _Accumulator(num_classes)
+    agree = seen = 0
     was_training = model.training
     model.to(device).eval()
     try:
@@ -134,10 +136,17 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
                 images, targets = batch
                 if targets.numel() == 0:
                     continue
-                acc.update(model(images.to(device, non_blocking=True)), targets)
+                logits = model(images.to(device, non_blocking=True))
+                acc.update(logits, targets)
+                if reference is not None:
+                    same = reference(images.to(device)).argmax(-1).cpu() == logits.argmax(-1).cpu()
+                    agree, seen = agree + int(same.sum()), seen + len(same)
     finally:
         model.train(was_training)
-    return acc.result(class_names)
+    result = acc.result(class_names)
+    if reference is not None:
+        result.extra["top1_agreement"] = agree / max(seen, 1)
+    return result
 
 
 # ------------------------------------------------------------------------------------------------------- files
