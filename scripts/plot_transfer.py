@@ -1,13 +1,24 @@
-"""The README's transfer picture: CIFAR-10 test accuracy against wall-clock minutes, pre-trained vs from scratch.
+"""The README's CIFAR-10 picture: test accuracy against wall-clock minutes, one curve per run folder (recorded with
+``log.test_curve``), and single points for runs known only by their end.
 
-    python scripts/plot_transfer.py runs/c10_ft_30min runs/c10_30min docs/cifar10_transfer_vs_scratch.png
+    python scripts/plot_transfer.py "CCT-2/3x2 from scratch=runs/cct_30min" \
+        "DeiT-Tiny fine-tuned (EPYC-bf16)@29.5=94.96" "ViT from scratch (EPYC-bf16)@23.7=55.7" docs/cifar10_30min.png
+
+A ``LABEL=RUN`` argument is a run folder; ``LABEL@MINUTES=ACCURACY`` a point; the last argument the output PNG.
 """
 import sys
 
 from vitkit.train.report import plot_accuracy_vs_minutes
 
 if __name__ == "__main__":
-    finetuned, scratch, out = sys.argv[1:4]
-    plot_accuracy_vs_minutes({"DeiT-Tiny, ImageNet pre-trained, fine-tuned": finetuned,
-                              "ViT from scratch": scratch}, out)
+    *items, out = sys.argv[1:]
+    runs, points = {}, {}
+    for item in items:
+        label, value = item.rsplit("=", 1)
+        if "@" in label:
+            label, minutes = label.rsplit("@", 1)
+            points[label] = (float(minutes), float(value))
+        else:
+            runs[label] = value
+    plot_accuracy_vs_minutes(runs, out, points=points)
     print(f"wrote {out}")

@@ -482,13 +482,14 @@ def test_test_curve_and_the_transfer_plot_script_end_to_end(tmp_path):
     train(recipe(), tmp_path / "off")
     assert not any(r["test_top1"] for r in csv.DictReader(open(tmp_path / "off" / "metrics.csv")))
     out = tmp_path / "transfer.png"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "plot_transfer.py"), str(tmp_path / "a"),
-                           str(tmp_path / "b"), str(out)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "plot_transfer.py"), f"lr 1e-3={tmp_path / 'a'}",
+                           f"lr 3e-3={tmp_path / 'b'}", "an earlier run@29.5=94.96", str(out)],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"wrote {out}" in proc.stdout and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plain == rows  # the script only reads the runs
-    failed = subprocess.run([sys.executable, str(REPO / "scripts" / "plot_transfer.py"), str(tmp_path / "a"),
-                             str(tmp_path / "off"), str(out)], capture_output=True, text=True, timeout=120)
+    failed = subprocess.run([sys.executable, str(REPO / "scripts" / "plot_transfer.py"), f"a={tmp_path / 'a'}",
+                             f"off={tmp_path / 'off'}", str(out)], capture_output=True, text=True, timeout=120)
     assert failed.returncode != 0 and "no test_top1 values" in failed.stderr  # a run without the curve
 
 

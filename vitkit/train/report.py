@@ -3,6 +3,7 @@ and the environment recorded in ``summary.json``. Rank 0 only."""
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import platform
@@ -187,8 +188,10 @@ def environment(device: torch.device, threads: int, world_size: int) -> dict[str
 
 
 def plot_accuracy_vs_minutes(runs: dict[str, str | os.PathLike], path: str | os.PathLike,
-                             key: str = "test_top1") -> None:
-    """One curve per run: ``key`` from each run's metrics.csv against wall-clock minutes (e.g. pre-trained vs scratch).
+                             key: str = "test_top1", points: dict[str, tuple[float, float]] | None = None) -> None:
+    """One curve per run: ``key`` from each run's metrics.csv against wall-clock minutes (e.g. pre-trained vs scratch),
+    ending at the final test of its summary.json when it has one; ``points``: runs known only by their end, as
+    label → (minutes, accuracy %), drawn as single markers.
 
     Needs runs that recorded the test split at each validation (``log.test_curve: true``)."""
     import csv
@@ -198,8 +201,15 @@ def plot_accuracy_vs_minutes(runs: dict[str, str | os.PathLike], path: str | os.
             pts = [(float(r["elapsed_s"]) / 60.0, 100.0 * float(r[key])) for r in csv.DictReader(f) if r.get(key)]
         if not pts:
             raise ValueError(f"{run_dir}/metrics.csv has no {key} values (was log.test_curve on?)")
+        summary = Path(run_dir) / "summary.json"
+        if key == "test_top1" and summary.is_file():  # the final test, after the last validation
+            end = json.loads(summary.read_text())
+            if (end.get("test") or {}).get("top1") is not None and end.get("wall_time_s"):
+                pts.append((end["wall_time_s"] / 60.0, 100.0 * end["test"]["top1"]))
         ax.plot([0.0] + [p[0] for p in pts], [10.0] + [p[1] for p in pts], marker="o", markersize=3,
                 label=f"{label} ({pts[-1][1]:.2f}%)")  # 10% = chance at minute 0
+    for label, (minutes, acc) in (points or {}).items():
+        ax.plot([minutes], [acc], marker="s", linestyle="none", label=f"{label} ({acc:.2f}%, end only)")
     ax.set_xlabel("wall-clock minutes (2-core CPU)")
     ax.set_ylabel(f"{key.replace('_top1', '')} top-1 accuracy (%)")
     ax.set_ylim(0, 100)
