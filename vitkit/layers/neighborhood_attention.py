@@ -46,11 +46,18 @@ def _check(grid: tuple[int, int], kernel: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- index tables
+def _real_tensors():
+    """Real tensors even while ``torch.export`` traces with fake ones: the tables are cached, and a cached fake tensor
+    would break every later eager call (as the export's own parity check)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    return unset_fake_temporarily()
+
+
 @functools.lru_cache(maxsize=32)
 def _neighbour_index(grid: tuple[int, int], kernel: int) -> tuple[Tensor, Tensor]:
     """For every query (row-major) its k² neighbours, window row-major: (H·W·k²,) flat key positions and (H·W·k²,)
     rows of the flattened (2k − 1)² bias table. Index arithmetic on the CPU (also under a "meta" default device)."""
-    with torch.device("cpu"):
+    with torch.device("cpu"), _real_tensors():
         return _neighbour_index_cpu(grid, kernel)
 
 
@@ -71,7 +78,7 @@ def _tiles(grid: tuple[int, int], kernel: int, tile: int) -> tuple[Tensor, Tenso
     column), flat key positions of its band, and per (tile, query, band key) the bias-table row and whether the key is
     in the query's window. Returns (queries (nT·T²,), keys (nT·L²,), table (nT, T², L²), inside (nT, T², L²),
     (nTh, nTw, T, Lh, Lw)). Index arithmetic on the CPU (also under a "meta" default device)."""
-    with torch.device("cpu"):
+    with torch.device("cpu"), _real_tensors():
         return _tiles_cpu(grid, kernel, tile)
 
 
