@@ -38,7 +38,8 @@ from vitkit.layers.deformable_attention import DeformableAttention, points_to_pi
 from vitkit.layers.pos_embed_rel import relative_position_index, resize_rel_pos_bias_table
 from vitkit.layers.window_attention import (WindowAttention, check_window_buffers, padded_grid, shifted_window_mask,
                                             table_window)
-from vitkit.models.base import FamilyModel, LinearHead, select_indices, staged_layer_id, zero_init_
+from vitkit.models.base import (FamilyModel, LinearHead, block_outputs, select_indices, staged_layer_id,
+                                zero_init_)
 from vitkit.models.dat_formats import DAT_FORMATS
 from vitkit.registry import register_family
 from vitkit.specs import PreprocessConfig, Reference
@@ -310,14 +311,10 @@ class DAT(LinearHead, FamilyModel):
         """The output of chosen stages as (B, C_i, H_i, W_i) maps (the feature pyramid); ``norm`` applies the final
         LayerNorm (``cls_norm``) to the last stage's map."""
         wanted = select_indices(indices, len(self.stages), "stage")
-        x = self.embed(x)
-        outs = []
-        for i, stage in enumerate(self.stages[: wanted[-1] + 1]):
-            x = stage(x)
-            if i in wanted:
-                y = self.norm(x) if norm and i == len(self.stages) - 1 else x
-                outs.append(y.permute(0, 3, 1, 2).contiguous())  # (B, C_i, H_i, W_i)
-        return outs
+        outs = block_outputs(self.stages, self.embed(x), wanted)  # (B, H_i, W_i, C_i) each
+        if norm and wanted[-1] == len(self.stages) - 1:
+            outs[-1] = self.norm(outs[-1])
+        return [y.permute(0, 3, 1, 2).contiguous() for y in outs]  # (B, C_i, H_i, W_i)
 
     def deformable_points(self, x: Tensor) -> tuple[Tensor, dict[str, dict[str, Any]]]:
         """What the official forward returns besides the logits: for every deformable layer (module name, e.g.

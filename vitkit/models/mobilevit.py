@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from vitkit.config import ConfigError, check_ranges
 from vitkit.layers import Attention, Block, ConvNormAct, Mlp, drop_path_rates, to_2tuple
-from vitkit.models.base import FamilyModel, LinearHead, select_indices, staged_layer_id
+from vitkit.models.base import FamilyModel, LinearHead, block_outputs, select_indices, staged_layer_id
 from vitkit.models.mobilevit_formats import MOBILEVIT_FORMATS, WEIGHTS
 from vitkit.registry import register_family
 from vitkit.specs import PreprocessConfig, Reference
@@ -274,13 +274,7 @@ class MobileViT(LinearHead, FamilyModel):
                               norm: bool = False) -> list[Tensor]:
         """Outputs of chosen stages (layer1 … layer5), (B, C_i, H_i, W_i) each at strides 2, 4, 8, 16, 32.
         ``norm`` has no effect: the model ends in a conv, not a norm."""
-        wanted = select_indices(indices, len(self.stages), "stage")
-        x, outs = self.embed(x), []
-        for i, stage in enumerate(self.stages[: wanted[-1] + 1]):
-            x = stage(x)
-            if i in wanted:
-                outs.append(x)
-        return outs
+        return block_outputs(self.stages, self.embed(x), select_indices(indices, len(self.stages), "stage"))
 
     # ------------------------------------------------------------------------------------------ weight loading
     def load_pretrained_state(self, state: dict[str, Tensor], report) -> dict[str, Tensor]:

@@ -32,8 +32,8 @@ from vitkit.layers import Block, PatchEmbed, to_2tuple
 from vitkit.layers.pos_embed_rel import relative_position_index
 from vitkit.layers.window_attention import (WindowAttention, check_window_buffers, padded_grid, shifted_window_mask,
                                             table_window)
-from vitkit.models.base import (FamilyModel, LinearHead, select_indices, staged_layer_id, trunc_normal_linears_,
-                                zero_init_)
+from vitkit.models.base import (FamilyModel, LinearHead, block_outputs, select_indices, staged_layer_id,
+                                trunc_normal_linears_, zero_init_)
 from vitkit.models.swin_formats import SWIN_FORMATS, WEIGHTS
 from vitkit.registry import register_family
 from vitkit.specs import PreprocessConfig, Reference
@@ -233,14 +233,10 @@ class SwinTransformer(LinearHead, FamilyModel):
         """The output of chosen stages as (B, C_i, H_i, W_i) maps (the feature pyramid); ``norm`` applies the final
         LayerNorm to the last stage's map (timm's convention: the other stages have no norm of their own)."""
         wanted = select_indices(indices, len(self.layers), "stage")
-        x = self.embed(x)
-        outs = []
-        for i, stage in enumerate(self.layers[: wanted[-1] + 1]):
-            x = stage(x)
-            if i in wanted:
-                y = self.norm(x) if norm and i == len(self.layers) - 1 else x
-                outs.append(y.permute(0, 3, 1, 2).contiguous())  # (B, C_i, H_i, W_i)
-        return outs
+        outs = block_outputs(self.layers, self.embed(x), wanted)  # (B, H_i, W_i, C_i) each
+        if norm and wanted[-1] == len(self.layers) - 1:
+            outs[-1] = self.norm(outs[-1])
+        return [y.permute(0, 3, 1, 2).contiguous() for y in outs]  # (B, C_i, H_i, W_i)
 
     # ------------------------------------------------------------------------------------------ weight loading
     def load_pretrained_state(self, state: dict[str, Tensor], report) -> dict[str, Tensor]:
