@@ -106,6 +106,35 @@ def test_top5_absent_below_five_classes_and_bad_labels_rejected():
         evaluate(_Lookup(table), _index_loader([0, 3]), progress=False)
 
 
+class _LeftRight(nn.Module):
+    """Two classes scored by the mean of the left and of the right half of the image: mirroring swaps them."""
+
+    num_classes = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.stack((x[..., :half].mean((1, 2, 3)), x[..., half:].mean((1, 2, 3))), dim=1)  # (B, 2)
+
+
+def test_hflip_tta_averages_an_image_and_its_mirror():
+    from vitkit.evaluate import FlipAverage, with_tta
+    x = torch.randn(4, 3, 5, 6)
+    model = _LeftRight()
+    mirrored = x[..., torch.arange(5, -1, -1)]  # columns reversed by index, not by Tensor.flip
+    assert torch.allclose(FlipAverage(model)(x), (model(x) + model(mirrored)) / 2)
+    assert with_tta(model, "none") is model
+    with pytest.raises(ValueError, match="hflip.*'vflip'"):
+        with_tta(model, "vflip")
+    # left-bright images of class 0: right without TTA; with it both scores tie and argmax takes class 0 anyway,
+    # so use right-bright images of class 1: correct plain, a tie (argmax: class 0, wrong) under TTA
+    images = torch.zeros(4, 3, 2, 4)
+    images[..., 2:] = 1.0
+    loader = [(images, torch.ones(4, dtype=torch.long))]
+    assert evaluate(model, loader, progress=False).top1 == 1.0
+    flipped = evaluate(with_tta(model, "hflip"), loader, progress=False)
+    assert flipped.top1 == 0.0 and flipped.loss == pytest.approx(math.log(2), rel=1e-6)  # equal logits
+
+
 def test_evaluate_restores_training_mode():
     model = _Lookup(_known_logits()).train()
     evaluate(model, _index_loader(LABELS), progress=False)

@@ -54,3 +54,33 @@ def test_predict_with_run_folder_uses_dataset_class_names(run_dir, tmp_path, cap
     (row,) = json.loads(capsys.readouterr().out)
     assert sorted(t["label"] for t in row["topk"]) == [str(d) for d in range(10)]  # digits' classes, saved by train
     assert sum(t["prob"] for t in row["topk"]) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tta_run_dir(tmp_path_factory):
+    """The same run with ``train.eval_tta: hflip``: validation, best-checkpoint choice and test on flip averages."""
+    root = tmp_path_factory.mktemp("train_tta")
+    recipe = {**RECIPE, "train": {**RECIPE["train"], "eval_tta": "hflip"}}
+    (root / "r.yaml").write_text(yaml.safe_dump(recipe))
+    run = root / "runs" / "r"
+    threads = torch.get_num_threads()
+    try:
+        if main(["train", str(root / "r.yaml"), "--out", str(run)]) != 0:
+            pytest.fail("vitkit train failed; see the log above")
+    finally:
+        torch.set_num_threads(threads)
+    return run
+
+
+def test_eval_tta_reproduces_a_tta_run_and_differs_without(tta_run_dir, tmp_path, capsys):
+    summary = json.loads((tta_run_dir / "summary.json").read_text())
+    assert summary["test"]["tta"] == "hflip"
+    reference = json.loads((tta_run_dir / "eval" / "test" / "metrics.json").read_text())
+    assert main(["eval", str(tta_run_dir), "--tta", "hflip", "--out", str(tmp_path / "flip")]) == 0
+    assert "test-time augmentation: hflip" in capsys.readouterr().out
+    flip = json.loads((tmp_path / "flip" / "metrics.json").read_text())
+    assert flip["tta"] == "hflip" and flip["top1"] == reference["top1"]
+    assert flip["loss"] == pytest.approx(reference["loss"], rel=1e-6)
+    assert main(["eval", str(tta_run_dir), "--out", str(tmp_path / "plain")]) == 0
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert plain["tta"] == "none" and plain["loss"] != pytest.approx(reference["loss"], rel=1e-4)

@@ -43,6 +43,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     ("optimm.lr=1", "optimm"),
     ("optim.lr=fast", "optim.lr"),
     ("train.amp=fp8", "train.amp"),
+    ("train.eval_tta=vflip", "train.eval_tta"),
     ("model.overrides.depht=3", "depht"),
     ("model.overrides.depth=two", "depth"),
     ("model.name=vit_gigantic_patch16_224", "vit_gigantic"),

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", help="output folder (default: <run>/eval/<split>, or "
                                                      "./eval/<model>-<split>)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    parser.add_argument("--tta", choices=("none", "hflip"), default="none",
+                        help="test-time augmentation; hflip: the mean logits of each image and its mirror image "
+                             "(twice the cost; default none)")
     parser.add_argument("--device", help="e.g. cpu, cuda, mps (default: an accelerator if present)")
     add_amp_argument(parser)
     add_runtime_arguments(parser)
@@ -133,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     from vitkit.evaluate.eval_data import build_eval_loader, resolve_data_config
     from vitkit.evaluate.metrics import evaluate, save_eval_artifacts
     from vitkit.evaluate.targets import load_target
+    from vitkit.evaluate.tta import with_tta
     from vitkit.runs import is_run_folder
     from vitkit.hardware import parse_device
     if args.batch_size < 1:
@@ -161,9 +165,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     loader, classes = build_eval_loader(data_cfg, model, args.split, args.batch_size)
     runner = apply_runtime(args, model, device)
-    result = evaluate(runner, loader, device, None if runner is not model else amp, class_names=classes,
-                      reference=None if runner is model else model)  # exported: agreement with eager PyTorch
+    exported = runner is not model  # then: agreement with eager PyTorch
+    result = evaluate(with_tta(runner, args.tta), loader, device, None if exported else amp, class_names=classes,
+                      reference=with_tta(model, args.tta) if exported else None)
     result.extra["runtime"] = args.runtime + (" int8" if args.int8 else "")
+    result.extra["tta"] = args.tta
     result.extra.update(_context(target, data_cfg, args))
     if probes:
         result.extra["probes"] = probes
@@ -203,7 +209,8 @@ def _print_report(target, result, paths: dict[str, str], precision: str) -> None
     print(f"model:   {target.description}")
     print(precision)
     print(f"samples: {result.num_samples}  classes: {result.num_classes}")
-    print(f"top-1 {_pct(result.top1)}   top-5 {_pct(result.top5)}   loss {result.loss:.4f}")
+    tta = "   (test-time augmentation: hflip)" if result.extra.get("tta", "none") != "none" else ""
+    print(f"top-1 {_pct(result.top1)}   top-5 {_pct(result.top5)}   loss {result.loss:.4f}{tta}")
     if "top1_agreement" in result.extra:
         print(f"top-1 agreement with eager PyTorch ({result.extra['runtime']}): {_pct(result.extra['top1_agreement'])}")
     names = result.class_names or [f"class_{i}" for i in range(result.num_classes)]

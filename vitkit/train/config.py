@@ -132,6 +132,7 @@ class TrainSection:
     ema_decay: float = 0.9998
     ema_warmup: bool = True  # decay_t = min(decay, (1 + t) / (10 + t)) (TF ExponentialMovingAverage num_updates)
     eval_every: int = 0  # optimiser steps between validations; 0 = once per epoch
+    eval_tta: Literal["none", "hflip"] = "none"  # hflip: validate and test on the mean logits of image + mirror
     checkpoint_every_steps: int = 0  # periodic checkpoints/last/; 0 = at each validation only
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     task: Literal["classify", "distill"] = "classify"

@@ -44,6 +44,7 @@ from vitkit.train.build import (build_data, build_model, build_schedule, build_s
 from vitkit.train.config import RecipeConfig
 from vitkit.train.distributed import DistInfo, all_reduce_sum, broadcast_float, stream_seed
 from vitkit.train.ema import ModelEma
+from vitkit.evaluate.tta import with_tta
 from vitkit.train.optim import build_optimizer
 from vitkit.train.report import MetricsLog, TensorBoard, environment, write_plots
 from vitkit.hardware import amp_dtype, precision_line, resolve_amp
@@ -416,8 +417,8 @@ class Trainer:
         """Evaluate ``dataset``; its cost per image feeds the time-budget plan."""
         start = time.perf_counter()
         loader = eval_loader(dataset, self._eval_batch_size(), self.cfg.data.num_workers)
-        result = self.task.evaluate(model or self.eval_model(), self._interruptible(loader), self.device, self.amp,
-                                    self.data.classes)
+        model = with_tta(model or self.eval_model(), self.cfg.train.eval_tta)
+        result = self.task.evaluate(model, self._interruptible(loader), self.device, self.amp, self.data.classes)
         if len(dataset):
             self._image_s = (time.perf_counter() - start) / len(dataset)
         return result
@@ -549,7 +550,7 @@ class Trainer:
             it = iter(loader)
             for i, (x, _) in enumerate(it):
                 start = time.perf_counter()
-                model(x.to(self.device))
+                with_tta(model, self.cfg.train.eval_tta)(x.to(self.device))
                 if i:
                     seconds, images = seconds + time.perf_counter() - start, images + len(x)
                 if i == 2:
@@ -685,7 +686,8 @@ class Trainer:
         return {"status": "completed", "steps": s.step, "epochs": s.epoch + s.step_in_epoch /
                 self.data.sampler.steps_per_epoch, "val": s.last_eval or None,
                 "best": {"step": s.best_step, self.task.metric: s.best_metric} if s.best_step else None,
-                "test": {**test.metrics, "num_samples": test.num_samples, "weights": weights} if test else None,
+                "test": {**test.metrics, "num_samples": test.num_samples, "weights": weights,
+                         "tta": t.eval_tta} if test else None,
                 "wall_time_s": self.elapsed(), "train_time_s": s.train_s,
                 "images_per_s": s.images / s.train_s if s.train_s else None,
                 "time_budget_minutes": t.time_budget_minutes, "planned_steps": s.total_steps if s.planned else None,
