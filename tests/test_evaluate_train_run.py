@@ -19,10 +19,9 @@ RECIPE = {
 }
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    (root / "r.yaml").write_text(yaml.safe_dump(RECIPE))
+def _train(root, recipe: dict):
+    """``vitkit train`` of ``recipe`` into ``root/runs/r``."""
+    (root / "r.yaml").write_text(yaml.safe_dump(recipe))
     run = root / "runs" / "r"
     threads = torch.get_num_threads()
     try:
@@ -31,6 +30,11 @@ def run_dir(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)  # train.threads applies process-wide; later tests keep their threads
     return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("train"), RECIPE)
 
 
 def test_eval_reproduces_the_training_test_report(run_dir, tmp_path, capsys):
@@ -59,17 +63,7 @@ def test_predict_with_run_folder_uses_dataset_class_names(run_dir, tmp_path, cap
 @pytest.fixture(scope="module")
 def tta_run_dir(tmp_path_factory):
     """The same run with ``train.eval_tta: hflip``: validation, best-checkpoint choice and test on flip averages."""
-    root = tmp_path_factory.mktemp("train_tta")
-    recipe = {**RECIPE, "train": {**RECIPE["train"], "eval_tta": "hflip"}}
-    (root / "r.yaml").write_text(yaml.safe_dump(recipe))
-    run = root / "runs" / "r"
-    threads = torch.get_num_threads()
-    try:
-        if main(["train", str(root / "r.yaml"), "--out", str(run)]) != 0:
-            pytest.fail("vitkit train failed; see the log above")
-    finally:
-        torch.set_num_threads(threads)
-    return run
+    return _train(tmp_path_factory.mktemp("train_tta"), {**RECIPE, "train": {**RECIPE["train"], "eval_tta": "hflip"}})
 
 
 def test_eval_tta_reproduces_a_tta_run_and_differs_without(tta_run_dir, tmp_path, capsys):
