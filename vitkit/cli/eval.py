@@ -209,7 +209,8 @@ def _print_report(target, result, paths: dict[str, str], precision: str) -> None
     print(f"model:   {target.description}")
     print(precision)
     print(f"samples: {result.num_samples}  classes: {result.num_classes}")
-    tta = "   (test-time augmentation: hflip)" if result.extra.get("tta", "none") != "none" else ""
+    mode = result.extra.get("tta", "none")
+    tta = f"   (test-time augmentation: {mode})" if mode != "none" else ""
     print(f"top-1 {_pct(result.top1)}   top-5 {_pct(result.top5)}   loss {result.loss:.4f}{tta}")
     if "top1_agreement" in result.extra:
         print(f"top-1 agreement with eager PyTorch ({result.extra['runtime']}): {_pct(result.extra['top1_agreement'])}")

@@ -8,5 +8,6 @@ from vitkit.evaluate.preprocess import eval_transform
 from vitkit.evaluate.targets import Target, load_target
 from vitkit.evaluate.tta import TTA_MODES, FlipAverage, with_tta
 
-__all__ = ["TTA_MODES", "FlipAverage", "with_tta", "eval_transform", "EvalResult", "evaluate", "result_from_logits", "save_eval_artifacts", "Prediction",
-           "predict_files", "expand_inputs", "imagenet_class_names", "resolve_class_names", "Target", "load_target"]
+__all__ = ["eval_transform", "EvalResult", "evaluate", "result_from_logits", "save_eval_artifacts", "Prediction",
+           "predict_files", "expand_inputs", "imagenet_class_names", "resolve_class_names", "Target", "load_target",
+           "TTA_MODES", "FlipAverage", "with_tta"]

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from vitkit.evaluate.tta import with_tta
 from vitkit.runs import checkpoint_dir
 from vitkit.train import budget
 from vitkit.train import checkpoint as ckpt
@@ -44,7 +45,6 @@ from vitkit.train.build import (build_data, build_model, build_schedule, build_s
 from vitkit.train.config import RecipeConfig
 from vitkit.train.distributed import DistInfo, all_reduce_sum, broadcast_float, stream_seed
 from vitkit.train.ema import ModelEma
-from vitkit.evaluate.tta import with_tta
 from vitkit.train.optim import build_optimizer
 from vitkit.train.report import MetricsLog, TensorBoard, environment, write_plots
 from vitkit.hardware import amp_dtype, precision_line, resolve_amp
@@ -542,6 +542,7 @@ class Trainer:
         if dataset is None:
             return 0.0
         model = self.eval_model()
+        scorer = with_tta(model, self.cfg.train.eval_tta)
         loader = eval_loader(dataset, self._eval_batch_size(), self.cfg.data.num_workers)
         was_training = model.training
         model.eval()
@@ -550,7 +551,7 @@ class Trainer:
             it = iter(loader)
             for i, (x, _) in enumerate(it):
                 start = time.perf_counter()
-                with_tta(model, self.cfg.train.eval_tta)(x.to(self.device))
+                scorer(x.to(self.device))
                 if i:
                     seconds, images = seconds + time.perf_counter() - start, images + len(x)
                 if i == 2:

@@ -193,8 +193,8 @@ def plot_accuracy_vs_minutes(runs: dict[str, str | os.PathLike], path: str | os.
     ending at the final test of its summary.json when it has one; ``points``: runs known only by their end, as
     label → (minutes, accuracy %), drawn as single markers.
 
-    Needs runs that recorded the test split at each validation (``log.test_curve: true``)."""
-    import csv
+    The default ``key`` needs runs that recorded the test split at each validation (``log.test_curve: true``);
+    ``val_top1`` is in every run that validated."""
     fig, ax = _figure()
     for label, run_dir in runs.items():
         with open(Path(run_dir) / "metrics.csv") as f:
