@@ -9,19 +9,76 @@ is native and fp32 elsewhere, and never assumes.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import re
+from typing import Iterator
 
 import torch
 
-__all__ = ["AMP_CHOICES", "bf16_native", "resolve_amp", "amp_dtype", "parse_device", "cpu_info", "machine_line",
-           "precision_line"]
+__all__ = ["AMP_CHOICES", "CPU_KINDS", "simulate_cpu", "cpu_flags", "bf16_native", "resolve_amp", "amp_dtype",
+           "parse_device", "cpu_info", "machine_line", "precision_line"]
 
 log = logging.getLogger(__name__)
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")  # none = full fp32
+
+
+# The three CPU kinds vitkit is built and tested on, as the probe describes them. ``VITKIT_CPU_KIND`` (or
+# ``simulate_cpu``) makes the probe answer as one of them, so that a branch chosen by the hardware (what ``auto``
+# picks, the int8 weight scheme, OpenVINO's precision) is tested on every machine, not only on the CPU at hand.
+# The kernels that actually run are still the machine's own: only vitkit's decisions follow the simulated kind.
+CPU_KINDS: dict[str, dict[str, bool]] = {
+    "avx2": {"bf16_native": False, "avx512": False, "vnni": False, "amx": False},        # AMD EPYC (Zen 1-3)
+    "avx512-bf16": {"bf16_native": True, "avx512": True, "vnni": True, "amx": False},   # AMD EPYC (Zen 4+)
+    "amx": {"bf16_native": True, "avx512": True, "vnni": True, "amx": True},            # Intel Xeon (Sapphire Rapids+)
+}
+CPU_KIND_ENV = "VITKIT_CPU_KIND"
+
+
+def _simulated_kind() -> str | None:
+    kind = os.environ.get(CPU_KIND_ENV, "").strip().lower()
+    if not kind:
+        return None
+    if kind not in CPU_KINDS:
+        raise ValueError(f"{CPU_KIND_ENV}={kind!r}: not a CPU kind (use one of {', '.join(CPU_KINDS)})")
+    return kind
+
+
+@contextlib.contextmanager
+def simulate_cpu(kind: str) -> Iterator[None]:
+    """Within the block (and in subprocesses started in it), the probe answers as a CPU of ``kind``."""
+    if kind not in CPU_KINDS:
+        raise ValueError(f"not a CPU kind: {kind!r} (use one of {', '.join(CPU_KINDS)})")
+    saved = os.environ.get(CPU_KIND_ENV)
+    os.environ[CPU_KIND_ENV] = kind
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(CPU_KIND_ENV, None)
+        else:
+            os.environ[CPU_KIND_ENV] = saved
+
+
+def cpu_flags() -> dict[str, bool]:
+    """bf16_native, avx512, vnni, amx of this CPU, or of the simulated kind (``VITKIT_CPU_KIND``)."""
+    kind = _simulated_kind()
+    return dict(CPU_KINDS[kind]) if kind else dict(_real_cpu_flags())
+
+
+@functools.lru_cache(maxsize=1)
+def _real_cpu_flags() -> dict[str, bool]:
+    flags = _proc_cpuinfo()[1]
+    capability = torch.backends.cpu.get_cpu_capability()
+    try:
+        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (RuntimeError, AttributeError):
+        bf16 = False
+    return {"bf16_native": bf16, "avx512": "avx512f" in flags or capability.startswith("AVX512"),
+            "vnni": bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags), "amx": "amx_bf16" in flags}
 
 
 def bf16_native(device: torch.device | str = "cpu") -> bool:
@@ -29,7 +86,7 @@ def bf16_native(device: torch.device | str = "cpu") -> bool:
     device = torch.device(device)
     try:
         if device.type == "cpu":
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            return cpu_flags()["bf16_native"]
         if device.type == "cuda":
             return bool(torch.cuda.is_bf16_supported())
     except (RuntimeError, AttributeError):
@@ -91,9 +148,9 @@ def parse_device(text: str | None, what: str = "--device") -> torch.device:
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_info() -> dict[str, object]:
-    """Model name, usable cores, bf16 natively, AVX-512 (from /proc/cpuinfo and torch's dispatch level)."""
-    model, flags = "", set()
+def _proc_cpuinfo() -> tuple[str, frozenset[str]]:
+    """The model name and flags of the first CPU in /proc/cpuinfo (empty where there is none)."""
+    model, flags = "", frozenset()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -101,21 +158,27 @@ def cpu_info() -> dict[str, object]:
                 if key.strip() == "model name" and not model:
                     model = value.strip()
                 elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
+                    flags = frozenset(value.split())
     except OSError:
         pass
+    return model, flags
+
+
+def cpu_info() -> dict[str, object]:
+    """Model name, usable cores, and the probe's flags (bf16 native, AVX-512, VNNI, AMX); a simulated kind
+    (``VITKIT_CPU_KIND``) is named in the model string, so no number is ever attributed to the wrong CPU."""
     import platform
-    model = re.sub(r"\s+", " ", model or platform.processor() or platform.machine() or "unknown CPU")
+    model = re.sub(r"\s+", " ", _proc_cpuinfo()[0] or platform.processor() or platform.machine() or "unknown CPU")
+    kind = _simulated_kind()
+    if kind:
+        model = f"{model} (simulating {kind})"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    capability = torch.backends.cpu.get_cpu_capability()
-    avx512 = "avx512f" in flags or capability.startswith("AVX512")
-    return {"model": model, "cores": cores, "bf16_native": bf16_native("cpu"), "avx512": avx512,
-            "capability": capability}
+    return {"model": model, "cores": cores, **cpu_flags(), "capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def machine_line() -> str:
-    """e.g. ``AMD EPYC, 2 cores, bf16 native: no, AVX-512: no``: printed beside every measured number."""
+    """e.g. ``AMD EPYC, 2 cores, bf16 native: no, AVX-512: no, VNNI: no, AMX: no``: printed beside every measured number."""
     c = cpu_info()
     yes = {True: "yes", False: "no"}
     return (f"{c['model']}, {c['cores']} core{'s' if c['cores'] != 1 else ''}, bf16 native: {yes[c['bf16_native']]}, "
-            f"AVX-512: {yes[c['avx512']]}")
+            f"AVX-512: {yes[c['avx512']]}, VNNI: {yes[c['vnni']]}, AMX: {yes[c['amx']]}")

@@ -26,9 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", "--override", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="architecture override passed to create_model, e.g. --set depth=7 (repeatable)")
     parser.add_argument("--pretrained", help="checkpoint to load (default: random weights)")
-    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="bf16 = autocast, fp32 weights; auto (default): bf16 where the device runs it natively, "
-                             "else fp32")
+    parser.add_argument("--dtype", choices=("fp32", "auto", "bf16"), default="fp32",
+                        help="fp32 (default: the same numbers on every CPU); bf16 = autocast, fp32 weights; auto: bf16 "
+                             "where the device runs it natively, else fp32 (the opt-in fast path)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (compile time excluded)")
     parser.add_argument("--mode", choices=("infer", "train"), default="infer",
                         help="infer: forward under inference_mode; train: forward + backward + AdamW step")

@@ -47,9 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_amp_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
-                        help="autocast dtype; auto (default): bf16 where the device runs it natively, else fp32; "
-                             "none: fp32")
+    parser.add_argument("--amp", choices=("none", "auto", "bf16", "fp16"), default=None,
+                        help="autocast dtype. Default: fp32 (none), the same numbers on every CPU and equal to timm's "
+                             "and transformers' (a run folder: the precision of the run's own test pass, so its "
+                             "number is reproduced); auto: bf16 where the device runs it natively, the opt-in fast "
+                             "path (probabilities move in about the third digit); bf16, fp16: always")
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,12 +78,18 @@ def apply_runtime(args: argparse.Namespace, model, device):
     return to_runtime(model.cpu().eval(), args.runtime, int8=args.int8)
 
 
-def precision(args: argparse.Namespace, device):
-    """The autocast dtype for ``--amp`` on ``device`` (``auto`` resolved by the hardware probe); the line that says
-    which is kept in ``args.precision_line`` for the report."""
+def precision(args: argparse.Namespace, device, run_precision: str | None = None):
+    """The autocast dtype for ``--amp`` on ``device``: fp32 unless asked (``auto`` resolved by the hardware probe),
+    or, when ``--amp`` is not given for a run folder, ``run_precision``: the precision its own test pass used. The line
+    that says which is kept in ``args.precision_line`` for the report."""
     from vitkit.hardware import amp_dtype, precision_line, resolve_amp
-    resolved = resolve_amp(args.amp, device)
-    args.precision_line = precision_line(args.amp, resolved, device)
+    requested = args.amp or {"bf16": "bf16", "fp16": "fp16"}.get(run_precision or "", "none")
+    resolved = resolve_amp(requested, device)
+    args.precision_line = precision_line(requested, resolved, device)
+    if args.amp is None and requested != "none":
+        args.precision_line += " (the run's own test precision, from its summary.json; --amp none for fp32)"
+    elif requested != "none":
+        args.precision_line += " (opt-in fast path; the default is fp32)"
     logging.getLogger("vitkit").debug("%s", args.precision_line)
     return amp_dtype(resolved)
 
@@ -152,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     target = load_target(path, args.model)
     run_data = (target.run_config or {}).get("data")
     data_cfg = resolve_data_config(target.model, run_data, args.data_config, args.set)
-    amp = precision(args, device)
+    amp = precision(args, device, _run_precision(target.run_dir))
     model = target.model.to(device)
     probes = run_probes(model, data_cfg, args, device, amp)
     out_dir = args.out or _default_out(target, args.split)
@@ -176,6 +184,16 @@ def run(args: argparse.Namespace) -> int:
     paths = save_eval_artifacts(result, out_dir)
     _print_report(target, result, paths, args.precision_line)
     return 0
+
+
+def _run_precision(run_dir: str | None) -> str | None:
+    """The precision a run's final test pass used (``summary.json``), or None (no run, or not finished)."""
+    import json
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            return json.load(f)["environment"]["precision"]
+    except (TypeError, OSError, ValueError, KeyError):
+        return None
 
 
 def _head_fits(model, data_cfg) -> bool:
