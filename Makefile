@@ -1,34 +1,45 @@
-# vitkit: `make demo` trains a small ViT offline; `make test` runs the suite. Both build .venv from nothing.
+# vitkit: `make demo` trains a small ViT offline; `make test` runs the suite. Both build .venv from nothing:
+# the demo installs what it needs (vitkit and its `train` extra), the suite adds its tooling (the `test` extra:
+# transformers, ONNX, OpenVINO, TensorBoard, ...).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+BASE := $(VENV)/.installed-base
+TRAIN := $(VENV)/.installed-train
+TEST := $(VENV)/.installed-test
 
 .PHONY: venv demo test test-slow golden bench clean
 
-$(STAMP): pyproject.toml
+$(BASE): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first: otherwise a dependency would pull a multi-GB CUDA build
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==2.13.0"
+	touch $(BASE)
+
+$(TRAIN): $(BASE)
+	$(PY) -m pip install --quiet -e ".[train]"
+	touch $(TRAIN)
+
+$(TEST): $(BASE)
 	$(PY) -m pip install --quiet -e ".[test]"
-	touch $(STAMP)
+	touch $(TEST) $(TRAIN)
 
-venv: $(STAMP)
+venv: $(TEST)
 
-demo: $(STAMP)
+demo: $(TRAIN)
 	$(VENV)/bin/vitkit demo
 
-test: $(STAMP)
+test: $(TEST)
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(TEST)
 	$(PY) -m pytest -q -m slow
 
-golden: $(STAMP)
+golden: $(TRAIN)
 	$(PY) ../shared/golden/check.py ../shared/golden
 
-bench: $(STAMP)
+bench: $(TEST)
 	$(VENV)/bin/vitkit bench vit_base_patch16_224 --batch-size 8 --compare transformers
 
 clean:

@@ -335,3 +335,16 @@ def test_build_splits_folder_with_and_without_val(tmp_path):
     _png(tmp_path / "val" / "bird" / "v.png", 50)
     with pytest.raises(ValueError, match="bird"):
         build_splits(DataConfig(name="folder", root=str(tmp_path)))
+
+
+def test_readme_describes_the_image_folder_layout_as_built():
+    """The README's folder layout names the extensions ImageFolder reads, and the split folders build_splits opens."""
+    import re
+    from pathlib import Path
+
+    from vitkit.data.images import IMG_EXTENSIONS
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    listed = re.search(r"by extension \(([^)]*)\)", readme).group(1).split()
+    assert tuple(listed) == IMG_EXTENSIONS
+    for folder in ("DIR/train/<class>/<images>", "DIR/val/<class>/", "DIR/test/<class>/"):
+        assert folder in readme

@@ -116,3 +116,16 @@ def test_logits_equal_transformers(shared, pixel_values, tmp_path):
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
     names = [n for n, _ in EXPECTED.values()]
     assert [vitkit.evaluate.imagenet_class_names()[i] for i in expected[:4].argmax(1).tolist()] == names
+
+
+def test_readme_python_path_from_an_image_file_to_a_prediction(shared, capsys):
+    """The README's snippet (image file → model.data_cfg → eval_transform → probabilities), run as written with the
+    shared weights and the macaw photo: it prints the README's top-1."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("```python\nimport torch, vitkit\nfrom vitkit.data import load_image")
+    code = readme[start + len("```python\n"):readme.index("```", start + 3)]
+    code = code.replace('"deit_tiny_patch16_224_in1k.safetensors"', repr(str(WEIGHTS)))
+    code = code.replace('"photo.jpg"', repr(str(IMAGES / "kodak_kodim23.png")))
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.startswith("[('macaw', 0.91"), printed
