@@ -31,7 +31,8 @@ RECIPE = {
     "augment": {"crop_padding": 2, "hflip": 0.5},  # per-sample random augmentation, seeded by sample index
     "optim": {"lr": 2e-3, "warmup_steps": 2, "clip_grad": 1.0},
     "train": {"steps": STEPS, "batch_size": BATCH, "accum_steps": ACCUM, "eval_every": 4, "seed": 0,
-              "deterministic": True, "threads": 1, "device": "cpu"},
+              "deterministic": True, "threads": 1, "device": "cpu",
+              "amp": "none"},  # fp32: bf16 (auto on a CPU with native bf16) rounds 1 and 2 processes differently
     "log": {"progress": False, "plots": False, "tensorboard": False},
 }
 

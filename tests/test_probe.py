@@ -20,14 +20,28 @@ def _blobs(n_per_class: int, num_classes: int, dim: int, spread: float, seed: in
     return Features(x.float(), y)
 
 
+def _correlated_classes(n_per_class: int, seed: int, num_classes: int = 5, dim: int = 24) -> Features:
+    """Overlapping classes whose noise is correlated across features (unlike ``_blobs``, which every classifier
+    separates): the ridge regression's answer depends on its L2 strength."""
+    centres = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(123))
+    mixing = torch.randn(dim, dim, generator=torch.Generator().manual_seed(7))
+    y = torch.arange(num_classes).repeat_interleave(n_per_class)
+    x = centres[y] + torch.randn(len(y), dim, generator=torch.Generator().manual_seed(seed)) @ mixing
+    return Features(x.float(), y)
+
+
 def _numpy_ridge_predict(x, y, x_test, k, l2):
-    """The same estimator written independently with numpy (primal normal equations)."""
+    """The same estimator written independently with numpy (primal normal equations; l2 = 0: the minimum-norm
+    least-squares solution, the limit as l2 -> 0)."""
     x, x_test = x.numpy().astype(np.float64), x_test.numpy().astype(np.float64)
     mean, std = x.mean(0), x.std(0) + 1e-5
     a = np.hstack([(x - mean) / std, np.full((len(x), 1), BIAS_CONSTANT)])
     a_test = np.hstack([(x_test - mean) / std, np.full((len(x_test), 1), BIAS_CONSTANT)])
     t = 2.0 * np.eye(k)[y.numpy()] - 1.0
-    w = np.linalg.solve(a.T @ a + l2 * np.eye(a.shape[1]), a.T @ t)
+    if l2 == 0:
+        w = np.linalg.lstsq(a, t, rcond=None)[0]
+    else:
+        w = np.linalg.solve(a.T @ a + l2 * np.eye(a.shape[1]), a.T @ t)
     return (a_test @ w).argmax(1)
 
 
@@ -37,6 +51,18 @@ def test_lstsq_matches_numpy(n_per_class):
     ours = fewshot_lstsq(train.x, train.y, test.x, 5, l2=3.0)
     ref = _numpy_ridge_predict(train.x, train.y, test.x, 5, 3.0)
     assert (ours.numpy() == ref).all()
+
+
+@pytest.mark.parametrize("n_per_class", [2, 40])  # dual (N = 10 < D + 1 = 25) and primal (N = 200 > 25)
+def test_lstsq_l2_term_matches_numpy_where_it_changes_the_answer(n_per_class):
+    """The default L2 strength 2^10 (big_vision) changes about half the predictions here (measured: 46.5% with 2
+    images per class, 47% with 40), so a solve that dropped the L2 term, or mis-scaled it, disagrees with numpy."""
+    train, test = _correlated_classes(n_per_class, 0), _correlated_classes(40, 1)
+    ref = _numpy_ridge_predict(train.x, train.y, test.x, 5, 2.0 ** 10)
+    unregularised = _numpy_ridge_predict(train.x, train.y, test.x, 5, 0.0)
+    assert (ref != unregularised).mean() > 0.3  # the case tells the L2 term apart
+    ours = fewshot_lstsq(train.x, train.y, test.x, 5)
+    assert (ours.numpy() == ref).all(), f"{(ours.numpy() != ref).mean():.0%} of the predictions differ from numpy's"
 
 
 def test_few_shot_separable_and_chance():

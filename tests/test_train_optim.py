@@ -66,6 +66,41 @@ def test_set_lr_applies_each_groups_scale(model):
         assert g["lr"] == pytest.approx(0.2 * g["lr_scale"])
 
 
+def test_the_recipes_weight_decay_and_layer_decay_reach_the_optimizer(tmp_path):
+    """Through ``train()``: the parameter groups saved by a one-step run give every parameter the weight decay and
+    learning-rate scale the recipe implies, written out here for a 2-block ViT. Decay 0.03 for the matrices but the
+    position embedding and class token, 0 for the rest; lr scale 0.6^(3 - layer), layer 0 for the embeddings, i + 1
+    for block i, 3 for the final norm and the head."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from vitkit.train import train
+    wd, ld, depth = 0.03, 0.6, 2  # not the defaults (0.05, none)
+    recipe = {"model": {"name": "vit_tiny_patch16_224",
+                        "overrides": {"patch_size": 4, "depth": depth, "embed_dim": 24, "num_heads": 2}},
+              "data": {"name": "fake", "img_size": 16, "train_limit": 32, "test_limit": 8, "num_workers": 0},
+              "optim": {"weight_decay": wd, "layer_decay": ld},
+              "train": {"steps": 1, "batch_size": 16, "threads": 1},
+              "log": {"progress": False, "plots": False, "tensorboard": False}}
+    last = train(recipe, tmp_path / "run").run_dir / "checkpoints" / "last"
+    groups = json.loads((last / "train_state.json").read_text())["optimizer"]["param_groups"]
+    got = {name: (g["weight_decay"], g["lr_scale"]) for g in groups for name in g["param_names"]}
+
+    def layer(name: str) -> int:
+        if name.startswith(("cls_token", "pos_embed", "patch_embed.")):
+            return 0
+        return int(name.split(".")[1]) + 1 if name.startswith("blocks.") else depth + 1
+
+    shapes = {name: t.shape for name, t in load_file(str(last / "model.safetensors")).items()}
+    expected = {name: (wd if len(shape) >= 2 and name not in ("pos_embed", "cls_token") else 0.0,
+                       ld ** (depth + 1 - layer(name))) for name, shape in shapes.items()}
+    assert got.keys() == expected.keys()
+    wrong = {n: (got[n], expected[n]) for n in got if got[n] != pytest.approx(expected[n], rel=1e-12)}
+    assert not wrong, (f"{len(wrong)} of {len(got)} parameters: (weight_decay, lr_scale) in the optimizer, then as "
+                       f"the recipe implies: {dict(list(wrong.items())[:3])}")
+
+
 def test_build_optimizer_kinds(model):
     sgd = build_optimizer(model, OptimConfig(name="sgd", momentum=0.9, weight_decay=0.0), lr=0.01)
     assert isinstance(sgd, torch.optim.SGD) and all(g["momentum"] == 0.9 for g in sgd.param_groups)

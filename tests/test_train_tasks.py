@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import vitkit
 from vitkit.data import MixupCutmix
@@ -62,17 +63,43 @@ def test_mixup_targets_give_soft_cross_entropy():
     assert out["count"] == 4
 
 
-def test_distill_task_combines_class_and_distillation_heads():
+class TableTeacher(nn.Module):
+    """A teacher with hand-set logits: image i (its pixel [0, 0, 0] holds i) gets row i of ``table``."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = nn.Parameter(table)
+        self.num_classes = table.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[x[:, 0, 0, 0].long()]  # (B, K)
+
+
+# The teacher's logits for 4 images: argmax 3, 0, 4, 1, neither the labels 0, 1, 2, 3 nor one class for all, so a
+# teacher of zeros (argmax 0, uniform probabilities) or one ignored in favour of the labels gives another loss.
+TEACHER_LOGITS = torch.tensor([[0.0, 1.0, 0.0, 4.0, 0.0],
+                               [3.0, 0.0, 1.0, 0.0, 0.0],
+                               [0.0, 0.0, 2.0, 0.0, 5.0],
+                               [1.0, 2.0, 0.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_distill_task_combines_class_and_distillation_heads(kind):
     student = randomize_heads(tiny("deit_tiny_distilled_patch16_224"), seed=3)
-    teacher = randomize_heads(tiny(), seed=4)
-    task = DistillTask(ClassifyTask(K), teacher, kind="hard", alpha=0.3)
+    teacher = TableTeacher(TEACHER_LOGITS.clone())
+    task = DistillTask(ClassifyTask(K), teacher, kind=kind, alpha=0.3, tau=2.0)
     task.prepare(student)
     student.train()
     images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    images[:, 0, 0, 0] = torch.arange(4.0)  # the teacher's row
     out = task(student, (images, labels), torch.Generator())
     cls_logits, dist_logits = student(images)  # distilled training mode returns both heads
-    t_labels = teacher(images).argmax(1)
-    expected = 0.7 * F.cross_entropy(cls_logits, labels) + 0.3 * F.cross_entropy(dist_logits, t_labels)
+    if kind == "hard":  # the teacher's argmax, read off the table above
+        distill = F.cross_entropy(dist_logits, torch.tensor([3, 0, 4, 1]))
+    else:  # KL(teacher ‖ student) at τ = 2, times τ², over B·K (DeiT)
+        p_t = (TEACHER_LOGITS / 2).softmax(1)
+        distill = (p_t * (p_t.log() - (dist_logits / 2).log_softmax(1))).sum() * 4 / dist_logits.numel()
+    expected = 0.7 * F.cross_entropy(cls_logits, labels) + 0.3 * distill
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     out["loss"].backward()
     assert all(p.grad is None for p in teacher.parameters())  # the teacher is never trained
