@@ -78,7 +78,8 @@ def test_pretraining_checkpoint_loads_as_the_official_fine_tuning_code_loads_it(
     report = model.load_report
     assert any("copied into each of the 2 blocks' tables" in n and "run_class_finetuning.py" in n
                for n in report.notes)
-    assert [r.endswith("(window 7x7 → 10x10, geometric)") for r in report.resized] == [True, True]
+    assert [r.endswith("(window 7x7 → 10x10, geometric: microsoft/unilm beit/run_class_finetuning.py@768a3c8)")
+            for r in report.resized] == [True, True]
     assert any(n.startswith("2 computed buffer(s) (relative_position_index) recomputed: the patch grid changed")
                for n in report.notes)
     ignored = " ".join(report.ignored)
@@ -219,7 +220,8 @@ def test_release_file_at_another_input_size():
     report = model.load_report
     assert [r.rsplit(" (window", 1)[0] for r in report.resized] == [
         f"blocks.{i}.attn.rel_pos.relative_position_bias_table (172, 3) → (364, 3)" for i in range(2)]
-    assert all(r.endswith("(window 7x7 → 10x10, geometric)") for r in report.resized)
+    assert all(r.endswith("(window 7x7 → 10x10, geometric: microsoft/unilm beit/run_class_finetuning.py@768a3c8)")
+               for r in report.resized)
     assert any("recomputed: the patch grid changed from 7x7 to 10x10" in n for n in report.notes)
     x = torch.randn(2, 3, 160, 160)
     assert torch.isfinite(_eval(model, x)).all()
@@ -227,14 +229,16 @@ def test_release_file_at_another_input_size():
 
 def test_absolute_position_embedding_and_tables_resize_together(tmp_path):
     """A BEiT with an absolute position embedding (official --abs_pos_emb) at twice its size: the embedding is
-    resampled bicubically (prefix kept) and the per-block tables geometrically."""
+    resampled bicubically (prefix kept) and the per-block tables geometrically, as the official fine-tuning does for
+    vitkit's folders (tests/test_pos_embed_resize.py checks the numbers)."""
     small = randomize_(vitkit.create_model("beit_base_patch16_224", use_abs_pos_emb=True,
                                            **{**SHRUNK, "img_size": 48}))
     vitkit.save_pretrained(small, tmp_path / "small")
     big = vitkit.create_model("beit_base_patch16_224", pretrained=str(tmp_path / "small"), img_size=96, **SHRUNK)
     resized = big.load_report.resized
-    assert any(r.startswith("pos_embed (1, 10, 48) → (1, 37, 48)") and "bicubic" in r for r in resized)
-    assert sum(r.endswith("(window 3x3 → 6x6, geometric)") for r in resized) == 2
+    assert any(r.startswith("pos_embed (1, 10, 48) → (1, 37, 48)") and "bicubic without antialias" in r
+               for r in resized)
+    assert sum("(window 3x3 → 6x6, geometric: microsoft/unilm" in r for r in resized) == 2
     assert big.pos_embed.shape == (1, 37, 48)
 
 

@@ -1,8 +1,9 @@
-"""One line, not a traceback, for every user mistake, in every command (issue 9, items 5, 7, 8, 11).
+"""One line, not a traceback, for every user mistake, in every command (issue 9, items 5, 7, 8, 11; issue 18, item 6).
 
 Each case runs ``python -m vitkit ...`` in its own fresh folder and must exit with status 2, print exactly one line
 on stderr (``vitkit COMMAND: error: ...`` naming the key, flag or file at fault), no traceback, and leave the folder
-exactly as it was (no run folder, no half-written output). Each case's result is checked by its own test."""
+exactly as it was (no run folder, no half-written output). A mistake that shows only once the model is built (a class
+index beyond its head) follows the load's info lines. Each case's result is checked by its own test."""
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ class Case:
     expected: str  # must appear in the error line
     absent: str | None = None  # must not appear in it
     needs_no_cuda: bool = False
+    loads_model: bool = False  # found only once the model is built: the load's info lines come first
 
 
 def _not_yet_registered() -> tuple[str, str] | None:
@@ -85,6 +87,38 @@ CASES: dict[str, Case] = {
     "convert into a model folder": Case(("convert", "model", "other"), "pass --force"),
     "convert into a non-model folder": Case(("convert", "model", "notes", "--force"), "not a vitkit model folder"),
     "convert --img-size big": Case(("convert", "model", "out", "--img-size", "big"), "--img-size"),
+    # issue 18, item 6: paths, names and values that escaped the rule
+    "predict MISSING": Case(("predict", "missing.png", "--pretrained", "model"), "missing.png: no such file or folder"),
+    "predict an empty folder": Case(("predict", "empty", "--pretrained", "model"), "no image files (.jpg"),
+    "predict --pretrained MISSING": Case(("predict", "img.png", "--pretrained", "nope"), "nope: no such file"),
+    "explain MISSING": Case(("explain", "missing.png", "--pretrained", "model", "--out", "out"),
+                            "missing.png: no such file or folder"),
+    "explain a non-image": Case(("explain", "notes/todo.txt", "--pretrained", "model", "--out", "out"),
+                                "notes/todo.txt is not an image"),
+    "explain --out FILE": Case(("explain", "img.png", "--pretrained", "model", "--out", "r.yaml"),
+                               "--out r.yaml is a file"),
+    "explain --max-images 0": Case(("explain", "img.png", "--pretrained", "model", "--max-images", "0"),
+                                   "--max-images must be >= 1"),
+    "explain --target 99": Case(("explain", "img.png", "--pretrained", "model", "--out", "out", "--target", "99"),
+                                "--target 99: vit_tiny_patch16_224 has 10 classes", loads_model=True),
+    "eval MISSING_RUN": Case(("eval", "runs/nope"), "runs/nope: no such run or model folder", absent="which data"),
+    "eval --data-config MISSING": Case(("eval", "model", "--data-config", "missing.yaml"),
+                                       "--data-config missing.yaml: no such file"),
+    "export MISSING_RUN": Case(("export", "runs/nope", "out"), "runs/nope: no such model or run folder"),
+    "data.img_size=-3": Case(("train", "r.yaml", "--out", "run", "--set", "data.img_size=-3"),
+                             "data.img_size: must be positive, got -3"),
+    "model.img_size=-3": Case(("train", "r.yaml", "--out", "run", "--set", "model.img_size=-3"),
+                              "model.img_size: must be positive, got -3"),
+    "train FOLDER": Case(("train", "notes"), "recipe notes is a folder, not a YAML file"),
+    "train a binary recipe": Case(("train", "img.png"), "img.png: not a YAML text file"),
+    "bench --json FOLDER": Case(("bench", "vit_tiny_patch16_224", "--json", "notes"), "--json notes is a folder"),
+    "swin_tiny: the variant it abbreviates": Case(("predict", "img.png", "--model", "swin_tiny"),
+                                                  "did you mean swin_tiny_patch4_window7_224?"),
+    "vit_tiny: the variants with weights": Case(("train", "r.yaml", "--out", "run", "--set", "model.name=vit_tiny"),
+                                                "did you mean vit_tiny_patch16_224 or vit_tiny_patch16_384? "
+                                                "(`vitkit models 'vit_tiny*'` lists all", absent="pvt_tiny"),
+    "a misspelt name: difflib": Case(("convert", "model", "out", "--model", "deit_tiny_patch16_244"),
+                                     "did you mean deit_tiny_patch16_224"),
 }
 if (_coming := _not_yet_registered()) is not None:
     CASES["family not in vitkit yet"] = Case(("eval", "--model", f"{_coming[0]}_tiny", "--set", "data.name=digits"),
@@ -94,12 +128,13 @@ if (_coming := _not_yet_registered()) is not None:
 def _setup(folder: Path, model_dir: Path) -> None:
     """The files the cases refer to, in every case's folder (each case gets its own copy)."""
     import shutil
-    (folder / "r.yaml").write_text(yaml.safe_dump(RECIPE))
+    (folder / "r.yaml").write_text(yaml.safe_dump(RECIPE, sort_keys=False))  # model first, as recipes are written
     (folder / "cifar.yaml").write_text(yaml.safe_dump(_cifar_recipe("no_cifar_here")))
     shutil.copytree(model_dir, folder / "model")
     shutil.copytree(model_dir, folder / "other")
     (folder / "notes").mkdir()
     (folder / "notes" / "todo.txt").write_text("mine")
+    (folder / "empty").mkdir()
     from PIL import Image
     Image.new("RGB", (16, 16), (120, 30, 200)).save(folder / "img.png")
     existing = folder / "existing"  # a run that got somewhere
@@ -183,6 +218,9 @@ def test_user_mistake_is_one_line(results, name):
     lines = stderr.splitlines()
     assert code == 2, stderr
     assert "Traceback" not in stderr
+    if case.loads_model:
+        assert lines and lines[0].startswith("loaded ") and sum("error" in line for line in lines) == 1, stderr
+        lines = lines[-1:]
     assert len(lines) == 1, stderr
     command = case.argv[0] if not case.argv[-1].startswith("--nonsense") else ""
     assert lines[0].startswith(f"vitkit {command}".rstrip() + ": error: "), lines[0]
@@ -235,3 +273,12 @@ def test_a_bad_image_in_predict_is_reported_once(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert out.count("error: ") == 1 and "cannot identify" in out  # one error row ...
     assert "bad.png" not in err  # ... and no warning repeating it
+
+
+def test_model_filters_ignore_case(capsys):
+    """`vitkit models 'Swin*'` lists the Swin variants, as timm's filter would (issue 18, item 6)."""
+    from vitkit.cli.main import main
+    assert vitkit.list_models("Swin*") == vitkit.list_models("swin*") != []
+    assert main(["models", "Swin*", "--format", "csv"]) == 0
+    names = [line.split(",")[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert names == vitkit.list_models("swin*")

@@ -75,6 +75,29 @@ def test_official_case_logits_pre_logits_and_non_square_input():
     assert "no position embedding" in notes
 
 
+def test_official_options_case_per_stage_settings():
+    """The SPEC settings no released CvT uses, against the official code (tests/data/cvt/official_cvt_options): a
+    class token in stage 0 (used by its block, then dropped) and in the last, the 'avg' projection in stage 1 (q
+    unprojected, k/v average-pooled with ceil_mode), per-stage MLP ratios, qkv biases and kv strides; 48x48 and the
+    non-square 48x80. The class tokens come from the file itself."""
+    folder = CASE.parent / "official_cvt_options"
+    meta, io = json.loads((folder / "case.json").read_text()), load_file(folder / "io.safetensors")
+    kwargs = {k: v for k, v in meta["kwargs"].items() if k != "class_token"}
+    model = vitkit.create_model("cvt_13", pretrained=str(folder / "checkpoint.pth"), num_classes=10, **kwargs).eval()
+    assert model.cfg.class_token == (True, False, True) and model.stages[1].blocks[0].attn.conv_proj_q is None
+    for suffix in ("", "_wide"):
+        x = io[f"pixel_values{suffix}"].float()
+        with torch.no_grad():
+            feats = model.forward_features(x)
+            assert max_diff(model.forward_head(feats), io[f"logits{suffix}"]) <= 1e-4
+            assert max_diff(model.forward_head(feats, pre_logits=True), io[f"pre_logits{suffix}"]) <= 1e-4
+
+
+def test_official_settings_that_cannot_run_are_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="qkv_proj_method 'linear': the official code cannot run it"):
+        vitkit.create_model("cvt_13", qkv_proj_method="linear")
+
+
 def test_official_case_checks_the_files_buffers():
     """Every BatchNorm statistic of the file is loaded (not re-estimated): the running statistics are part of it."""
     _, model, _ = _case()
@@ -156,15 +179,28 @@ def test_transformers_hub_file_without_config(tmp_path):
     assert max_diff(_logits(model), _logits(hf)) <= 1e-4
 
 
-def test_transformers_configs_vitkit_cannot_express_are_errors(tmp_path):
-    hf = _hf()
+def test_transformers_per_stage_settings_load_and_the_twin_writes_them_back(tmp_path):
+    """Per-stage SPEC lists that differ between stages (MLP ratio, qkv bias, kv kernel/stride/padding) load with
+    transformers' logits; the twin rebuilds them. (A class token in an earlier stage: the official case.)"""
+    hf = _hf(mlp_ratio=[4.0, 2.0, 3.0], qkv_bias=[True, False, True], kernel_qkv=[3, 5, 3], padding_q=[1, 2, 1],
+             padding_kv=[1, 2, 1], stride_kv=[2, 1, 1])
     hf.save_pretrained(tmp_path / "mixed")
-    config = json.loads((tmp_path / "mixed" / "config.json").read_text())
-    for key, value, match in (("mlp_ratio", [4.0, 2.0, 4.0], "mlp_ratio"), ("cls_token", [True, False, True], "last"),
-                              ("qkv_projection_method", ["avg"] * 3, "dw_bn")):
-        (tmp_path / "mixed" / "config.json").write_text(json.dumps({**config, key: value}))
-        with pytest.raises(CheckpointError, match=match):
-            vitkit.create_model("cvt_13", pretrained=str(tmp_path / "mixed"))
+    model = vitkit.create_model("cvt_13", pretrained=str(tmp_path / "mixed"))
+    assert model.cfg.mlp_ratio == (4.0, 2.0, 3.0) and model.cfg.kernel_qkv == (3, 5, 3)
+    for x in (X, X_WIDE):
+        assert max_diff(_logits(model, x), _logits(hf, x)) <= 1e-4
+        assert max_diff(_logits(to_transformers(model), x), _logits(hf, x)) <= 1e-4
+
+
+@pytest.mark.parametrize("key, value, match", [("qkv_projection_method", ["avg"] * 3, "for 'avg' it builds no"),
+                                               ("cls_token", [True, False, True], "sizes every class token")])
+def test_transformers_settings_transformers_cannot_run_are_refused_with_the_reason(tmp_path, key, value, match):
+    hf = _hf()
+    hf.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(CheckpointError, match=match):
+        vitkit.create_model("cvt_13", pretrained=str(tmp_path / "hf"))
 
 
 def test_transformers_folder_infers_the_variant(tmp_path, capsys):
@@ -278,3 +314,50 @@ def test_catalog_names_hub_releases_only():
         weights = vitkit.get_spec(name).weights
         assert weights.url.startswith("hf-hub:microsoft/cvt-") and weights.source_format == "hf"
         assert vitkit.get_spec(name).format(weights.source_format) is not None
+
+
+# ====================================================================================== evaluation preprocessing
+TRANSFORM_CASE = Path(__file__).parent / "data" / "cvt" / "official_eval_transform.safetensors"
+# the official TEST settings of each reference (make_eval_transform_case.py): (H, W), crop_pct, crop_mode
+EVAL_SETTINGS = {"squash_64": ((64, 64), 1.0, "squash"), "squash_80x48": ((48, 80), 1.0, "squash"),
+                 "center_56": ((56, 56), 0.875, "center")}
+
+
+@pytest.mark.parametrize("key", list(EVAL_SETTINGS))
+@pytest.mark.parametrize("image", [0, 1])
+def test_eval_transform_is_the_official_cvt_transform(key, image):
+    """``predict``'s PIL transform with the data_cfg of each official TEST setting equals CvT's own
+    ``build_transforms(cfg, is_train=False)`` run with torchvision (tests/data/cvt/make_eval_transform_case.py):
+    CENTER_CROP False squashes the image to the size (crop_mode 'squash'), True resizes the short side and crops."""
+    from PIL import Image
+
+    from vitkit.evaluate.preprocess import eval_transform
+    from vitkit.specs import PreprocessConfig
+    ref = load_file(TRANSFORM_CASE)
+    (h, w), crop_pct, mode = EVAL_SETTINGS[key]
+    img = Image.fromarray(ref[f"image_{image}"].numpy())
+    cfg = PreprocessConfig(input_size=(3, h, w), crop_pct=crop_pct, crop_mode=mode)
+    assert max_diff(eval_transform(cfg)(img), ref[f"{key}_{image}"]) <= 1e-5
+    other = PreprocessConfig(input_size=(3, h, w), crop_pct=crop_pct, crop_mode="center" if mode == "squash" else
+                             "squash")
+    assert max_diff(eval_transform(other)(img), ref[f"{key}_{image}"]) > 0.5  # the other mode is another image
+
+
+def test_the_384_weights_squash_in_predict_and_eval():
+    """The 384 variants (official configs with TEST.CENTER_CROP False) carry crop_mode 'squash'; the 224 ones keep the
+    aspect ratio. ``vitkit eval``'s dataset transform (uint8 tensors, antialiased ``F.interpolate``) takes the mode
+    from the model and comes within resampling rounding of the official PIL transform."""
+    from vitkit.evaluate.eval_data import dataset_transform, resolve_data_config
+    for name in ("cvt_13_384", "cvt_21_384", "cvt_w24"):
+        cfg = vitkit.get_spec(name).data_cfg
+        assert (cfg.crop_mode, cfg.crop_pct, cfg.input_size) == ("squash", 1.0, (3, 384, 384)), name
+    assert vitkit.get_spec("cvt_13").data_cfg.crop_mode == "center"
+    model = vitkit.create_model("cvt_13_384", **TINY, img_size=64)
+    data = resolve_data_config(model, {"name": "fake"})
+    assert data.crop_mode == "squash" and data.img_size == 64
+    ref = load_file(TRANSFORM_CASE)
+    image = ref["image_0"].permute(2, 0, 1).contiguous()  # (3, 100, 150) uint8
+    out = dataset_transform(data, model)(image)
+    assert out.shape == (3, 64, 64) and (out - ref["squash_64_0"]).abs().mean() < 0.05
+    centre = dataset_transform(resolve_data_config(model, {"name": "fake", "crop_mode": "center"}), model)(image)
+    assert (centre - ref["squash_64_0"]).abs().mean() > 0.2

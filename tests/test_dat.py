@@ -27,7 +27,8 @@ from vitkit.weights import CheckpointMismatchError
 from conftest import max_diff, randomize_
 
 DATA = Path(__file__).parent / "data" / "dat"
-CASES = ("official_dat_v1_options", "official_dat_pp_options", "official_dat_pp_runtime_size")
+CASES = ("official_dat_v1_options", "official_dat_pp_options", "official_dat_pp_runtime_size",
+         "official_dat_v1_dwc_pes", "official_dat_pp_ablations")
 
 
 def _case(name: str) -> tuple[dict, dict]:
@@ -76,6 +77,43 @@ def test_official_load_pretrained_resize_v1():
     resized = " ".join(model.load_report.resized)
     assert "relative_position_bias_table (49, 1) → (121, 1)" in resized and "rpe_table (4, 7, 7) → (4, 11, 11)" in resized
     assert any("recomputed" in n for n in model.load_report.notes)
+
+
+@pytest.mark.parametrize("name, size, resized", [
+    ("official_dat_v1_dwc_pes", 96, ["stages.2.blocks.0.attn.rpe_table (2, 7, 7) → (2, 11, 11) (bicubic)"]),
+    ("official_dat_pp_ablations", 160, [f"stages.3.blocks.{j}.attn.rpe_table (4, 16, 16) → (4, 25, 25) (bicubic)"
+                                        for j in (0, 1)]),
+])
+def test_ablation_cases_at_a_second_size(name, size, resized):
+    """The ablation cases loaded by the official ``load_pretrained`` into a model of another size (``case.json``
+    ``resized_constructor``): v1 with ``dwc_pes`` (its conv has nothing to resize) next to a bias table; DAT++ with
+    ``fixed_pes``, whose (heads, H·W, Hk·Wk) bias the official code interpolates bicubically like any rpe_table."""
+    meta, io = _case(name)
+    windows = {"official_dat_v1_dwc_pes": dict(window_sizes=(6, 6, 3, 3))}.get(name, {})
+    model = _load(name, img_size=size, **windows)
+    logits, pre = _outputs(model, io[f"pixel_values_{size}"].float())
+    assert _close(logits, io[f"logits_{size}"]) and _close(pre, io[f"pre_logits_{size}"]), \
+        max_diff(logits, io[f"logits_{size}"])
+    assert set(resized) <= set(model.load_report.resized)
+
+
+def test_ablation_parts_are_built_and_loaded():
+    """What the two ablation cases exercise is really there: the dwc_pe conv (official ``rpe_table`` Conv2d) as
+    ``lepe``, the fixed bias, a deformable layer without offsets (and without a position encoding), and DAT++'s 'X',
+    'P', 'E', 'Q' blocks; the layer scales the official stage builds for an 'X' block are dropped with a note."""
+    v1 = _load("official_dat_v1_dwc_pes")
+    attn = v1.stages[3].blocks[1].attn
+    assert attn.position_encoding == "dwc" and attn.lepe.weight.shape == (64, 1, 3, 3) and attn.rpe_table is None
+    pp = _load("official_dat_pp_ablations")
+    kinds = [[type(b.attn).__name__ if hasattr(b, "attn") else type(b).__name__ for b in stage.blocks]
+             for stage in pp.stages]
+    assert kinds == [["ConvBlock", "PyramidAttention"], ["SlideAttention", "LearnedQueries1x1", "DeformableAttention"],
+                     ["DeformableAttention", "WindowAttention"], ["DeformableAttention", "DeformableAttention"]]
+    no_off, dwc, fixed = pp.stages[1].blocks[2].attn, pp.stages[2].blocks[0].attn, pp.stages[3].blocks[0].attn
+    assert not no_off.use_offsets and no_off.position_encoding is None and no_off.rpe_table is None
+    assert not any(p.requires_grad for p in no_off.offsets.parameters())  # frozen, as officially
+    assert dwc.position_encoding == "dwc" and fixed.rpe_table.shape == (4, 16, 16)
+    assert any("ls1/ls2 dropped" in n for n in pp.load_report.notes)
 
 
 def test_dat_pp_runs_at_another_size_with_its_tables():
@@ -152,12 +190,24 @@ def test_the_two_versions_are_told_apart():
 # ================================================================================================ configuration
 @pytest.mark.parametrize("name, overrides, match", [
     ("dat_tiny", dict(stage_spec=(("L", "S"), ("L", "S"), ("N", "D") * 3, ("L", "D"))), r"stage_spec\[2\]\[0\]"),
-    ("dat_tiny", dict(dwc_pes=(False, False, True, True)), "dwc_pes=.*ablation"),
+    ("dat_tiny", dict(fixed_pes=(False, False, True, True)), r"fixed_pes\[2\]: the official code cannot run it: "
+                                                             r".*self.n_sample"),
+    ("dat_tiny", dict(no_offs=(False, False, False, True)), r"no_offs\[3\]: .*Tensor.fill does not exist"),
+    ("dat_pp_tiny", dict(no_offs=(True, False, False, False), dwc_pes=(True, False, False, False)),
+     r"dwc_pes\[0\] with no_offs\[0\] .*UnboundLocalError"),
+    ("dat_pp_tiny", dict(no_offs=(True, False, False, False), ksizes=(10, 7, 5, 3)),
+     r"no_offs\[0\]: .*samples 8x8 keys but the official average pooling has 7x7"),
+    ("dat_pp_tiny", dict(stage_spec=(("N", "Q"), ("N", "D") * 2, ("N", "D") * 9, ("D", "D"))),
+     r"ksize_qnas\[0\] = 3: the official code cannot run it"),
+    ("dat_pp_tiny", dict(stage_spec=(("X", "D"), ("N", "D") * 2, ("N", "D") * 9, ("D", "D")), window_sizes=(4, 7, 7, 7)),
+     r"window_sizes\[0\] = 4: an 'X' block"),
+    ("dat_pp_tiny", dict(lower_lr_kvs={"offset": 0.1}), r"lower_lr_kvs .*: a training setting"),
     ("dat_tiny", dict(groups=(-1, -1, 5, 6)), r"groups\[2\] = 5"),
     ("dat_tiny", dict(img_size=200), "multiple of 32"),
     ("dat_tiny", dict(dims=(96, 192, 384, 720)), r"dims\[3\] = 720 must be 2 x dims\[2\]"),
     ("dat_tiny", dict(depths=(2, 2, 4, 2)), r"stage_spec\[2\]"),
-    ("dat_tiny", dict(sr_ratios=(8, 4, 2, 1)), r"unknown argument sr_ratios for dat_tiny"),
+    ("dat_tiny", dict(sr_ratios=(8, 4, 2, 1)), r"sr_ratios \(an argument of the official dat constructor\): no "
+                                                r"block of DAT v1"),
     ("dat_pp_tiny", dict(img_size=32), r"stage 0.s 8x8 map samples a 1x1 key grid with ksizes\[0\] = 9 and strides\[0\] = 8"),
     ("dat_pp_tiny", dict(nat_ksizes=(7, 6, 7, 7)), r"nat_ksizes\[1\] = 6"),
 ])

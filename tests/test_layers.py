@@ -229,6 +229,51 @@ def test_resample_default_bicubic_antialias_matches_pillow(old, new):
     np.testing.assert_allclose(out[0, 1:].reshape(*new, 3).numpy(), ref, atol=1e-5)
 
 
+def _linear_matrix(n_in: int, n_out: int, corners: bool) -> np.ndarray:
+    """(n_out, n_in) 2-tap linear interpolation: corner-aligned (scipy.ndimage.zoom order 1) or half-pixel centres."""
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        src = i * (n_in - 1) / (n_out - 1) if corners else min(max((i + 0.5) * n_in / n_out - 0.5, 0), n_in - 1)
+        i0 = min(math.floor(src), n_in - 2)
+        m[i, i0], m[i, i0 + 1] = 1 - (src - i0), src - i0
+    return m
+
+
+@pytest.mark.parametrize("old,new", [((2, 3), (4, 6)), ((4, 4), (6, 6)), ((7, 5), (3, 4))], ids=str)
+def test_named_schemes_against_independent_references(old, new):
+    """Each scheme of POS_EMBED_RESIZES against a reference that does not go through F.interpolate: Keys' kernel
+    (bicubic), Pillow (bicubic_antialias), scipy.ndimage.zoom order 1 as vit_jax / big_vision call it (zoom_linear),
+    half-pixel linear taps (bilinear), the formula (sinusoid). Prefix rows are kept by all of them."""
+    import scipy.ndimage
+    from PIL import Image
+    from vitkit.layers.pos_embed import POS_EMBED_RESIZES, sinusoid_table
+    grid = np.random.RandomState(2).randn(*old, 3).astype(np.float32)
+    prefix = np.random.RandomState(3).randn(2, 3)
+    pos = _posemb(grid, prefix)
+    refs = {
+        "bicubic": np.einsum("ih,hwd,jw->ijd", _cubic_matrix(old[0], new[0]), grid, _cubic_matrix(old[1], new[1])),
+        "bicubic_antialias": np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(grid[..., d]))
+                                                  .resize((new[1], new[0]), Image.BICUBIC)) for d in range(3)], -1),
+        "zoom_linear": scipy.ndimage.zoom(grid, (new[0] / old[0], new[1] / old[1], 1), order=1),
+        "bilinear": np.einsum("ih,hwd,jw->ijd", _linear_matrix(old[0], new[0], False), grid,
+                              _linear_matrix(old[1], new[1], False)),
+        "sinusoid": sinusoid_table(2 + new[0] * new[1], 3)[0, 2:].reshape(*new, 3).numpy(),
+    }
+    assert set(refs) == set(POS_EMBED_RESIZES)
+    for name, scheme in POS_EMBED_RESIZES.items():
+        out = scheme.fn(pos, new, old, 2)
+        assert out.shape == (1, 2 + new[0] * new[1], 3) and out.dtype == pos.dtype
+        if name != "sinusoid":
+            assert torch.equal(out[:, :2], pos[:, :2]), name
+        np.testing.assert_allclose(out[0, 2:].reshape(*new, 3).numpy(), refs[name], atol=1e-5, err_msg=name)
+
+
+def test_an_unknown_scheme_names_the_choices():
+    from vitkit.layers.pos_embed import get_pos_embed_resize
+    with pytest.raises(ValueError, match="choose from bicubic, bicubic_antialias, zoom_linear, bilinear, sinusoid"):
+        get_pos_embed_resize("lanczos")
+
+
 def test_resample_rejects_inconsistent_grid():
     with pytest.raises(ValueError, match="old grid"):
         resample_pos_embed(torch.zeros(1, 1 + 10, 4), (4, 4), (3, 3))

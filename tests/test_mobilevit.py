@@ -371,3 +371,30 @@ def test_training_and_dataset_eval_feed_bgr_weights_bgr(tmp_path):
     torch.testing.assert_close(data.train.transform(image), expected)
     torch.testing.assert_close(data.test.transform(splits.test[0][0]),
                                dataset_transform(cfg.data, model)(splits.test[0][0]))
+
+
+# ============================================================================================ official options
+OPTIONS_KW = dict(widths=(8, 16, 24, 32, 40), transformer_dims=(16, 24, 32), head_dim=8, no_fusion=True,
+                  global_pool="abs", num_classes=10)
+
+
+@pytest.mark.parametrize("size, pool, key", [(256, "abs", "logits_256x256"), (160, "abs", "logits_160x160"),
+                                             (256, "rms", "logits_256x256_rms")])
+def test_official_options_head_dim_no_fusion_global_pool(size, pool, key):
+    """``mit.head_dim`` 8 (2, 3, 4 heads by width), ``mit.no_fuse_local_global_features`` and the ``abs`` / ``rms``
+    global pools against ml-cvnets itself (tests/data/mobilevit/official_options*, make_options_case.py), at 256 and
+    160 pixels."""
+    folder = Path(__file__).parent / "data" / "mobilevit"
+    io = load_file(folder / "official_options_io.safetensors")
+    model = vitkit.create_model("mobilevit_xxs", pretrained=str(folder / "official_options.pt"), img_size=size,
+                                **{**OPTIONS_KW, "global_pool": pool}).eval()
+    assert [s[1].transformer[0].attn.num_heads for s in model.stages[2:]] == [2, 3, 4]
+    assert all(s[1].conv_fusion is None for s in model.stages[2:])
+    with torch.no_grad():
+        out = model(io[f"images_{size}x{size}"].float() / 255)
+    assert (out - io[key]).abs().max() <= 1e-4 + 1e-4 * io[key].abs().max()
+
+
+def test_ml_cvnets_options_that_build_nothing_are_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="transformer_norm_layer .*never passes it"):
+        vitkit.create_model("mobilevit_xxs", transformer_norm_layer="batch_norm")

@@ -105,6 +105,29 @@ def test_loading_at_another_size_resamples_as_the_official_forward(size, suffix)
     assert_reproduces(model, io, suffix, meta)
 
 
+OPTIONS = reference_case("pvt", "official_pvt_options")
+
+
+@pytest.mark.parametrize("size,suffix", [(None, ""), ((96, 96), "_96x96"), ((80, 128), "_80x128")])
+def test_official_options_patch_size_and_qk_scale(size, suffix):
+    """``patch_size`` 8 and ``qk_scale`` against the official code (tests/data/pvt/official_pvt_options). The official
+    position embeddings of stages 2-4 are sized for a 4-pixel patch and resampled on every call; vitkit resamples them
+    once at load (the same bilinear interpolation), to the model's real grids, so a model built for each input size
+    gives the official logits."""
+    meta, io, folder = OPTIONS
+    model = load_reference(meta, folder, **({"img_size": size} if size else {}))
+    assert model.stages[0].blocks[0].attn.scale == 0.3 and model.patch_embed.proj.kernel_size == (8, 8)
+    assert any("stages.1.pos_embed" in r for r in model.load_report.resized)
+    assert_reproduces(model, io, suffix, meta)
+
+
+@pytest.mark.parametrize("name, option, match", [
+    ("pvt_tiny", dict(num_stages=3), "num_stages .*embed_dims"), ("pvt_v2_b0", dict(patch_size=4), "nothing reads it")])
+def test_official_options_vitkit_does_not_take_name_the_reason(name, option, match):
+    with pytest.raises(ConfigError, match=match):
+        vitkit.create_model(name, **option)
+
+
 def test_the_reference_case_pins_eps_and_interpolation(monkeypatch):
     """The case can fail: 1e-6 in either 1e-5 LayerNorm, or bicubic resampling, moves the logits far beyond 1e-4."""
     meta, io, folder = CASE
@@ -170,6 +193,21 @@ def test_transformers_parity(tmp_path):
     official_eps = vitkit.create_model("pvt_tiny", pretrained=str(tmp_path / "hf"), embed_norm_eps=1e-5,
                                        sr_norm_eps=1e-5)
     assert max_diff(logits(official_eps, X64), ref) > 1e-3  # the eps really is the checkpoint's to decide
+
+
+def test_transformers_cannot_run_a_second_resolution_so_the_official_scheme_applies(tmp_path):
+    """transformers' PVT cannot run another input size (``PvtPatchEmbeddings.interpolate_pos_encoding`` reshapes the
+    stored table to the new grid before interpolating: a RuntimeError in transformers 5.x), so there is no
+    transformers reference there; vitkit loads its files at another size with the official bilinear resampling."""
+    hf = hf_model("PvtConfig", "PvtForImageClassification", PVT_HF_PARTS, image_size=64)
+    hf.save_pretrained(tmp_path / "hf")
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(13))
+    with pytest.raises(RuntimeError):
+        hf_logits(hf, x)
+    model = vitkit.create_model("pvt_tiny", pretrained=str(tmp_path / "hf"), img_size=96)
+    resized = model.load_report.resized
+    assert len(resized) == 4 and all("bilinear without antialiasing" in r for r in resized)
+    assert torch.isfinite(logits(model, x)).all()
 
 
 def test_transformers_weights_without_config(tmp_path):

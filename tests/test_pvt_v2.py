@@ -90,6 +90,30 @@ def test_transformers_twin_computes_the_official_function(linear):
     assert max_diff(logits(model, X64), hf_logits(twin, X64)) <= 1e-5
 
 
+def test_timm_file_at_a_second_resolution():
+    """tests/data/pvt_v2/timm_second_size (timm itself): the 64-pixel file at 96 pixels, nothing resized."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    folder = Path(__file__).parent / "data" / "pvt_v2" / "timm_second_size"
+    meta, io = json.loads((folder / "case.json").read_text()), load_file(folder / "io.safetensors")
+    for size, suffix in ((64, ""), (96, "_96")):
+        model = vitkit.create_model(meta["vitkit_model"], pretrained=str(folder / "model.safetensors"),
+                                    num_classes=10, **{**meta["kwargs"], "img_size": size})
+        assert model.load_report.format == "timm" and not model.load_report.resized
+        assert max_diff(logits(model, io[f"pixel_values{suffix}"].float()), io[f"logits{suffix}"]) <= 1e-4
+
+
+def test_transformers_folder_at_a_second_resolution(tmp_path):
+    """A transformers folder of a 64-pixel model loaded at img_size 96 x 160 (nothing to resize: no position
+    embedding) computes what transformers computes on those inputs."""
+    hf = hf_model("PvtV2Config", "PvtV2ForImageClassification", HF_PARTS, image_size=64)
+    hf.save_pretrained(tmp_path / "hf")
+    model = vitkit.create_model("pvt_v2_b0", pretrained=str(tmp_path / "hf"), img_size=(96, 160))
+    x = torch.randn(2, 3, 96, 160, generator=torch.Generator().manual_seed(12))
+    assert not model.load_report.resized and max_diff(logits(model, x), hf_logits(hf, x)) <= 1e-5
+
+
 # ------------------------------------------------------------------------------------------ input size, pyramid
 def test_another_input_size_needs_nothing_resized(tmp_path):
     """No position embedding or bias table: the 64 model's weights load unchanged at 128 (the report says so), and

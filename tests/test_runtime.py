@@ -1,5 +1,6 @@
 """`--runtime` of predict, eval and bench: an exported model behind the same commands gives the eager model's answers
-(fp32), and bench times every runtime in the same interleaved rounds as transformers."""
+(fp32), and bench times every runtime in the same interleaved rounds as transformers; a folder written by `vitkit
+export` is a model for all three; an export that fails inside bench is one line."""
 from __future__ import annotations
 
 import json
@@ -62,3 +63,58 @@ def test_bench_times_runtimes_in_the_same_rounds(capsys, tmp_path):
     assert cmp["other_diffs"]["onnxruntime"] < 1e-4
     for result in (cmp["ours"], cmp["theirs"], *cmp["others"].values()):
         assert len(result["times_ms"]) == 2 and result["latency_ms_p99"] >= result["latency_ms_median"]
+
+
+def test_an_export_folder_is_a_model(saved, tmp_path, capsys):
+    """`vitkit export` writes a folder that predict, eval and bench run directly, without exporting again."""
+    images = [str(saved / f"img{i}.png") for i in range(3)]
+    assert main(["predict", *images, "--pretrained", str(saved / "model"), "--format", "json", "--topk", "3"]) == 0
+    eager = json.loads(capsys.readouterr().out)
+    assert main(["export", str(saved / "model"), str(tmp_path / "onnx")]) == 0
+    capsys.readouterr()
+    assert main(["predict", *images, "--model", str(tmp_path / "onnx"), "--format", "json", "--topk", "3"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    for a, b in zip(eager, exported):
+        assert [t["label"] for t in a["topk"]] == [t["label"] for t in b["topk"]]  # class names from vitkit.json
+        assert [t["prob"] for t in a["topk"]] == pytest.approx([t["prob"] for t in b["topk"]], abs=1e-5)
+    assert main(["predict", images[0], "--model", str(tmp_path / "onnx"), "--runtime", "openvino"]) == 2
+    assert "is a onnx export: it runs in onnxruntime, not openvino" in capsys.readouterr().err
+    assert main(["predict", images[0], "--model", str(tmp_path / "onnx"), "--int8"]) == 2
+    assert "int8 is chosen when exporting" in capsys.readouterr().err
+
+    assert main(["bench", str(tmp_path / "onnx"), "--batch-size", "2", "--iters", "2", "--warmup", "1",
+                 "--probes", "0", "--json", str(tmp_path / "bench.json")]) == 0
+    assert "onnxruntime, fp32" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "bench.json").read_text())["result"]["times_ms"]) == 2
+    assert main(["bench", str(tmp_path / "onnx"), "--set", "depth=1"]) == 2
+    assert "is an exported model: it runs as exported, on the CPU; drop --set" in capsys.readouterr().err
+
+
+def test_eval_runs_an_export_folder(tmp_path, capsys):
+    model = randomize_(vitkit.create_model("deit_tiny_patch16_224", **vitkit.get_spec("deit_tiny_patch16_224").tiny,
+                                           num_classes=10)).eval()
+    vitkit.save_pretrained(model, tmp_path / "model")
+    assert main(["export", str(tmp_path / "model"), str(tmp_path / "ov"), "--format", "openvino"]) == 0
+    data = ["--set", "data.name=fake", "data.test_limit=24", "data.num_workers=0", "data.img_size=32"]
+    metrics = {}
+    for name, source in (("eager", [str(tmp_path / "model")]), ("exported", ["--model", str(tmp_path / "ov")])):
+        assert main(["eval", *source, *data, "--amp", "none", "--out", str(tmp_path / name)]) == 0
+        metrics[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert "openvino fp32" in capsys.readouterr().out
+    assert metrics["exported"]["top1"] == metrics["eager"]["top1"] and metrics["exported"]["num_samples"] == 24
+    assert metrics["exported"]["runtime"] == "openvino fp32"
+
+
+def test_a_failed_export_in_bench_is_one_line(monkeypatch, capsys):
+    import vitkit.deploy.export as export_module
+
+    def failing(model, path, opset):
+        raise RuntimeError("Unsupported op aten::frobnicate\nwith a long second line")
+    monkeypatch.setattr(export_module, "_write_onnx", failing)
+    args = ["bench", "deit_tiny_patch16_224", "--set", "depth=1", "--set", "embed_dim=48", "--set", "num_heads=3",
+            "--img-size", "32", "--probes", "0", "--runtime", "eager,onnxruntime", "--compare", "transformers"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("vitkit bench: error: --runtime onnxruntime: deit_tiny_patch16_224 could not be exported to "
+                          "onnx: RuntimeError: Unsupported op aten::frobnicate")

@@ -140,8 +140,31 @@ def test_twin_refuses_stages_smaller_than_the_window():
         hf(pixel_values=torch.zeros(1, 3, 32, 32))
 
 
-@pytest.mark.parametrize("setting,match", [(dict(use_absolute_embeddings=True), "use_absolute_embeddings"),
-                                           (dict(layer_norm_eps=1e-6), "layer_norm_eps"),
+def test_transformers_absolute_embeddings(tmp_path):
+    """``use_absolute_embeddings`` (the official ``ape``) loads as ``absolute_pos_embed``; the twin writes it back."""
+    hf = _hf(use_absolute_embeddings=True)
+    hf.save_pretrained(tmp_path / "hf")
+    model = vitkit.create_model(NAME, pretrained=str(tmp_path / "hf"), img_size=64, window_size=2)
+    x = _input(model)
+    assert model.cfg.ape and max_diff(_logits(model, x), _logits(hf, x)) <= 1e-4
+    assert max_diff(_logits(to_transformers(model), x), _logits(hf, x)) <= 1e-4
+
+
+def test_transformers_absolute_embeddings_at_a_second_resolution(tmp_path):
+    """A 64-pixel ``use_absolute_embeddings`` folder loaded at 96 (same window): the table is resized at load the
+    way transformers' ``interpolate_pos_encoding=True`` forward resizes it (bicubic, align_corners False, no
+    antialiasing), and the logits are transformers' on 96-pixel inputs."""
+    hf = _hf(use_absolute_embeddings=True)
+    hf.save_pretrained(tmp_path / "hf")
+    model = vitkit.create_model(NAME, pretrained=str(tmp_path / "hf"), img_size=96, window_size=2)
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = hf.eval()(pixel_values=x, interpolate_pos_encoding=True).logits
+    assert "absolute_pos_embed (1, 256, 16) → (1, 576, 16)" in model.load_report.resized[0]
+    assert max_diff(_logits(model, x), ref) <= 1e-4
+
+
+@pytest.mark.parametrize("setting,match", [(dict(layer_norm_eps=1e-6), "layer_norm_eps"),
                                            (dict(hidden_act="relu"), "hidden_act")])
 def test_transformers_settings_vitkit_cannot_express_are_refused(tmp_path, setting, match):
     _hf(**setting).save_pretrained(tmp_path / "hf")
@@ -195,6 +218,46 @@ def test_another_window_resizes_tables_as_official_load_pretrained():
     expected = resize_rel_pos_bias_table(table, (4, 4), (5, 5), method="geometric")
     assert torch.equal(geometric.layers[2].blocks[1].attn.relative_position_bias_table.detach(), expected)
     assert 1e-4 < max_diff(_logits(geometric, x), bicubic) < 1.0  # the two methods differ, as the issue says
+
+
+def test_timm_file_at_a_second_resolution_resizes_as_timm():
+    """A timm file of a 64-pixel / window-2 model loaded at 96 / window 3 (tests/data/swin/timm_second_size, timm
+    itself): the tables are resized as timm's checkpoint_filter_fn does (geometric progression, linear), not with the
+    official bicubic, and the logits are timm's."""
+    folder = OFFICIAL_CASE.parent / "timm_second_size"
+    meta, io = json.loads((folder / "case.json").read_text()), load_file(folder / "io.safetensors")
+    kw = dict(pretrained=str(folder / "model.safetensors"), num_classes=10, **meta["kwargs"])
+    model = vitkit.create_model(meta["vitkit_model"], **kw).eval()
+    assert max_diff(_logits(model, io["pixel_values"].float()), io["logits"]) <= 1e-4
+    model = vitkit.create_model(meta["vitkit_model"], **{**kw, "img_size": 96, "window_size": 3}).eval()
+    assert all("geometric_linear" in r and "checkpoint_filter_fn" in r for r in model.load_report.resized)
+    assert max_diff(_logits(model, io["pixel_values_96"].float()), io["logits_96"]) <= 1e-4
+    bicubic = vitkit.create_model(meta["vitkit_model"], **{**kw, "img_size": 96, "window_size": 3,
+                                                           "rel_pos_resize": "bicubic"}).eval()
+    assert max_diff(_logits(bicubic, io["pixel_values_96"].float()), io["logits_96"]) > 1e-3  # the scheme matters
+
+
+def test_official_options_case():
+    """``ape``, ``patch_norm=False`` and ``qk_scale`` against the official code (tests/data/swin/official_options),
+    at its size and loaded into a 96-px / window-3 model as ``utils.load_pretrained`` does (the absolute position
+    embedding bicubically, without antialiasing)."""
+    folder = OFFICIAL_CASE.parent / "official_options"
+    meta, io = json.loads((folder / "case.json").read_text()), load_file(folder / "io.safetensors")
+    for size, window, suffix in ((64, 2, ""), (96, 3, "_96")):
+        model = vitkit.create_model(meta["vitkit_model"], pretrained=str(folder / "checkpoint.pth"), num_classes=10,
+                                    **{**meta["kwargs"], "img_size": size, "window_size": window}).eval()
+        with torch.no_grad():
+            feats = model.forward_features(io[f"pixel_values{suffix}"].float())
+            assert max_diff(model.forward_head(feats), io[f"logits{suffix}"]) <= 1e-4
+            assert max_diff(model.forward_head(feats, pre_logits=True), io[f"pre_logits{suffix}"]) <= 1e-4
+    assert "absolute_pos_embed (1, 256, 8) → (1, 576, 8)" in model.load_report.resized[0]
+    assert not any("norm" in n for n, _ in model.patch_embed.named_parameters())  # patch_norm=False
+
+
+@pytest.mark.parametrize("option", ["use_checkpoint", "fused_window_process"])
+def test_official_options_that_change_nothing_are_refused_with_the_reason(option):
+    with pytest.raises(ConfigError, match=f"{option} .*changes no output"):
+        vitkit.create_model(NAME, **{option: True})
 
 
 def load_file_official() -> dict[str, torch.Tensor]:

@@ -91,28 +91,35 @@ def test_qk_scale_is_the_official_evaluations_unless_overridden(performer_io):
     assert max_diff(eval_forward(model, performer_io["pixel_values"]), performer_io["logits_ema"]) > 1e-2
 
 
-def test_another_input_size_regenerates_the_sinusoidal_table(performer_io):
-    """Loaded into a 96-px model, the 64-px checkpoint runs with the 96-px model's own sinusoidal table: the official
-    code's output when its constructor builds the table for 96 px. The official ``utils.resize_pos_embed`` would
-    interpolate the table instead; that gives other logits (compared for the record)."""
+def test_another_input_size_regenerates_the_sinusoid_when_asked(performer_io):
+    """``pos_embed_resize="sinusoid"``: the 64-px checkpoint in a 96-px model runs with the 96-px model's own
+    sinusoidal table, the official code's output when its constructor builds the table for 96 px. By default the
+    table is interpolated as the official transfer-learning loader does it (tests/test_pos_embed_resize.py); the two
+    differ."""
     kw = {**PERFORMER_KW, "img_size": 96}
-    model = vitkit.create_model("t2t_vit_7", pretrained=str(PERFORMER / "checkpoint.pth.tar"), **kw)
+    model = vitkit.create_model("t2t_vit_7", pretrained=str(PERFORMER / "checkpoint.pth.tar"), **kw,
+                                pos_embed_resize="sinusoid")
     out, ref = eval_forward(model, performer_io["pixel_values_96"]), performer_io["logits_96_regenerated"]
     assert golden_close(out, ref), max_diff(out, ref)
     assert max_diff(out, performer_io["logits_96_interpolated"]) > 1e-2
     assert torch.equal(model.pos_embed, sinusoid_table(37, 32))
     (line,) = model.load_report.resized
-    assert line.startswith("pos_embed (1, 17, 32) → (1, 37, 32)") and "regenerated for the 6x6 grid" in line
+    assert line.startswith("pos_embed (1, 17, 32) → (1, 37, 32) (grid 4x4 → 6x6, sinusoidal table regenerated")
+    assert "chosen with pos_embed_resize='sinusoid'" in line
 
 
-def test_a_table_that_is_not_sinusoidal_is_resampled_and_said_so(tmp_path):
+def test_a_table_that_is_not_sinusoidal_is_said_so_when_the_sinusoid_replaces_it(tmp_path):
     source = randomize_(vitkit.create_model("t2t_vit_7", **tiny_overrides("t2t_vit_7")))
     with torch.no_grad():
         source.pos_embed.add_(0.1)
     vitkit.save_pretrained(source, tmp_path / "m")
     big = vitkit.create_model("t2t_vit_7", pretrained=str(tmp_path / "m"), **tiny_overrides("t2t_vit_7", img_size=64))
     (line,) = big.load_report.resized
-    assert "bicubic" in line and "regenerated" not in line
+    assert "bicubic without antialias: yitu-opensource/T2T-ViT utils.py@0f63dc9" in line
+    big = vitkit.create_model("t2t_vit_7", pretrained=str(tmp_path / "m"), pos_embed_resize="sinusoid",
+                              **tiny_overrides("t2t_vit_7", img_size=64))
+    assert "regenerated" in big.load_report.resized[0]
+    assert any("not the sinusoid" in n for n in big.load_report.notes)
 
 
 def test_official_transformer_cifar_container():

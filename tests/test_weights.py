@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import vitkit
 from vitkit.cli.main import main as cli_main
-from vitkit.layers import resample_pos_embed
+from vitkit.layers.pos_embed import bicubic, zoom_linear
 from vitkit.weights import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError
 
 from conftest import find_golden_cases, max_diff, randomize_, require, skip_or_fail, tiny_overrides
@@ -292,16 +292,20 @@ def test_num_classes_change_gives_zero_head_and_report(tmp_path):
     assert max_diff(_logits(same), _logits(source)) == 0
 
 
-@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
-def test_img_size_change_resamples_pos_embed(tmp_path, name):
-    source = _tiny_vit(name)
-    path = _save_state(source, tmp_path / "m.safetensors")
+@pytest.mark.parametrize("name,scheme,source", [
+    ("vit_tiny_patch16_224", zoom_linear, "vision_transformer vit_jax/checkpoint.py@c6de1e5"),
+    ("deit_tiny_distilled_patch16_224", bicubic, "facebookresearch/deit main.py@7e160fe")])
+def test_img_size_change_resamples_pos_embed(tmp_path, name, scheme, source):
+    """A timm file has no resize code of its own: the family's official code decides (tests/test_pos_embed_resize.py
+    checks the numbers against that code)."""
+    model_source = _tiny_vit(name)
+    path = _save_state(model_source, tmp_path / "m.safetensors")
     model = vitkit.create_model(name, pretrained=path, **tiny_overrides(name, img_size=(48, 64)))
-    prefix = source.num_prefix_tokens
-    expected = resample_pos_embed(source.pos_embed.detach(), (3, 4), (2, 2), num_prefix_tokens=prefix)
+    prefix = model_source.num_prefix_tokens
+    expected = scheme(model_source.pos_embed.detach(), (3, 4), (2, 2), num_prefix_tokens=prefix)
     assert torch.equal(model.pos_embed.detach(), expected)
     (entry,) = model.load_report.resized
-    assert "pos_embed" in entry and "2x2 → 3x4" in entry and f"{prefix} prefix token" in entry
+    assert "pos_embed" in entry and "2x2 → 3x4" in entry and f"{prefix} prefix token" in entry and source in entry
     assert model(torch.randn(1, 3, 48, 64)).shape == (1, 1000)
 
 
@@ -582,7 +586,7 @@ def test_convert_jax_npz(tmp_path, capsys):
     tuned = vitkit.load_model(tmp_path / "finetune")
     assert tuned.num_classes == 3 and not tuned.head.weight.any()
     assert tuned.patch_embed.img_size == (48, 64) and tuned.cfg.drop_path_rate == 0.1
-    expected = resample_pos_embed(source.pos_embed.detach(), (3, 4), (2, 2))
+    expected = zoom_linear(source.pos_embed.detach(), (3, 4), (2, 2))  # vit_jax's resize of its own files
     assert torch.equal(tuned.pos_embed.detach(), expected)
 
 
@@ -626,7 +630,7 @@ def test_non_square_checkpoint_grid_is_resampled_from_its_own_config(tmp_path):
     model = vitkit.create_model("vit_tiny_patch16_224", pretrained=str(tmp_path / "wide"), img_size=64)
     assert model.pos_embed.shape[1] == 1 + 16
     assert any("grid 2x3 → 4x4" in r for r in model.load_report.resized)
-    expected = resample_pos_embed(source.pos_embed.detach(), (4, 4), (2, 3), 1)
+    expected = zoom_linear(source.pos_embed.detach(), (4, 4), (2, 3), 1)  # ViT's official resize, for vitkit folders
     assert torch.equal(model.pos_embed.detach(), expected)
 
 

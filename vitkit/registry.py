@@ -22,13 +22,16 @@ import json
 import logging
 import os
 import pkgutil
+import re
 from typing import Any, Callable, Mapping
 
 from torch import nn
 
 from vitkit.config import ConfigError, config_diff, from_dict, to_dict
+from vitkit.layers.pos_embed import POS_EMBED_RESIZES, get_pos_embed_resize
+from vitkit.layers.pos_embed_rel import RESIZE_METHODS
 from vitkit.specs import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, ModelSpec, PreprocessConfig,
-                          Reference, SourceFormat, WeightSpec)
+                          Reference, ResizeRule, SourceFormat, WeightSpec)
 from vitkit.weights import FORMAT_VERSION, Loaded, checkpoint_view, detect_format, read_checkpoint, unwrap
 from vitkit.weights.adapt import finish_load
 from vitkit.weights.io import follow_umask, read_raw
@@ -49,18 +52,21 @@ def register_family(family: str, model_cls: type, variants: Mapping[str, dict[st
                     formats: tuple[SourceFormat, ...] = (), weights: Mapping[str, WeightSpec] | None = None,
                     references: Mapping[str, Reference] | None = None,
                     tiny: dict[str, Any] | Callable[[str, dict[str, Any]], dict[str, Any]] | None = None,
-                    train_defaults: Mapping[str, dict[str, Any]] | None = None, paper: str = "") -> None:
+                    train_defaults: Mapping[str, dict[str, Any]] | None = None, paper: str = "",
+                    resize: Mapping[str, ResizeRule] | None = None, resize_choices: tuple[str, ...] = ()) -> None:
     """Register every ``name → config overrides`` entry of a family's variant table.
 
     ``data_cfgs``: per variant (or one for all), sized by the variant's ``img_size``. ``formats``: the checkpoint
     formats the family reads, most specific signature first. ``tiny``: overrides (or ``f(name, config) → overrides``)
     that make a variant small enough for a forward and backward pass in the test suite. ``train_defaults``: per
     variant, recipe values its official fine-tuning uses (e.g. BEiT's layer-wise learning-rate decay), applied under
-    any recipe that does not set them. Contract and configs are checked now; nothing is registered if one entry is
-    bad.
+    any recipe that does not set them. ``resize``: source (format name, or ``format/origin``) → how that source's code
+    resizes position tables for another input size; ``resize_choices``: the schemes ``create_model(pos_embed_resize=)``
+    may pick instead. Contract and configs are checked now; nothing is registered if one entry is bad.
     """
     from vitkit.models.base import check_contract
     check_contract(model_cls)
+    _check_resize(family, resize or {}, resize_choices)
     specs = []
     for name, cfg in variants.items():
         if name in _REGISTRY:
@@ -71,9 +77,20 @@ def register_family(family: str, model_cls: type, variants: Mapping[str, dict[st
         tiny_cfg = tiny(name, dict(cfg)) if callable(tiny) else dict(tiny or {})
         specs.append(ModelSpec(name, family, model_cls, dict(cfg), data_cfg.with_size(img_size),
                                (weights or {}).get(name), paper, tuple(formats), (references or {}).get(name),
-                               tiny_cfg, dict((train_defaults or {}).get(name, {}))))
+                               tiny_cfg, dict((train_defaults or {}).get(name, {})), dict(resize or {}),
+                               tuple(resize_choices)))
     for spec in specs:
         _REGISTRY[spec.name] = spec
+
+
+def _check_resize(family: str, resize: Mapping[str, ResizeRule], choices: tuple[str, ...]) -> None:
+    """Every scheme a family's resize table names, or offers, exists (a typo fails at import)."""
+    named = [r.pos_embed for r in resize.values()] + list(choices)
+    bad = [n for n in named if n not in POS_EMBED_RESIZES]
+    bad += [r.rel_pos for r in resize.values() if r.rel_pos is not None and r.rel_pos not in RESIZE_METHODS]
+    if bad:
+        raise ValueError(f"{family}: unknown resize scheme(s) {bad} (position tables: {', '.join(POS_EMBED_RESIZES)}; "
+                         f"relative-position tables: {', '.join(RESIZE_METHODS)})")
 
 
 def _field_default(cls: type, name: str) -> Any:
@@ -93,9 +110,10 @@ def _ensure_loaded() -> None:
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Registered variant names matching a shell-style ``pattern`` (e.g. ``"deit*"``), sorted."""
+    """Registered variant names matching a shell-style ``pattern`` (e.g. ``"deit*"``; case-insensitive, as timm's
+    filter is), sorted."""
     _ensure_loaded()
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern.lower()))
 
 
 def list_families() -> list[str]:
@@ -124,10 +142,35 @@ def get_spec(name: str) -> ModelSpec:
             raise ValueError(f"unknown model {name!r}: the {coming} family is not in vitkit yet (registered families: "
                              f"{', '.join(sorted({s.family for s in _REGISTRY.values()}))}; `vitkit models` lists "
                              f"the variants)")
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; `vitkit models` lists them"
-        raise ValueError(f"unknown model {name!r}{hint}")
+        raise ValueError(f"unknown model {name!r}; {_suggest(name)}")
     return _REGISTRY[name]
+
+
+def _suggest(name: str, shown: int = 3) -> str:
+    """The "did you mean ...?" hint for an unknown name. A short name (``vit_tiny``, ``swin_tiny``) stands for the
+    variants it abbreviates: the registered names that start with it, else those holding its ``_``-separated parts in
+    order (``tiny_224``); those with published weights first, then the shortest. Otherwise difflib, for a typo."""
+    query = name.lower()
+    parts = [p for p in query.split("_") if p]
+    in_order = re.compile(".*".join(map(re.escape, parts)))
+    prefixed = [n for n in _REGISTRY if n.startswith(query)]
+    found = prefixed or [n for n in _REGISTRY if parts and in_order.search(n)]
+    if not found:
+        close = difflib.get_close_matches(query, list(_REGISTRY), n=shown)
+        return f"did you mean {', '.join(close)}?" if close else "`vitkit models` lists them"
+    found.sort(key=lambda n: (_REGISTRY[n].weights is None, len(n), _natural(n)))
+    best = [n for n in found if _REGISTRY[n].weights is not None] or found  # named weights: what people mean
+    best = best[:shown]
+    hint = f"did you mean {' or '.join(best) if len(best) == 2 else ', '.join(best)}?"
+    if len(found) > len(best):
+        pattern = f"{query}*" if prefixed else f"*{'*'.join(parts)}*"
+        hint += f" (`vitkit models '{pattern}'` lists all {len(found)})"
+    return hint
+
+
+def _natural(name: str) -> list:
+    """Sort key that orders numbers by value: patch8 before patch16."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def all_formats() -> list[tuple[str, SourceFormat]]:
@@ -164,6 +207,10 @@ def _check_arguments(spec: ModelSpec, explicit: dict[str, Any]) -> None:
     cls = spec.model_cls.config_cls
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(explicit) - fields)
+    refused = getattr(cls, "refused_options", {})  # official constructor arguments the family does not take, and why
+    for key in unknown:
+        if key in refused:
+            raise ConfigError(f"{key} (an argument of the official {spec.family} constructor): {refused[key]}")
     if unknown:
         raise ConfigError(f"unknown argument{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for {spec.name} "
                           f"(valid: {', '.join(sorted(fields))})")
@@ -174,18 +221,21 @@ def _check_arguments(spec: ModelSpec, explicit: dict[str, Any]) -> None:
 
 def create_model(name: str, pretrained: str | bool | None = None, num_classes: int | None = None,
                  img_size: int | tuple[int, int] | None = None, *, checkpoint_key: str | None = None,
-                 **overrides: Any) -> nn.Module:
+                 pos_embed_resize: str | None = None, **overrides: Any) -> nn.Module:
     """Build a registered variant, optionally loading weights from a checkpoint in any supported format.
 
     ``num_classes`` different from the checkpoint's head gives a new zero-initialised head (the ViT paper's
     fine-tuning); ``img_size`` different from the checkpoint's resizes position embeddings and relative-position
     tables. Every such change is logged and kept in ``model.load_report``. ``checkpoint_key`` picks the state dict of
     a release file that holds several (e.g. ``"state_dict"`` instead of the EMA weights ``"state_dict_ema"`` that
-    T2T-ViT's evaluation loads by default; ``vitkit.weights.unwrap``).
+    T2T-ViT's evaluation loads by default; ``vitkit.weights.unwrap``). Position tables are resized the way the
+    checkpoint's source code does it (``register_family(resize=)``, named in the report); ``pos_embed_resize`` picks
+    another scheme for the absolute table (e.g. ``"bicubic_antialias"``, timm's filter; ``"sinusoid"`` for T2T-ViT).
     """
     spec = get_spec(name)
     if checkpoint_key is not None and not pretrained:
         raise ValueError(f"checkpoint_key={checkpoint_key!r} needs a checkpoint: pass pretrained=")
+    check_pos_embed_resize(spec, pos_embed_resize, bool(pretrained))
     explicit = dict(overrides)
     if num_classes is not None:
         explicit["num_classes"] = num_classes
@@ -209,8 +259,37 @@ def create_model(name: str, pretrained: str | bool | None = None, num_classes: i
     model.class_names = None
     model.load_report = None
     if loaded is not None:
+        loaded.report.resize = _resize_rule(spec, loaded.report, pos_embed_resize)
         _load_into(model, loaded, hints, spec)
     return model
+
+
+def check_pos_embed_resize(spec: ModelSpec, choice: str | None, pretrained: bool) -> None:
+    """``pos_embed_resize=`` must name a scheme the family offers, and needs a checkpoint (a randomly initialised model
+    has nothing to resize)."""
+    if choice is None:
+        return
+    if not spec.resize_choices:
+        raise ValueError(f"pos_embed_resize={choice!r}: {spec.name} ({spec.family}) has no position table whose "
+                         f"resize can be chosen")
+    if choice not in spec.resize_choices:
+        raise ValueError(f"pos_embed_resize={choice!r} is not a scheme {spec.name} offers; choose from "
+                         f"{', '.join(spec.resize_choices)}")
+    if not pretrained:
+        raise ValueError(f"pos_embed_resize={choice!r} needs a checkpoint: pass pretrained= (a randomly initialised "
+                         f"model has nothing to resize)")
+
+
+def _resize_rule(spec: ModelSpec, report: LoadReport, choice: str | None = None) -> ResizeRule | None:
+    """The family's rule for the checkpoint's source (``format/origin`` first, then the format), with a
+    ``pos_embed_resize`` choice in place of its absolute-table scheme (the source then names the choice)."""
+    rule = spec.resize.get(f"{report.format}/{report.origin}") or spec.resize.get(report.format)
+    if choice is None:
+        return rule
+    chosen = f"{get_pos_embed_resize(choice).origin}, chosen with pos_embed_resize={choice!r}"
+    if rule is None:
+        return ResizeRule(choice, chosen)
+    return dataclasses.replace(rule, pos_embed=choice, source=chosen, rel_pos_source=rule.rel_pos_source or rule.source)
 
 
 def _load_into(model: nn.Module, loaded: Loaded, hints: dict[str, Any], spec: ModelSpec) -> None:

@@ -7,8 +7,8 @@ import logging
 import os
 from pathlib import Path
 
-__all__ = ["CHECKPOINTS", "CONFIG", "METRICS", "SUMMARY", "checkpoint_dir", "find_checkpoint", "is_run_folder",
-           "run_checkpoint"]
+__all__ = ["CHECKPOINTS", "CONFIG", "METRICS", "SUMMARY", "checkpoint_dir", "eval_batch_size", "find_checkpoint",
+           "is_run_folder", "run_checkpoint", "write_text_atomic"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,12 @@ def find_checkpoint(run_dir: str | os.PathLike, name: str = "last") -> Path | No
     return None
 
 
+def eval_batch_size(batch_size: int, accum_steps: int = 1) -> int:
+    """The batch a run evaluates in: its micro-batch, at most 256. ``vitkit eval RUN`` uses the same one, because in
+    bf16 a batch's composition changes the rounding of its results."""
+    return max(1, min(256, batch_size // max(1, accum_steps)))
+
+
 def is_run_folder(path: str | os.PathLike) -> bool:
     return os.path.isdir(os.path.join(os.fspath(path), CHECKPOINTS))
 
@@ -45,3 +51,15 @@ def run_checkpoint(run_dir: str | os.PathLike) -> str:
         if folder is not None:
             return os.fspath(folder)
     raise FileNotFoundError(f"{run_dir}: no checkpoints/best/ or checkpoints/last/ with a vitkit model in it")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``path`` whole or not at all (a temporary name, then a rename): a signal or a crash at any moment leaves
+    the previous content or the new one, never a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

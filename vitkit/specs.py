@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 if TYPE_CHECKING:  # only for annotations
     from torch import Tensor, nn
 
-__all__ = ["PreprocessConfig", "WeightSpec", "SourceFormat", "Reference", "ModelSpec", "CheckpointView",
+__all__ = ["PreprocessConfig", "WeightSpec", "SourceFormat", "Reference", "ModelSpec", "CheckpointView", "ResizeRule",
            "IMAGENET_MEAN", "IMAGENET_STD", "INCEPTION_MEAN", "INCEPTION_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -31,6 +31,9 @@ class PreprocessConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
     crop_pct: float = 0.875  # eval: resize the short side to size / crop_pct, then centre-crop
+    # eval resize (timm's crop_mode): "center" keeps the aspect ratio (the short side to size / crop_pct), "squash"
+    # resizes both sides to size / crop_pct, aspect not kept (e.g. CvT's and Swin's 384 evaluations), then the crop
+    crop_mode: Literal["center", "squash"] = "center"
     channel_order: Literal["RGB", "BGR"] = "RGB"  # MobileViT's official weights expect BGR
     label_set: str | None = "imagenet-1k"  # names of the head's classes when the checkpoint carries none
 
@@ -96,6 +99,23 @@ class SourceFormat:
 
 
 @dataclass(frozen=True)
+class ResizeRule:
+    """How a family fits position tables to another input size when it loads weights of one source (a format name,
+    or ``format/origin`` when the converter names the code that wrote the file, e.g. ``jax/big_vision``): the way
+    that source's own code does it, named in the load report.
+
+    ``pos_embed``: a scheme of ``vitkit.layers.pos_embed.POS_EMBED_RESIZES`` for the absolute table; ``source``: the
+    official file@commit it follows; ``rel_pos``: the relative-position table method
+    (``vitkit.layers.pos_embed_rel.RESIZE_METHODS``), None for a family without such tables; ``rel_pos_source``: its
+    file@commit."""
+
+    pos_embed: str
+    source: str
+    rel_pos: str | None = None
+    rel_pos_source: str = ""
+
+
+@dataclass(frozen=True)
 class Reference:
     """Published size of a variant: parameters (millions, 1000-class head) and forward GMACs at its native
     resolution (the papers' "GFLOPs"), with where the numbers come from."""
@@ -122,6 +142,10 @@ class ModelSpec:
     # training-recipe values the family's official fine-tuning uses, in recipe-section layout, e.g.
     # {"optim": {"layer_decay": 0.65}}; a recipe that sets a key itself wins (vitkit.train.config.resolve)
     train_defaults: dict[str, Any] = field(default_factory=dict)
+    # source (format name, or format/origin) → how its position tables are resized for another input size
+    resize: Mapping[str, ResizeRule] = field(default_factory=dict)
+    # schemes a user may pick instead with create_model(pos_embed_resize=); empty: the family offers no choice
+    resize_choices: tuple[str, ...] = ()
 
     def format(self, name: str) -> SourceFormat | None:
         return next((f for f in self.formats if f.name == name), None)

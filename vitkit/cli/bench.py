@@ -20,7 +20,8 @@ HELP = "benchmark a model (throughput, latency, memory, % of GEMM peak), optiona
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", help="a registered variant name (see `vitkit models`)")
+    parser.add_argument("model", nargs="?", help="a registered variant name (see `vitkit models`), or a folder "
+                                                 "written by `vitkit export` (timed in its own runtime)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--img-size", type=int, help="input resolution (default: the variant's)")
     parser.add_argument("--set", "--override", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -47,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runtime", default="eager", metavar="NAME[,NAME...]",
                         help="eager (default), onnxruntime, openvino, torch-export, or several comma-separated: each "
                              "is exported (parity-checked) and timed in the same interleaved rounds; 'onnxruntime-int8' "
-                             "adds the int8 (dynamic) ONNX Runtime model; 'openvino-bf16' OpenVINO with its bf16 "
-                             "inference hint")
+                             "adds the int8 ONNX Runtime model; 'openvino' computes in fp32 on every CPU, "
+                             "'openvino-bf16' asks OpenVINO for bf16 (checked like int8: agreement with fp32)")
     parser.add_argument("--machine", action="store_true", help="measure the machine's GEMM peak and copy bandwidth")
     parser.add_argument("--seconds", type=float, default=30.0,
                         help="time allowed for --machine (default 30; progress is printed as it goes)")
@@ -68,6 +69,19 @@ def environment() -> dict[str, Any]:
 def build_model(args: argparse.Namespace, overrides: dict[str, Any]):
     import vitkit
     from vitkit.bench.compare import randomize_heads_
+    from vitkit.deploy.runtime import is_export_folder, open_export_folder
+    if is_export_folder(args.model):  # a folder from `vitkit export`: timed as it is, in its own runtime
+        given = [flag for flag, on in (("--pretrained", args.pretrained), ("--set", overrides),
+                                       ("--img-size", args.img_size), ("--compile", args.compile),
+                                       ("--mode train", args.mode == "train"), ("--compare", args.compare),
+                                       ("--runtime", args.runtime != "eager"), ("--dtype bf16", args.dtype == "bf16"),
+                                       ("--device", args.device != "cpu")) if on]
+        if given:
+            raise ValueError(f"{args.model} is an exported model: it runs as exported, on the CPU; drop "
+                             f"{', '.join(given)}")
+        model = open_export_folder(args.model)
+        print(f"{args.model}: {model.runtime}, {model.precision}" + (f" ({model.note})" if model.note else ""))
+        return model
     model = vitkit.create_model(args.model, pretrained=args.pretrained, img_size=args.img_size, **overrides)
     if not args.pretrained:
         randomize_heads_(model)  # a fresh head is zero: logits would all be 0 and comparisons vacuous
@@ -113,9 +127,12 @@ def _progress_line(message: str) -> None:
 
 def _dtype(args: argparse.Namespace) -> str:
     """``--dtype auto`` resolved by the hardware probe (bf16 only where it is native)."""
+    from vitkit.deploy.runtime import is_export_folder
     from vitkit.hardware import resolve_amp
     if args.dtype != "auto":
         return args.dtype
+    if is_export_folder(args.model):
+        return "fp32"  # no autocast around an exported model: it computes as exported (printed by build_model)
     return "bf16" if resolve_amp("auto", args.device) == "bf16" else "fp32"
 
 
@@ -124,38 +141,26 @@ def _runtimes(args: argparse.Namespace, model) -> dict:
     from vitkit.deploy.names import RUNTIMES
     from vitkit.deploy.runtime import to_runtime
     names = [n.strip() for n in args.runtime.split(",") if n.strip()]
-    known = set(RUNTIMES) | {"onnxruntime-int8", "openvino-bf16"}
+    known = set(RUNTIMES) | {"onnxruntime-int8"}
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise ValueError(f"--runtime {args.runtime!r}: choose from {', '.join(sorted(known))} (comma-separated)")
     if names != ["eager"] and (args.device != "cpu" or args.mode != "infer" or args.compile):
         raise ValueError("exported runtimes are benchmarked for CPU inference: --device cpu --mode infer, no --compile")
+    from vitkit.deploy.export import ExportError
     out = {}
     for name in names:
         if name == "eager":
             continue
-        if name == "openvino-bf16":
-            out[name] = _openvino_with_hint(model)
-        else:
-            base, _, int8 = name.partition("-")
-            out[name] = to_runtime(model, base, int8=bool(int8))
+        base, int8 = (name[:-len("-int8")], True) if name.endswith("-int8") else (name, False)
+        try:
+            out[name] = to_runtime(model, base, int8=int8)
+        except ExportError as e:  # one line (exit status 2), not a traceback: the export's numbers are in its message
+            raise ValueError(f"--runtime {name}: {str(e).splitlines()[0]}") from None
         print(f"{name}: exported; {out[name].parity.summary().splitlines()[0]}")
+        if out[name].note:
+            print(f"  {out[name].note}")
     return out
-
-
-def _openvino_with_hint(model):
-    """OpenVINO with its bf16 inference-precision hint (the IR keeps fp32 weights; the plugin computes in bf16)."""
-    import os
-    import tempfile
-
-    from vitkit.deploy.export import export_model
-    from vitkit.deploy.runtime import open_runtime
-    with tempfile.TemporaryDirectory(prefix="vitkit-ov-") as tmp:
-        result = export_model(model, os.path.join(tmp, "m"), "openvino")
-        opened = open_runtime(result.folder, precision_hint="bf16")
-    opened.__dict__["source"] = model
-    opened.parity = result.parity
-    return opened
 
 
 def _run_model(args: argparse.Namespace, report: dict[str, Any]) -> None:
@@ -208,6 +213,10 @@ def run(args: argparse.Namespace) -> int:
     from vitkit.hardware import parse_device
     if not args.model and not args.machine:
         raise ValueError("give a MODEL to benchmark, or --machine")
+    if args.json and os.path.isdir(args.json):  # found now, not after the measurement
+        raise IsADirectoryError(f"--json {args.json} is a folder; give a file name")
+    if args.json and not os.path.isdir(os.path.dirname(args.json) or "."):
+        raise FileNotFoundError(f"--json {args.json}: no folder {os.path.dirname(args.json)}")
     args.device = str(parse_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)

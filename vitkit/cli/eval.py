@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", nargs="?", metavar="TARGET",
                         help="a run folder (runs/<name>: checkpoints/best, else last, and its data section) or a "
                              "vitkit model folder; omit it to use --model/--pretrained")
-    parser.add_argument("--model", help="registered variant name, to load --pretrained (or TARGET) into")
+    parser.add_argument("--model", help="registered variant name, to load --pretrained (or TARGET) into; or a folder "
+                                        "written by `vitkit export`, run as exported")
     parser.add_argument("--pretrained", metavar="PATH", help="checkpoint in any format vitkit reads")
     data = parser.add_argument_group("data (layered: model → run config.yaml → --data-config → --set)")
     data.add_argument("--data-config", metavar="YAML", help="a recipe with a data: section, or a bare data section")
@@ -36,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--split", choices=("test", "val"), default="test", help="split to score (default test)")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: <run>/eval/<split>, or "
                                                      "./eval/<model>-<split>)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    parser.add_argument("--batch-size", type=int, help="images per batch (default: a run's own evaluation batch, "
+                                                        "else 64)")
     parser.add_argument("--tta", choices=("none", "hflip"), default="none",
                         help="test-time augmentation; hflip: the mean logits of each image and its mirror image "
                              "(twice the cost; default none)")
@@ -58,9 +60,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     from vitkit.deploy.names import RUNTIMES
     parser.add_argument("--runtime", choices=tuple(RUNTIMES), default="eager",
                         help="run the model in eager PyTorch (default) or exported (parity-checked) to ONNX Runtime, "
-                             "OpenVINO or torch.export; exported runtimes run on the CPU in fp32 (--amp is ignored)")
+                             "OpenVINO or torch.export; exported runtimes run on the CPU in fp32 (--amp is ignored), "
+                             "openvino-bf16 in bf16 where the CPU has it; an export folder runs in its own runtime")
     parser.add_argument("--int8", action="store_true",
-                        help="with --runtime onnxruntime: int8 weights (dynamic quantisation; see vitkit export)")
+                        help="with --runtime onnxruntime: int8 weights (the scheme chosen per CPU; see vitkit export)")
 
 
 def apply_runtime(args: argparse.Namespace, model, device):
@@ -76,6 +79,17 @@ def apply_runtime(args: argparse.Namespace, model, device):
         raise ValueError(f"--int8 is ONNX Runtime's dynamic quantisation: use --runtime onnxruntime, not {args.runtime}")
     from vitkit.deploy.runtime import to_runtime
     return to_runtime(model.cpu().eval(), args.runtime, int8=args.int8)
+
+
+def open_export(args: argparse.Namespace, folder: str):
+    """A folder written by ``vitkit export``, given as the model: it runs as exported, in its own runtime (or
+    ``--runtime`` naming another runtime of its format), on the CPU."""
+    if args.device not in (None, "cpu"):
+        raise ValueError(f"{folder} is an exported model: it runs on the CPU; drop --device {args.device}")
+    if args.pretrained:
+        raise ValueError(f"{folder} is an exported model and carries its weights; drop --pretrained")
+    from vitkit.deploy.runtime import open_export_folder
+    return open_export_folder(folder, args.runtime, args.int8)
 
 
 def precision(args: argparse.Namespace, device, run_precision: str | None = None):
@@ -143,22 +157,36 @@ def _print_probes(report) -> None:
 def run(args: argparse.Namespace) -> int:
     from vitkit.evaluate.eval_data import build_eval_loader, resolve_data_config
     from vitkit.evaluate.metrics import evaluate, save_eval_artifacts
-    from vitkit.evaluate.targets import load_target
+    from vitkit.deploy.runtime import is_export_folder
+    from vitkit.evaluate.targets import Target, load_target
     from vitkit.evaluate.tta import with_tta
     from vitkit.runs import is_run_folder
     from vitkit.hardware import parse_device
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
     if args.target and args.pretrained:
         raise ValueError("give either TARGET or --pretrained, not both")
     device = parse_device(args.device)
     path = args.target or args.pretrained
+    if path and not os.path.exists(path):  # before asking for data: the first thing to fix is the path
+        raise FileNotFoundError(f"{path}: no such {'run or model folder' if args.target else 'checkpoint'}")
+    if args.data_config and not os.path.isfile(args.data_config):
+        raise FileNotFoundError(f"--data-config {args.data_config}: "
+                                f"{'a folder, not a YAML file' if os.path.isdir(args.data_config) else 'no such file'}")
     if not (path and is_run_folder(path)) and not args.data_config and not args.set:  # no data option: no guess
         raise ValueError("which data? give a run folder (its data section is used), --data-config RECIPE.yaml, or "
                          "--set data.name=NAME: cifar10 or cifar100 (with data.root=DIR), folder (data.root=DIR "
                          "holding test/<class>/<images>), digits")
-    target = load_target(path, args.model)
+    folder = next((p for p in (args.model, args.target) if is_export_folder(p)), None)
+    if folder and (args.few_shot or args.linear_probe):
+        raise ValueError(f"{folder} is an exported model: it gives logits, not the features the probes need")
+    exported_model = open_export(args, folder) if folder else None
+    target = Target(exported_model, f"{folder} ({exported_model.variant_name}, exported: {exported_model.runtime} "
+                                    f"{exported_model.precision})", checkpoint=folder) if folder else \
+        load_target(path, args.model)
+    device = parse_device("cpu") if folder else device
     run_data = (target.run_config or {}).get("data")
+    args.batch_size = args.batch_size or _run_batch_size(target.run_config) or 64
     data_cfg = resolve_data_config(target.model, run_data, args.data_config, args.set)
     amp = precision(args, device, _run_precision(target.run_dir))
     model = target.model.to(device)
@@ -172,11 +200,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {os.path.join(out_dir, 'probes.json')}")
         return 0
     loader, classes = build_eval_loader(data_cfg, model, args.split, args.batch_size)
-    runner = apply_runtime(args, model, device)
+    runner = model if folder else apply_runtime(args, model, device)
     exported = runner is not model  # then: agreement with eager PyTorch
+    amp = None if folder else amp  # an exported model computes as exported
     result = evaluate(with_tta(runner, args.tta), loader, device, None if exported else amp, class_names=classes,
                       reference=with_tta(model, args.tta) if exported else None)
-    result.extra["runtime"] = args.runtime + (" int8" if args.int8 else "")
+    result.extra["runtime"] = f"{model.runtime} {model.precision}" if folder else \
+        args.runtime + (" int8" if args.int8 else "")
     result.extra["tta"] = args.tta
     result.extra.update(_context(target, data_cfg, args))
     if probes:
@@ -184,6 +214,13 @@ def run(args: argparse.Namespace) -> int:
     paths = save_eval_artifacts(result, out_dir)
     _print_report(target, result, paths, args.precision_line)
     return 0
+
+
+def _run_batch_size(run_config: dict[str, Any] | None) -> int | None:
+    """The batch a run's own evaluation used (``vitkit.runs.eval_batch_size`` of its train section), or None."""
+    from vitkit.runs import eval_batch_size
+    train = (run_config or {}).get("train") or {}
+    return eval_batch_size(train["batch_size"], train.get("accum_steps", 1)) if "batch_size" in train else None
 
 
 def _run_precision(run_dir: str | None) -> str | None:

@@ -57,15 +57,23 @@ def _methods(text: str, model) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from vitkit.evaluate.predict import expand_inputs
+    from vitkit.evaluate.predict import image_files
     from vitkit.evaluate.targets import load_target
     from vitkit.explain.pipeline import explain_files
-    files = expand_inputs(args.images)[: args.max_images]
-    if not files:
-        raise FileNotFoundError(f"no image files found in {' '.join(args.images)}")
+    if args.max_images < 1:
+        raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
+    if args.target is not None and args.target < 0:
+        raise ValueError(f"--target {args.target}: a class index is >= 0")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise FileExistsError(f"--out {args.out} is a file; give a folder")
+    files = image_files(args.images)[: args.max_images]
+    _check_readable(files)
     target = load_target(args.pretrained, args.model)
     model = target.model.cpu().eval()
     methods = _methods(args.method, model)
+    if args.target is not None and args.target >= model.num_classes:
+        raise ValueError(f"--target {args.target}: {model.variant_name} has {model.num_classes} classes "
+                         f"(0 to {model.num_classes - 1})")
     os.makedirs(args.out, exist_ok=True)
     with torch.no_grad():
         report, written, failed = explain_files(model, files, methods, args.out, args.target)
@@ -80,6 +88,22 @@ def run(args: argparse.Namespace) -> int:
         if args.faithfulness:
             _faithfulness(model, images, methods, args.out)
     return 0 if written else 1
+
+
+def _check_readable(files: list[str]) -> None:
+    """Nothing to explain (no file decodes as an image) is an error before anything is written; a few unreadable
+    files among readable ones are reported in the output instead."""
+    from vitkit.data.images import ImageLoadError, load_image
+    errors = []
+    for path in files:
+        try:
+            load_image(path)
+            return
+        except ImageLoadError as e:
+            errors.append(e)
+    first = errors[0]
+    raise ValueError(f"{first.path} is not an image ({first.reason})" if len(errors) == 1 else
+                     f"none of the {len(errors)} files is an image ({first.path}: {first.reason}; ...)")
 
 
 def _figure7(model, images, out: str) -> None:

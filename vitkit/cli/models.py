@@ -16,7 +16,8 @@ HELP = "list registered models with parameters (M) and GFLOPs (MACs, as the pape
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'deit*' (default: all)")
+    parser.add_argument("pattern", nargs="?", default="*", help="shell-style filter, case-insensitive, e.g. 'deit*' "
+                                                                 "(default: all)")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
 
 
@@ -27,7 +28,7 @@ def rows(pattern: str = "*") -> list[dict]:
     files = read_all()
     if fresh(files):  # every family file is as its stats were computed: the files are the registry's numbers
         table = sorted((_row(name, data["family"], entry) for data in files.values()
-                        for name, entry in data["variants"].items() if fnmatch.fnmatchcase(name, pattern)),
+                        for name, entry in data["variants"].items() if fnmatch.fnmatchcase(name, pattern.lower())),
                        key=lambda r: r["name"])
     else:
         import vitkit

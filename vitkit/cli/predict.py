@@ -29,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("images", nargs="+", metavar="IMAGES_OR_FOLDERS",
                         help="image files and/or folders (searched recursively)")
-    parser.add_argument("--model", help="registered variant name (`vitkit models`); optional when --pretrained is "
-                                        "a vitkit model or run folder")
+    parser.add_argument("--model", help="registered variant name (`vitkit models`; optional when --pretrained is "
+                                        "a vitkit model or run folder), or a folder written by `vitkit export`")
     parser.add_argument("--pretrained", metavar="PATH",
                         help="checkpoint in any format vitkit reads, a vitkit model folder, or a run folder "
                              "(its checkpoints/best, else last)")
@@ -44,19 +44,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.evaluate.predict import expand_inputs, predict_files
-    from vitkit.cli.eval import apply_runtime, precision
+    from vitkit.evaluate.predict import image_files, predict_files
+    from vitkit.cli.eval import apply_runtime, open_export, precision
+    from vitkit.deploy.runtime import is_export_folder
     from vitkit.evaluate.targets import load_target
     from vitkit.hardware import parse_device
     if args.topk < 1 or args.batch_size < 1:
         raise ValueError("--topk and --batch-size must be >= 1")
-    files = expand_inputs(args.images)
-    if not files:
-        raise FileNotFoundError(f"no image files found in {' '.join(args.images)}")
+    files = image_files(args.images)  # a typo in a path is an error, before the model loads
     device = parse_device(args.device)
     amp = precision(args, device)
-    target = load_target(args.pretrained, args.model)
-    model = apply_runtime(args, target.model.to(device), device)
+    if is_export_folder(args.model):  # a folder from `vitkit export`: it runs as exported
+        model, amp = open_export(args, args.model), None
+    else:
+        model = apply_runtime(args, load_target(args.pretrained, args.model).model.to(device), device)
     if args.runtime != "eager":
         amp = None  # an exported model runs in fp32 (int8 weights with --int8)
     predictions = predict_files(model, files, topk=args.topk, batch_size=args.batch_size, amp_dtype=amp)

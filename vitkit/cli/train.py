@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from vitkit import interrupts
+
 HELP = "train a model from a YAML recipe, or resume an interrupted run"
 
 EPILOG = """examples:
@@ -18,7 +20,7 @@ EPILOG = """examples:
   torchrun --nproc_per_node=2 -m vitkit train configs/cifar10_deit_scratch.yaml --set data.root=DIR
 
 exit status: 0 finished, 2 bad recipe or arguments, 1 the run failed (e.g. non-finite loss),
-128+N stopped by signal N (SIGINT 130, SIGTERM 143) after saving a checkpoint."""
+128+N stopped by signal N (SIGINT 130, SIGTERM 143), at any moment, in one line saying what was saved."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,15 +61,19 @@ def _print_result(result) -> None:
             print(f"  {label:<15} {path}")
 
 
-def _stopped_before_training(signum, frame) -> None:
-    from vitkit.train.runtime import Aborted
-    raise Aborted(f"stopped by {signal.Signals(signum).name} before training started; no checkpoint was written",
-                  signum=signum)
+def _not_trained(run_dir: Path):
+    """What a signal outside training (building data and model, imports, the end of a run) leaves: for
+    ``interrupts.abort_on_signal``. Plain path checks: it runs inside a signal handler."""
+    def describe(name: str) -> str:
+        last = run_dir / "checkpoints" / "last"
+        if not any((d / "model.safetensors").is_file() for d in (last, last.with_name("last.prev"))):
+            return f"stopped by {name} before training started; no checkpoint was written"
+        return (f"stopped by {name} outside training; {last} is intact (continue with: vitkit train --resume "
+                f"{run_dir})")
+    return describe
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.train import NonFiniteLossError, resume, train
-    from vitkit.train.runtime import process_age
     stray = [s for s in args.sets if "=" not in s]  # `--set a=1 recipe.yaml`: the recipe was taken as a value
     if stray and not args.recipe and len(stray) == 1:
         args.recipe, args.sets = stray[0], [s for s in args.sets if "=" in s]
@@ -75,8 +81,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give a RECIPE or --resume RUN_DIR")
     if args.recipe and args.resume:
         raise ValueError("give a RECIPE or --resume RUN_DIR, not both")
+    run_dir = Path(args.resume or args.out or _default_out(args.recipe))
+    with interrupts.abort_on_signal(_not_trained(run_dir)):  # the run installs its own handlers while training
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from vitkit.train import NonFiniteLossError, resume, train
+    from vitkit.train.runtime import process_age
     clock_start = time.perf_counter() - process_age()  # a time budget is this command's wall clock
-    previous = signal.signal(signal.SIGTERM, _stopped_before_training)  # the run installs its own handlers
     try:
         if args.resume:
             result = resume(args.resume, args.sets, clock_start)
@@ -85,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         print(f"vitkit train: run failed: {e}", file=sys.stderr)
         return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if result.status == "interrupted":  # the run logged what it saved and how to continue
+    if result.status == "interrupted":  # one line: what was saved and how to continue
+        if result.message:
+            print(f"vitkit train: {result.message}", file=sys.stderr)
         return 128 + int(getattr(signal.Signals, result.signal, signal.SIGTERM))
     if result.summary is not None:
         _print_result(result)

@@ -36,6 +36,7 @@ class DataConfig:
     std: tuple[float, float, float] | None = None
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bicubic"  # timm's ViT default
     crop_pct: float = 1.0  # eval centre crop (timm); 1.0 keeps the whole image, right for CIFAR
+    crop_mode: Literal["center", "squash"] = "center"  # eval resize: short side (aspect kept) or both sides (timm)
     train_limit: int | None = None  # use only the first N training items (smoke runs)
     val_limit: int | None = None  # use only the first N validation items (default for a val/ folder: test_limit)
     test_limit: int | None = None  # use only the first N test items

@@ -144,18 +144,23 @@ class Resize:
 
 
 class ResizeCenterCrop:
-    """timm eval: shorter side to ``floor(img_size / crop_pct)``, then centre-crop ``img_size``."""
+    """timm eval: shorter side to ``floor(img_size / crop_pct)`` (``crop_mode='squash'``: both sides, aspect not
+    kept, timm's squash mode), then centre-crop ``img_size``."""
 
-    def __init__(self, img_size: int, crop_pct: float = 1.0, interpolation: str = "bicubic"):
-        self.img_size, self.crop_pct, self.interpolation = img_size, crop_pct, interpolation
+    def __init__(self, img_size: int, crop_pct: float = 1.0, interpolation: str = "bicubic",
+                 crop_mode: str = "center"):
+        self.img_size, self.crop_pct, self.interpolation, self.crop_mode = img_size, crop_pct, interpolation, crop_mode
         self.scale_size = math.floor(img_size / crop_pct)
 
     def __call__(self, x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
-        x = Fn.resize_shorter(x, self.scale_size, self.interpolation)
+        if self.crop_mode == "squash":
+            x = Fn.resize(x, (self.scale_size, self.scale_size), self.interpolation)
+        else:
+            x = Fn.resize_shorter(x, self.scale_size, self.interpolation)
         return Fn.center_crop(x, self.img_size, self.img_size)
 
     def __repr__(self) -> str:
-        return f"ResizeCenterCrop({self.img_size}, crop_pct={self.crop_pct}, {self.interpolation})"
+        return f"ResizeCenterCrop({self.img_size}, crop_pct={self.crop_pct}, {self.crop_mode}, {self.interpolation})"
 
 
 class Normalize:
@@ -303,7 +308,7 @@ def build_train_transform(aug: AugmentConfig, data_cfg: DataConfig, mean: tuple[
 def build_eval_transform(data_cfg: DataConfig, mean: tuple[float, ...], std: tuple[float, ...], *,
                          channel_order: str = "RGB") -> Compose:
     """timm eval: resize by ``crop_pct`` → centre crop ``img_size`` → (BGR: swap the channels) → normalise."""
-    return Compose([ResizeCenterCrop(data_cfg.img_size, data_cfg.crop_pct, data_cfg.interpolation),
+    return Compose([ResizeCenterCrop(data_cfg.img_size, data_cfg.crop_pct, data_cfg.interpolation, data_cfg.crop_mode),
                     *_in_model_order(channel_order), Normalize(mean, std)])
 
 

@@ -1,5 +1,6 @@
 """Running vitkit models outside eager PyTorch: export (ONNX, torch.export, OpenVINO) with a parity check in the
-exported model's own runtime, int8 dynamic quantisation, and the runtimes behind ``--runtime``.
+exported model's own runtime, int8 quantisation with a scheme chosen per CPU kind (``vitkit.deploy.quantize``), and the
+runtimes behind ``--runtime`` and behind an export folder given as the model.
 
 Names are imported on first use (PEP 562), so ``vitkit.deploy.names`` can be read without importing torch."""
 from __future__ import annotations
@@ -11,7 +12,8 @@ _LAZY = {"FORMATS": "vitkit.deploy.names", "RUNTIMES": "vitkit.deploy.names",
          "ExportError": "vitkit.deploy.export", "ExportResult": "vitkit.deploy.export", "Parity": "vitkit.deploy.export",
          "check_parity": "vitkit.deploy.export", "export_model": "vitkit.deploy.export",
          "RuntimeModel": "vitkit.deploy.runtime", "open_runtime": "vitkit.deploy.runtime",
-         "to_runtime": "vitkit.deploy.runtime"}
+         "to_runtime": "vitkit.deploy.runtime", "is_export_folder": "vitkit.deploy.runtime",
+         "open_export_folder": "vitkit.deploy.runtime", "choose_scheme": "vitkit.deploy.quantize"}
 __all__ = sorted(_LAZY)
 
 

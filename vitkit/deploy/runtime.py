@@ -1,10 +1,12 @@
 """Running an exported model: ONNX Runtime, OpenVINO, or ``torch.export``'s module, behind one ``nn.Module`` facade so
-that ``predict``, ``eval`` and ``bench`` treat it like any vitkit model (``--runtime``).
+that ``predict``, ``eval`` and ``bench`` treat it like any vitkit model (``--runtime``, or an export folder given as
+the model).
 
 ``open_runtime(folder)`` opens what ``export_model`` wrote; ``to_runtime(model, "onnxruntime")`` exports an eager
 model to a temporary folder (with the parity check) and opens it. Both return a ``RuntimeModel``: ``forward(x)`` takes
 the same (B, C, H, W) float32 tensor as the eager model and returns logits; ``data_cfg``, ``class_names``,
-``num_classes`` and ``variant_name`` come from the export's ``vitkit.json``.
+``num_classes`` and ``variant_name`` come from the export's ``vitkit.json``; ``precision`` says what the runtime
+reports it computes in (OpenVINO is asked for fp32, or bf16 by ``openvino-bf16``, and read back).
 """
 from __future__ import annotations
 
@@ -17,22 +19,26 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RUNTIMES", "RuntimeModel", "open_runtime", "to_runtime"]
+__all__ = ["RUNTIMES", "RuntimeModel", "open_runtime", "to_runtime", "is_export_folder", "open_export_folder"]
 
-from vitkit.deploy.names import RUNTIMES
+from vitkit.deploy.names import FORMATS, OPENVINO_PRECISION, RUNTIMES
+
+Runner = Callable[[np.ndarray], np.ndarray]
 
 
 class RuntimeModel(nn.Module):
     """An exported model as a module: inference only, on the CPU, float32 in and out."""
 
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], meta: dict[str, Any], runtime: str,
-                 source: nn.Module | None = None):
+    def __init__(self, run: Runner, meta: dict[str, Any], runtime: str, source: nn.Module | None = None,
+                 precision: str = "fp32", note: str | None = None):
         super().__init__()
         self.__dict__["source"] = source  # the eager model it was exported from, when known (not a submodule)
         from vitkit.specs import PreprocessConfig
         self._run = run
         self.runtime = runtime
         self.meta = meta
+        self.precision = "int8" if meta.get("int8") else precision  # int8 weights, else what the runtime reports
+        self.note = note  # e.g. that bf16 was asked for but the CPU computes in fp32
         cfg = dict(meta["data_cfg"])
         self.data_cfg = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
         self.class_names = meta.get("class_names")
@@ -44,14 +50,14 @@ class RuntimeModel(nn.Module):
         return torch.from_numpy(np.asarray(out))
 
     def extra_repr(self) -> str:
-        return f"runtime={self.runtime}, model={self.variant_name}, int8={self.meta.get('int8', False)}"
+        return f"runtime={self.runtime}, model={self.variant_name}, precision={self.precision}"
 
 
 def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _onnxruntime(path: str, meta: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
+def _onnxruntime(path: str, runtime: str) -> tuple[Runner, str, str | None]:
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = _threads()
@@ -59,51 +65,86 @@ def _onnxruntime(path: str, meta: dict[str, Any]) -> Callable[[np.ndarray], np.n
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})[0]
+    return (lambda x: session.run(None, {name: x})[0]), "fp32", None
 
 
-def _openvino(path: str, meta: dict[str, Any], hint: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
+def _openvino(path: str, runtime: str) -> tuple[Runner, str, str | None]:
+    """Compile for the CPU with the inference precision of ``runtime`` asked for, then read back what the plugin
+    chose: a CPU without native bf16 computes a bf16 request in fp32, and says so."""
     import openvino as ov
-    core = ov.Core()
-    config = {"INFERENCE_NUM_THREADS": _threads(), "PERFORMANCE_HINT": "LATENCY"}
-    if hint:
-        config["INFERENCE_PRECISION_HINT"] = hint
-    compiled = core.compile_model(path, "CPU", config)
+    import openvino.properties.hint as hints
+    asked = OPENVINO_PRECISION[runtime]
+    config = {"INFERENCE_NUM_THREADS": _threads(), "PERFORMANCE_HINT": "LATENCY",
+              hints.inference_precision: getattr(ov.Type, asked)}
+    compiled = ov.Core().compile_model(path, "CPU", config)
+    got = compiled.get_property(hints.inference_precision).get_type_name()  # "f32", "bf16"
+    precision = {"f32": "fp32"}.get(got, got)
+    note = None
+    if got != asked:
+        note = (f"{runtime}: {asked} was asked for, OpenVINO computes in {got} on this CPU"
+                + (" (bf16 is not native here)" if asked == "bf16" else ""))
     request = compiled.create_infer_request()
     output = compiled.output(0)
-    return lambda x: request.infer({0: x})[output].copy()
+    return (lambda x: request.infer({0: x})[output].copy()), precision, note
 
 
-def _torch_export(path: str, meta: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
+def _torch_export(path: str, runtime: str) -> tuple[Runner, str, str | None]:
     module = torch.export.load(path).module()
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return module(torch.from_numpy(x)).numpy()
-    return run
+    return run, "fp32", None
 
 
-_OPENERS = {"onnx": ("onnxruntime", _onnxruntime), "openvino": ("openvino", _openvino),
-            "torch-export": ("torch-export", _torch_export)}
+_OPENERS = {"onnxruntime": _onnxruntime, "openvino": _openvino, "openvino-bf16": _openvino,
+            "torch-export": _torch_export}
+
+
+def _runtimes_of(fmt: str) -> list[str]:
+    return [name for name, f in RUNTIMES.items() if f == fmt]
 
 
 def open_runtime(folder: str | os.PathLike, meta: dict[str, Any] | None = None,
-                 precision_hint: str | None = None) -> RuntimeModel:
-    """Open an exported folder in the runtime of its format (``precision_hint``: OpenVINO's inference precision,
-    e.g. "bf16"; None keeps the model's fp32)."""
+                 runtime: str | None = None) -> RuntimeModel:
+    """Open an exported folder in ``runtime`` (default: the runtime of its format, in fp32; ``openvino-bf16`` for an
+    OpenVINO folder computed in bf16)."""
     folder = os.fspath(folder)
     if meta is None:
         with open(os.path.join(folder, "vitkit.json")) as f:
             meta = json.load(f)
-    runtime, opener = _OPENERS[meta["format"]]
-    path = os.path.join(folder, meta["file"])
-    run = opener(path, meta, precision_hint) if runtime == "openvino" else opener(path, meta)
-    return RuntimeModel(run, meta, runtime)
+    runtime = runtime or _runtimes_of(meta["format"])[0]
+    if RUNTIMES.get(runtime) != meta["format"]:
+        raise ValueError(f"{folder} is a {meta['format']} export: it runs in "
+                         f"{' or '.join(_runtimes_of(meta['format']))}, not {runtime}")
+    run, precision, note = _OPENERS[runtime](os.path.join(folder, meta["file"]), runtime)
+    return RuntimeModel(run, meta, runtime, precision=precision, note=note)
+
+
+def is_export_folder(path: str | os.PathLike | None) -> bool:
+    """Whether ``path`` is a folder written by ``export_model`` (it holds a ``vitkit.json`` naming its format)."""
+    if path is None or not os.path.isfile(os.path.join(os.fspath(path), "vitkit.json")):
+        return False
+    try:
+        with open(os.path.join(os.fspath(path), "vitkit.json")) as f:
+            return json.load(f).get("format") in FORMATS
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def open_export_folder(folder: str | os.PathLike, runtime: str = "eager", int8: bool = False) -> RuntimeModel:
+    """An export folder given as the model of ``predict``, ``eval`` or ``bench``: it runs as it was exported (int8 or
+    not); ``runtime`` "eager" means the runtime of its format, any other must run that format."""
+    folder = os.fspath(folder)
+    model = open_runtime(folder, runtime=None if runtime == "eager" else runtime)
+    if int8 and not model.meta.get("int8"):
+        raise ValueError(f"{folder} holds fp32 weights: int8 is chosen when exporting (vitkit export ... --int8)")
+    return model
 
 
 def to_runtime(model: nn.Module, runtime: str, int8: bool = False, images: Tensor | None = None) -> nn.Module:
-    """``model`` itself for "eager"; otherwise the model exported (parity-checked) to a temporary folder and opened
-    in ``runtime``. The folder is deleted once opened (the runtimes keep the model in memory)."""
+    """``model`` itself for "eager"; otherwise the model exported (parity-checked in ``runtime``) to a temporary
+    folder and opened in ``runtime``. The folder is deleted once opened (the runtimes keep the model in memory)."""
     from vitkit.deploy.export import export_model
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
@@ -112,8 +153,9 @@ def to_runtime(model: nn.Module, runtime: str, int8: bool = False, images: Tenso
             raise ValueError("--int8 needs --runtime onnxruntime")
         return model
     with tempfile.TemporaryDirectory(prefix="vitkit-runtime-") as tmp:
-        result = export_model(model, os.path.join(tmp, "model"), RUNTIMES[runtime], int8=int8, images=images)
-        opened = open_runtime(result.folder)
+        result = export_model(model, os.path.join(tmp, "model"), RUNTIMES[runtime], int8=int8, images=images,
+                              runtime=runtime)
+        opened = open_runtime(result.folder, runtime=runtime)
     opened.__dict__["source"] = model
     opened.parity = result.parity
     return opened

@@ -29,7 +29,8 @@ SPLITS = ("test", "val", "train")  # train: the unaugmented training images, e.g
 
 def _model_defaults(model: nn.Module) -> dict[str, Any]:
     _, H, W = model.data_cfg.input_size
-    out: dict[str, Any] = {"interpolation": model.data_cfg.interpolation, "crop_pct": model.data_cfg.crop_pct}
+    out: dict[str, Any] = {"interpolation": model.data_cfg.interpolation, "crop_pct": model.data_cfg.crop_pct,
+                           "crop_mode": model.data_cfg.crop_mode}
     if H == W:
         out["img_size"] = int(H)
     return out

@@ -20,7 +20,7 @@ from vitkit.data.images import IMG_EXTENSIONS, ImageLoadError, load_image
 from vitkit.evaluate.labels import resolve_class_names
 from vitkit.evaluate.preprocess import eval_transform
 
-__all__ = ["Prediction", "predict_files", "predict_tensors", "expand_inputs", "load_batch"]
+__all__ = ["Prediction", "predict_files", "predict_tensors", "expand_inputs", "image_files", "load_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,31 @@ def expand_inputs(paths: Iterable[str | os.PathLike], extensions: tuple[str, ...
     """Files as given (whatever their extension, so a bad file is reported rather than skipped), and every image
     file under each folder (recursive, extensions matched case-insensitively, sorted by path). Paths that do not
     exist are kept, so they get an error row. Hidden files and folders (``.name``) inside folders are skipped."""
+    out, empty = _expand(paths, extensions)
+    for p in empty:
+        log.warning("no image files (%s) under %s", ", ".join(extensions), p)
+    return out
+
+
+def image_files(paths: Iterable[str | os.PathLike], extensions: tuple[str, ...] = IMG_EXTENSIONS) -> list[str]:
+    """``expand_inputs`` for a command line, where a path that does not exist is a typo, not an error row: raises
+    ``FileNotFoundError`` naming it, or naming the folders when no image file is found at all."""
+    paths = [os.fspath(p) for p in paths]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(missing)}: no such file or folder")
+    out, empty = _expand(paths, extensions)
+    if not out:
+        raise FileNotFoundError(f"no image files ({', '.join(extensions)}) in {', '.join(empty)}")
+    for p in empty:
+        log.warning("no image files (%s) under %s", ", ".join(extensions), p)
+    return out
+
+
+def _expand(paths: Iterable[str | os.PathLike], extensions: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(the files ``expand_inputs`` returns, the folders in ``paths`` that hold no image file)."""
     out: list[str] = []
+    empty: list[str] = []
     exts = tuple(e.lower() for e in extensions)
     for p in map(os.fspath, paths):
         if not os.path.isdir(p):
@@ -53,9 +77,9 @@ def expand_inputs(paths: Iterable[str | os.PathLike], extensions: tuple[str, ...
             continue
         found = sorted(_walk_images(p, exts))
         if not found:
-            log.warning("no image files (%s) under %s", ", ".join(extensions), p)
+            empty.append(p)
         out.extend(found)
-    return out
+    return out, empty
 
 
 def _walk_images(folder: str, exts: tuple[str, ...]) -> Iterable[str]:

@@ -6,7 +6,9 @@ evaluation code and transformers' PIL image processors do:
 
 1. resize with **PIL** (``Image.resize``, the data_cfg's filter) so the shorter side is ``floor(size / crop_pct)``;
    the longer side is ``int(short * long / short_in)`` (torchvision's ``Resize(int)`` rounding). For a non-square
-   input size both target sides are scaled by ``1 / crop_pct`` and the image is resized, aspect kept, to cover them;
+   input size both target sides are scaled by ``1 / crop_pct`` and the image is resized, aspect kept, to cover them.
+   ``crop_mode='squash'`` (timm's name) resizes both sides to ``floor(side / crop_pct)`` instead, aspect not kept:
+   torchvision's ``Resize((h, w))`` on a PIL image, which official evaluations such as CvT's and Swin's at 384 run;
 2. centre-crop ``(H, W)``, offsets rounded like torchvision's ``CenterCrop``;
 3. to ``[0, 1]``; for ``channel_order='BGR'`` swap to BGR (mean/std are given in the model's channel order);
    normalise with the data_cfg's mean/std.
@@ -37,9 +39,12 @@ _PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resamplin
                 "nearest": Image.Resampling.NEAREST}
 
 
-def resize_size(width: int, height: int, target: tuple[int, int], crop_pct: float) -> tuple[int, int]:
+def resize_size(width: int, height: int, target: tuple[int, int], crop_pct: float,
+                crop_mode: str = "center") -> tuple[int, int]:
     """``(new_width, new_height)`` before the centre crop to ``target = (H, W)`` (timm's eval sizes)."""
     scale_h, scale_w = (math.floor(t / crop_pct) for t in target)
+    if crop_mode == "squash":  # both sides, aspect not kept
+        return scale_w, scale_h
     if scale_h == scale_w:  # torchvision Resize(int): shorter side exact, longer side truncated
         short, long = min(width, height), max(width, height)
         new_long = int(scale_h * long / short)
@@ -59,7 +64,7 @@ class EvalTransform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = to_rgb(img)
-        new_size = resize_size(img.width, img.height, self.size, self.data_cfg.crop_pct)
+        new_size = resize_size(img.width, img.height, self.size, self.data_cfg.crop_pct, self.data_cfg.crop_mode)
         if new_size != img.size:
             img = img.resize(new_size, self.filter)
         x = center_crop(pil_to_tensor(img), *self.size)  # (3, H, W) uint8
@@ -69,13 +74,16 @@ class EvalTransform:
 
     def __repr__(self) -> str:
         c = self.data_cfg
-        return (f"EvalTransform(size={self.size}, crop_pct={c.crop_pct}, {c.interpolation}, {c.channel_order}, "
+        return (f"EvalTransform(size={self.size}, crop_pct={c.crop_pct}, {c.crop_mode}, {c.interpolation}, "
+                f"{c.channel_order}, "
                 f"mean={c.mean}, std={c.std})")
 
 
 def _check(data_cfg: PreprocessConfig) -> None:
     if not 0.0 < data_cfg.crop_pct <= 1.0:
         raise ValueError(f"data_cfg.crop_pct must be in (0, 1], got {data_cfg.crop_pct}")
+    if data_cfg.crop_mode not in ("center", "squash"):
+        raise ValueError(f"data_cfg.crop_mode must be 'center' or 'squash', got {data_cfg.crop_mode!r}")
     if data_cfg.interpolation not in _PIL_FILTERS:
         raise ValueError(f"data_cfg.interpolation {data_cfg.interpolation!r} is not one of {sorted(_PIL_FILTERS)}")
     if data_cfg.channel_order not in ("RGB", "BGR"):

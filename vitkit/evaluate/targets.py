@@ -64,6 +64,8 @@ def load_target(path: str | os.PathLike | None = None, model_name: str | None = 
     """
     import vitkit
     path = os.fspath(path) if path is not None else None
+    if path is not None and not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or folder")
     run_dir = path if path is not None and is_run_folder(path) else None
     checkpoint = run_checkpoint(run_dir) if run_dir else path
     run_config = _read_run_config(run_dir) if run_dir else None

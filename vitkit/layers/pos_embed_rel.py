@@ -6,8 +6,12 @@ table holds (2Wh−1)(2Ww−1) rows, one per relative offset (dy, dx); the pair 
 (dy + Wh − 1)·(2Ww − 1) + (dx + Ww − 1) with (dy, dx) = coords(i) − coords(j) in row-major (ij) order. BEiT's models
 with a class token add three rows after those: class-to-token, token-to-class and class-to-class.
 
-Two ways to resize a table exist, and they differ by about 1e-2 in the logits, so the load report names the one used:
+Several ways to resize a table exist, and they differ by about 1e-2 in the logits, so the load report names the one
+used:
 - ``"bicubic"``: ``F.interpolate`` of the (2W−1)×(2W−1) grid per head (Swin's official ``utils.load_pretrained``);
+- ``"bilinear"``: the same with ``mode='bilinear'`` (``align_corners=False``, no antialiasing), what transformers'
+  ``BeitRelativePositionBias.forward`` does at every forward for another input size (``models/beit/modeling_beit.py``,
+  5.25.0; it reads the grid as (width, height), which only matters for non-square grids);
 - ``"geometric"``: BEiT's fine-tuning code (``run_class_finetuning.py``) places the old offsets on a geometric
   progression that spans the new table and interpolates each head with a cubic spline (scipy's ``interp2d(kind=
   'cubic')``, the same bicubic interpolating spline as ``RectBivariateSpline(kx=3, ky=3, s=0)``); needs scipy.
@@ -24,7 +28,7 @@ from torch import Tensor, nn
 __all__ = ["relative_position_index", "resize_rel_pos_bias_table", "num_relative_distances", "RelativePositionBias",
            "RESIZE_METHODS"]
 
-RESIZE_METHODS = ("bicubic", "geometric", "geometric_linear")
+RESIZE_METHODS = ("bicubic", "bilinear", "geometric", "geometric_linear")
 
 
 def num_relative_distances(window: tuple[int, int]) -> int:
@@ -77,7 +81,8 @@ class RelativePositionBias(nn.Module):
 
 def resize_rel_pos_bias_table(table: Tensor, old_window: tuple[int, int], new_window: tuple[int, int],
                               extra_rows: int = 0,
-                              method: Literal["bicubic", "geometric", "geometric_linear"] = "bicubic") -> Tensor:
+                              method: Literal["bicubic", "bilinear", "geometric", "geometric_linear"] = "bicubic"
+                              ) -> Tensor:
     """Resize a ((2Wh−1)(2Ww−1) + extra_rows, heads) table from ``old_window`` to ``new_window``; the extra rows (BEiT's
     class-token entries) are kept as they are. Returns a new float tensor in the input dtype."""
     if method not in RESIZE_METHODS:
@@ -91,8 +96,8 @@ def resize_rel_pos_bias_table(table: Tensor, old_window: tuple[int, int], new_wi
     grid, extra = table[: src[0] * src[1]], table[src[0] * src[1]:]
     heads = table.shape[1]
     grid = grid.float().t().reshape(heads, *src)  # (heads, 2Wh-1, 2Ww-1)
-    if method == "bicubic":
-        out = F.interpolate(grid[None], size=dst, mode="bicubic", align_corners=False)[0]
+    if method in ("bicubic", "bilinear"):
+        out = F.interpolate(grid[None], size=dst, mode=method, align_corners=False)[0]
     else:
         out = _geometric_resize(grid, src, dst, cubic=method == "geometric")
     out = out.reshape(heads, dst[0] * dst[1]).t()  # (rows, heads)

@@ -10,7 +10,7 @@ LayerNorm and GELU. ``sr_ratio = 1`` (no ``linear``) is plain multi-head self-at
 
 Parameter names follow the official code and timm (``q``, ``kv`` with keys before values, ``proj``, ``sr``, ``norm``).
 The SR LayerNorm is a plain ``nn.LayerNorm`` (eps 1e-5) in the official code; transformers uses its config's
-``layer_norm_eps`` there, hence ``norm_eps``. The product runs through the shared ``attend`` kernel (fused SDPA unless
+``layer_norm_eps`` there, hence ``norm_eps``; ``qk_scale`` replaces the d^-½ scale (official ``qk_scale``). The product runs through the shared ``attend`` kernel (fused SDPA unless
 attention is being recorded).
 """
 from __future__ import annotations
@@ -28,13 +28,14 @@ class SpatialReductionAttention(RecordsAttention):
                    "has one and no reduction); info: grid (H, W), kv_grid, class_token")
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, *, linear: bool = False, pool_size: int = 7,
-                 qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, norm_eps: float = 1e-5):
+                 qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, norm_eps: float = 1e-5,
+                 qk_scale: float | None = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = qk_scale or self.head_dim ** -0.5  # the official ``qk_scale or head_dim ** -0.5``
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
         self.attn_drop = attn_drop

@@ -100,6 +100,7 @@ class WindowAttention(RecordsAttention):
 
     Buffers, saved as the official Swin saves them: ``relative_position_index`` (N, N) and, for shifted windows,
     ``attn_mask`` (nW, N, N) of the padded grid; both are computed, and a checkpoint's copies are only checked.
+    ``qk_scale`` replaces the d^-½ scale (official Swin ``qk_scale``).
     """
 
     attn_layout = ("(B·nW, heads, N, N): one row per window of the shifted, padded grid (window w of image b at "
@@ -109,7 +110,7 @@ class WindowAttention(RecordsAttention):
 
     def __init__(self, dim: int, num_heads: int, grid: int | tuple[int, int], window: int | tuple[int, int],
                  shift: int | tuple[int, int] = 0, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, mask_fill: float = -100.0):
+                 proj_drop: float = 0.0, mask_fill: float = -100.0, qk_scale: float | None = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -118,7 +119,7 @@ class WindowAttention(RecordsAttention):
             raise ValueError(f"shift {self.shift} must be in [0, window) for window {self.window}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = qk_scale or self.head_dim ** -0.5  # the official ``qk_scale or head_dim ** -0.5``
         self.mask_fill = mask_fill
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop

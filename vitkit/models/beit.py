@@ -26,8 +26,9 @@ from torch import Tensor, nn
 
 from vitkit.config import ConfigError
 from vitkit.layers import Attention, Block, RelativePositionBias, num_relative_distances
-from vitkit.models.beit_formats import BEIT_FORMATS, WEIGHTS
+from vitkit.models.beit_formats import BEIT_FORMATS, BEIT_RESIZE, WEIGHTS
 from vitkit.models.vit import ViTConfig, VisionTransformer
+from vitkit.models.vit_formats import RESIZE_CHOICES
 from vitkit.registry import register_family
 from vitkit.specs import INCEPTION_MEAN, INCEPTION_STD, PreprocessConfig, Reference
 
@@ -102,7 +103,8 @@ class Beit(VisionTransformer):
         1. a pre-training checkpoint's MIM parts and final ``norm`` are dropped, ``fc_norm`` and the head start fresh;
         2. a shared table (pre-training) is copied into every block's table when the model has per-block tables;
         3. ``relative_position_index`` buffers are checked against the model's (recomputed if the grid changed);
-        4. tables of another grid are resized with BEiT's geometric-progression cubic interpolation;
+        4. tables of another grid are resized as the checkpoint's source does it (``report.resize``: BEiT's
+           geometric-progression cubic interpolation, transformers' bilinear);
         5. then ViT's steps: the absolute position embedding (if any) resampled, a head of another size replaced.
         """
         from vitkit.weights.adapt import reconcile_buffers, resize_rel_pos_tables
@@ -114,8 +116,11 @@ class Beit(VisionTransformer):
             if old_grid and old_grid != grid else ""
         state = reconcile_buffers(state, self, ("relative_position_index",), report, moved)
         windows = {num_relative_distances(w): w for w in (old_grid, grid) if w}
-        state = resize_rel_pos_tables(state, self, "relative_position_bias_table", report, "geometric",
-                                      lambda rows: windows.get(rows) or _square_window(rows), extra_rows=3)
+        rule = report.resize
+        state = resize_rel_pos_tables(state, self, "relative_position_bias_table", report,
+                                      rule.rel_pos if rule else "geometric",
+                                      lambda rows: windows.get(rows) or _square_window(rows), extra_rows=3,
+                                      source=rule.rel_pos_source if rule else "")
         return super().load_pretrained_state(state, report)
 
     def _pretraining_to_finetuning(self, state: dict[str, Tensor], report) -> dict[str, Tensor]:
@@ -214,4 +219,5 @@ def tiny(name: str, cfg: dict) -> dict:
 
 register_family("beit", Beit, VARIANTS, DATA_CFGS, formats=BEIT_FORMATS, weights=WEIGHTS,
                 references={n: closed_form_size(c) for n, c in VARIANTS.items()}, tiny=tiny,
-                train_defaults=TRAIN_DEFAULTS, paper="Bao et al. 2021, arXiv 2106.08254")
+                train_defaults=TRAIN_DEFAULTS, paper="Bao et al. 2021, arXiv 2106.08254", resize=BEIT_RESIZE,
+                resize_choices=RESIZE_CHOICES)

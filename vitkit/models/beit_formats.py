@@ -14,11 +14,11 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from vitkit.specs import CheckpointView, SourceFormat, WeightSpec
+from vitkit.specs import CheckpointView, ResizeRule, SourceFormat, WeightSpec
 from vitkit.weights.keymap import Fuse, KeyMap, Rename
 from vitkit.weights.report import CheckpointError
 
-__all__ = ["BEIT_FORMATS", "WEIGHTS", "OFFICIAL", "hf_keymap", "to_transformers"]
+__all__ = ["BEIT_FORMATS", "BEIT_RESIZE", "WEIGHTS", "OFFICIAL", "hf_keymap", "to_transformers"]
 
 # ------------------------------------------------------------------------------------------- official and timm
 OFFICIAL = KeyMap([
@@ -241,3 +241,17 @@ WEIGHTS: dict[str, WeightSpec] = {
 
 # Detection order: the most specific signature first.
 BEIT_FORMATS = (HF_FORMAT, OFFICIAL_FORMAT, TIMM_FORMAT)
+
+# Resizing for another input size, per source: the official fine-tuning script (also for timm's files and vitkit's
+# folders, which have no resize code of their own) puts the relative-position tables on a geometric progression and
+# interpolates them with a cubic spline, and resizes an absolute embedding bicubically without antialiasing;
+# transformers resizes both at every forward (interpolate_pos_encoding=True), the tables bilinearly.
+# tests/test_pos_embed_resize.py checks every entry against that code's output.
+_OFFICIAL = "microsoft/unilm beit/run_class_finetuning.py@768a3c8"
+_OFFICIAL_RULE = ResizeRule("bicubic", _OFFICIAL, rel_pos="geometric", rel_pos_source=_OFFICIAL)
+_HF = "transformers 5.25.0 models/beit/modeling_beit.py"
+BEIT_RESIZE = {
+    "official": _OFFICIAL_RULE, "timm": _OFFICIAL_RULE, "vitkit": _OFFICIAL_RULE,
+    "hf": ResizeRule("bicubic", f"{_HF} BeitEmbeddings.interpolate_pos_encoding (at forward time)", rel_pos="bilinear",
+                     rel_pos_source=f"{_HF} BeitRelativePositionBias.forward (at forward time)"),
+}

@@ -6,9 +6,14 @@ Three stages, each a convolutional token embedding followed by convolutional Tra
     q/k/v = Linear(BN(DWConv_s(reshape2D(x))))                (§3.2, eq. 2: stride 1 for q, 2 for k and v)
     z' = z + MHSA(q, k, v), z = z' + MLP(LN(z'))              (pre-norm blocks)
 
-No position embedding anywhere (paper §4.4): the weights fit any input size. The class token exists only in the last
-stage; it is split off before the convolutional projection and concatenated back to q, k and v (it is never
-convolved), and its final LayerNorm is the classification feature.
+No position embedding anywhere (paper §4.4): the weights fit any input size. The class token exists in the last stage
+of every released model; it is split off before the convolutional projection and concatenated back to q, k and v (it
+is never convolved), and its final LayerNorm is the classification feature.
+
+Every SPEC setting of the official constructor (microsoft/CvT@f851e68 ``lib/models/cls_cvt.py``) is a config field:
+one value for all stages, as every released config has it, or one per stage (``CvTConfig.per_stage``), including a
+class token in an earlier stage (used by that stage's blocks, then dropped) and the 'avg' projection (q unprojected,
+k and v average-pooled with ``ceil_mode``); the 'linear' projection, which the official forward cannot run, is refused.
 
 The definition is the official code (microsoft/CvT ``lib/models/cls_cvt.py``); its numerics are the config's defaults:
 QuickGELU ``x·σ(1.702x)``, LayerNorm eps 1e-5, and the attention scale ``dim_out ** -0.5`` (the full stage width, not
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +41,9 @@ from vitkit.specs import PreprocessConfig, Reference
 __all__ = ["CvTConfig", "ConvolutionalVisionTransformer", "ConvProjection", "ConvAttention"]
 
 
+Method = Literal["dw_bn", "avg", "linear"]
+
+
 @dataclass
 class CvTConfig:
     """Per-stage lists are the official ``MODEL.SPEC`` entries (transformers' ``CvtConfig`` uses the same names)."""
@@ -49,26 +57,51 @@ class CvTConfig:
     patch_size: tuple[int, ...] = (7, 3, 3)  # PATCH_SIZE: the token-embedding conv kernels
     patch_stride: tuple[int, ...] = (4, 2, 2)  # PATCH_STRIDE
     patch_padding: tuple[int, ...] = (2, 1, 1)  # PATCH_PADDING
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    kernel_qkv: int = 3  # depth-wise projection kernel (KERNEL_QKV)
-    stride_q: int = 1
-    stride_kv: int = 2  # key/value grids are 4x smaller (§3.2 "squeezed convolutional projection")
-    padding_q: int = 1
-    padding_kv: int = 1
-    class_token: bool = True  # CLS_TOKEN [False, False, True]; False = mean of the normalised last-stage tokens
+    # one value for every stage (all released configs), or one per stage as the official SPEC lists
+    mlp_ratio: float | tuple[float, ...] = 4.0  # MLP_RATIO
+    qkv_bias: bool | tuple[bool, ...] = True  # QKV_BIAS
+    kernel_qkv: int | tuple[int, ...] = 3  # depth-wise projection kernel (KERNEL_QKV)
+    stride_q: int | tuple[int, ...] = 1  # STRIDE_Q
+    stride_kv: int | tuple[int, ...] = 2  # key/value grids are 4x smaller (§3.2 "squeezed convolutional projection")
+    padding_q: int | tuple[int, ...] = 1  # PADDING_Q
+    padding_kv: int | tuple[int, ...] = 1  # PADDING_KV
+    qkv_proj_method: Method | tuple[Method, ...] = "dw_bn"  # QKV_PROJ_METHOD
+    # CLS_TOKEN: True = the last stage's only ([False, False, True]; False = mean of the normalised last-stage
+    # tokens), or one flag per stage (an earlier stage's token is used by its blocks, then dropped, as officially)
+    class_token: bool | tuple[bool, ...] = True
     act_layer: Literal["quick_gelu", "gelu"] = "quick_gelu"  # official QuickGELU; transformers' CvT: exact GELU
     norm_eps: float = 1e-5  # every LayerNorm (official partial(LayerNorm, eps=1e-5); transformers' too)
     attn_scale: Literal["dim", "head_dim"] = "dim"  # official and transformers: dim_out ** -0.5 (full stage width)
-    drop_rate: float = 0.0  # dropout after the token embedding and the dense layers (DROP_RATE)
-    attn_drop_rate: float = 0.0
+    drop_rate: float | tuple[float, ...] = 0.0  # dropout after the token embedding and dense layers (DROP_RATE)
+    attn_drop_rate: float | tuple[float, ...] = 0.0  # ATTN_DROP_RATE
     drop_path_rate: tuple[float, ...] = (0.0, 0.0, 0.0)  # per stage, linear over its blocks (DROP_PATH_RATE)
+    init: Literal["trunc_norm", "xavier"] = "trunc_norm"  # the official INIT of the stages' dense layers
+
+    _PER_STAGE: ClassVar[tuple[str, ...]] = ("mlp_ratio", "qkv_bias", "kernel_qkv", "stride_q", "stride_kv",
+                                             "padding_q", "padding_kv", "qkv_proj_method", "class_token",
+                                             "drop_rate", "attn_drop_rate")
+
+    def per_stage(self, name: str, i: int) -> Any:
+        """Stage ``i``'s value of a setting given once for all stages or as the official per-stage list."""
+        value = getattr(self, name)
+        return value[i] if isinstance(value, tuple) else value
+
+    def stage_class_token(self, i: int) -> bool:
+        """Whether stage ``i`` has a class token (a single flag is the last stage's)."""
+        if isinstance(self.class_token, tuple):
+            return self.class_token[i]
+        return self.class_token and i == len(self.depth) - 1
 
     def validate(self) -> None:
         stages = len(self.depth)
         for name in ("embed_dim", "num_heads", "patch_size", "patch_stride", "patch_padding", "drop_path_rate"):
             if len(getattr(self, name)) != stages:
                 raise ConfigError(f"{name} has {len(getattr(self, name))} entries but depth has {stages} stages")
+        for name in self._PER_STAGE:
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != stages:
+                raise ConfigError(f"{name} has {len(value)} entries but depth has {stages} stages (give one value "
+                                  f"for all stages or one per stage)")
         for name in ("embed_dim", "depth", "num_heads", "patch_size", "patch_stride"):
             if stages == 0 or min(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be a non-empty list of positive integers, got {getattr(self, name)}")
@@ -79,8 +112,13 @@ class CvTConfig:
         bad = [f"{d}/{h}" for d, h in zip(self.embed_dim, self.num_heads) if d % h]
         if bad:
             raise ConfigError(f"embed_dim is not divisible by num_heads in stage(s) {', '.join(bad)}")
-        rates = {"drop_rate": self.drop_rate, "attn_drop_rate": self.attn_drop_rate,
-                 **{f"drop_path_rate[{i}]": r for i, r in enumerate(self.drop_path_rate)}}
+        if "linear" in [self.per_stage("qkv_proj_method", i) for i in range(stages)]:
+            raise ConfigError("qkv_proj_method 'linear': the official code cannot run it: Attention.forward assigns "
+                              "q, k, v only in forward_conv, which it skips when no projection is built "
+                              "(UnboundLocalError, f851e68 cls_cvt.py)")
+        rates = {f"{name}[{i}]": self.per_stage(name, i) for name in ("drop_rate", "attn_drop_rate")
+                 for i in range(stages)}
+        rates.update({f"drop_path_rate[{i}]": r for i, r in enumerate(self.drop_path_rate)})
         for name, rate in rates.items():
             if not 0.0 <= rate < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {rate}")
@@ -113,26 +151,48 @@ class ConvProjection(ConvNormAct):
         return super().forward(x).flatten(2).transpose(1, 2)  # (B, h·w, C)
 
 
-class ConvAttention(RecordsAttention):
-    """Convolutional-projection multi-head attention (paper §3.2; official ``Attention`` with ``method='dw_bn'``).
+class AvgProjection(nn.AvgPool2d):
+    """The official ``avg`` projection of keys and values: k×k average pooling, ``ceil_mode=True``, padding counted."""
 
-    q, k and v are separate depth-wise conv + BN projections of the token map (k and v with stride 2), each followed by
-    its own Linear; the class token (if any) skips the convolution and is prepended to all three."""
+    def __init__(self, kernel_size: int, stride: int, padding: int):
+        super().__init__(kernel_size, stride, padding, ceil_mode=True)
+
+    def output_grid(self, H: int, W: int) -> tuple[int, int]:
+        k, s, p = self.kernel_size, self.stride, self.padding
+        sides = [-(-(n + 2 * p - k) // s) + 1 for n in (H, W)]
+        return tuple(n - 1 if (n - 1) * s >= size + p else n for n, size in zip(sides, (H, W)))  # PyTorch's rule
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) → (B, h·w, C)."""
+        return super().forward(x).flatten(2).transpose(1, 2)  # (B, h·w, C)
+
+
+class ConvAttention(RecordsAttention):
+    """Convolutional-projection multi-head attention (paper §3.2; official ``Attention``).
+
+    ``method='dw_bn'``: q, k and v are separate depth-wise conv + BN projections of the token map (k and v with stride
+    2); ``'avg'``: q the tokens themselves, k and v average-pooled (the official ``avg``). Each is followed by its own
+    Linear; the class token (if any) skips the projection and is prepended to all three."""
 
     attn_layout = ("(B, heads, [1 +] H·W, [1 +] h·w): every query token of the stage's H×W grid over the keys of the "
                    "stride-2 h×w key grid; with a class token it comes first in both")
 
     def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, kernel_size: int = 3, stride_q: int = 1,
                  stride_kv: int = 2, padding_q: int = 1, padding_kv: int = 1, class_token: bool = False,
-                 scale: Literal["dim", "head_dim"] = "dim", attn_drop: float = 0.0, proj_drop: float = 0.0):
+                 scale: Literal["dim", "head_dim"] = "dim", method: Literal["dw_bn", "avg"] = "dw_bn",
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = (dim if scale == "dim" else self.head_dim) ** -0.5  # official: dim_out ** -0.5
         self.class_token = class_token
-        self.conv_proj_q = ConvProjection(dim, kernel_size, stride_q, padding_q)
-        self.conv_proj_k = ConvProjection(dim, kernel_size, stride_kv, padding_kv)
-        self.conv_proj_v = ConvProjection(dim, kernel_size, stride_kv, padding_kv)
+        if method == "avg":  # official: q 'linear' (no projection), k and v average-pooled
+            self.conv_proj_q = None
+            self.conv_proj_k, self.conv_proj_v = (AvgProjection(kernel_size, stride_kv, padding_kv) for _ in range(2))
+        else:
+            self.conv_proj_q = ConvProjection(dim, kernel_size, stride_q, padding_q)
+            self.conv_proj_k = ConvProjection(dim, kernel_size, stride_kv, padding_kv)
+            self.conv_proj_v = ConvProjection(dim, kernel_size, stride_kv, padding_kv)
         self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
@@ -149,7 +209,8 @@ class ConvAttention(RecordsAttention):
         H, W = grid
         cls, fmap = split_map(x, grid, self.class_token)
         fmap = fmap.contiguous(memory_format=torch.channels_last)  # a no-op, except after the class token is split off
-        q, k, v = self.conv_proj_q(fmap), self.conv_proj_k(fmap), self.conv_proj_v(fmap)  # (B, n, C) each
+        q = self.conv_proj_q(fmap) if self.conv_proj_q is not None else fmap.flatten(2).transpose(1, 2)  # (B, n, C)
+        k, v = self.conv_proj_k(fmap), self.conv_proj_v(fmap)  # (B, n', C) each
         if cls is not None:
             q, k, v = (torch.cat([cls, t], dim=1) for t in (q, k, v))  # (B, 1 + n, C)
         q, k, v = self._heads(self.proj_q(q)), self._heads(self.proj_k(k)), self._heads(self.proj_v(v))
@@ -165,21 +226,21 @@ class CvTStage(nn.Module):
 
     def __init__(self, cfg: CvTConfig, i: int, in_chans: int, img_size: tuple[int, int]):
         super().__init__()
-        dim = cfg.embed_dim[i]
+        dim, at = cfg.embed_dim[i], partial(cfg.per_stage, i=i)
         norm = partial(nn.LayerNorm, eps=cfg.norm_eps)
-        last = i == len(cfg.depth) - 1
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if last and cfg.class_token else None
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.stage_class_token(i) else None
         self.patch_embed = PatchEmbed(img_size, cfg.patch_size[i], in_chans, dim, strict_img_size=False,
                                       stride=cfg.patch_stride[i], padding=cfg.patch_padding[i], norm_layer=norm)
-        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        self.pos_drop = nn.Dropout(at("drop_rate"))
         rates = drop_path_rates(cfg.drop_path_rate[i], cfg.depth[i])  # official: linspace(0, rate, depth) per stage
         self.blocks = nn.ModuleList([
             Block(dim, drop_path=rate, norm_layer=norm,
-                  attn=ConvAttention(dim, cfg.num_heads[i], qkv_bias=cfg.qkv_bias, kernel_size=cfg.kernel_qkv,
-                                     stride_q=cfg.stride_q, stride_kv=cfg.stride_kv, padding_q=cfg.padding_q,
-                                     padding_kv=cfg.padding_kv, class_token=self.cls_token is not None,
-                                     scale=cfg.attn_scale, attn_drop=cfg.attn_drop_rate, proj_drop=cfg.drop_rate),
-                  mlp=Mlp(dim, int(dim * cfg.mlp_ratio), act_layer=cfg.act_layer, drop=cfg.drop_rate))
+                  attn=ConvAttention(dim, cfg.num_heads[i], qkv_bias=at("qkv_bias"), kernel_size=at("kernel_qkv"),
+                                     stride_q=at("stride_q"), stride_kv=at("stride_kv"), padding_q=at("padding_q"),
+                                     padding_kv=at("padding_kv"), class_token=self.cls_token is not None,
+                                     scale=cfg.attn_scale, method=at("qkv_proj_method"),
+                                     attn_drop=at("attn_drop_rate"), proj_drop=at("drop_rate")),
+                  mlp=Mlp(dim, int(dim * at("mlp_ratio")), act_layer=cfg.act_layer, drop=at("drop_rate")))
             for rate in rates])
 
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
@@ -213,15 +274,21 @@ class ConvolutionalVisionTransformer(LinearHead, FamilyModel):
             in_chans, size = cfg.embed_dim[i], stages[-1].patch_embed.grid_size
         self.stages = nn.ModuleList(stages)
         self.norm = nn.LayerNorm(self.num_features, eps=cfg.norm_eps)
-        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.class_token = cfg.stage_class_token(len(cfg.depth) - 1)  # the last stage's is the classified feature
+        self.head_drop = nn.Dropout(cfg.per_stage("drop_rate", len(cfg.depth) - 1))
         self.head = self._make_head(cfg.num_classes)
         self.init_weights()
 
     # ----------------------------------------------------------------------------------------------- construction
     def init_weights(self) -> None:
         """The official init (``_init_weights_trunc_normal``): truncated-normal(0.02) dense layers, class token and
-        head, zero biases; norms start at identity; convolutions keep PyTorch's default."""
+        head, zero biases; norms start at identity; convolutions keep PyTorch's default. ``init='xavier'``: the
+        stages' dense layers Xavier-uniform instead (``_init_weights_xavier``; the head stays truncated-normal)."""
         trunc_normal_linears_(self)
+        if self.cfg.init == "xavier":
+            for m in self.stages.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
         for stage in self.stages:
             if stage.cls_token is not None:
                 nn.init.trunc_normal_(stage.cls_token, std=0.02)
@@ -261,10 +328,10 @@ class ConvolutionalVisionTransformer(LinearHead, FamilyModel):
         return self.norm(tokens)  # LayerNorm is per token: norm(cls) as the official head takes it
 
     def feature_map(self, features: Tensor, image_hw: tuple[int, int]) -> Tensor:
-        return tokens_to_map(features, int(self.cfg.class_token), image_hw)  # (B, D, h, w) of the last stage
+        return tokens_to_map(features, int(self.class_token), image_hw)  # (B, D, h, w) of the last stage
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = x[:, 0] if self.cfg.class_token else x.mean(dim=1)  # (B, D): official forward_features
+        x = x[:, 0] if self.class_token else x.mean(dim=1)  # (B, D): official forward_features
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -304,11 +371,13 @@ VARIANTS = {
     "cvt_w24": dict(embed_dim=(192, 768, 1024), num_heads=(3, 12, 16), depth=(2, 2, 20),
                     drop_path_rate=(0.0, 0.0, 0.3), img_size=384),
 }
+# cvt-{13,21}-384x384.yaml: the 224 models' SPEC at 384 (the released CvT-13/21-384x384 weights)
+VARIANTS.update({f"{name}_384": dict(VARIANTS[name], img_size=384) for name in ("cvt_13", "cvt_21")})
 # Official evaluation (lib/dataset/transformas/build.py): ImageNet mean/std, bicubic (TEST.INTERPOLATION 3); at 224
-# resize to 224 / 0.875 and centre-crop (TEST.CENTER_CROP default True); the 384 configs set CENTER_CROP False and
-# resize the whole image to 384x384 (aspect not kept; crop_pct 1.0 is the same for square images).
-DATA_CFGS = {name: PreprocessConfig(crop_pct=0.875 if cfg.get("img_size", 224) == 224 else 1.0)
-             for name, cfg in VARIANTS.items()}
+# T.Resize(int(224 / 0.875)) (the short side) and T.CenterCrop(224) (TEST.CENTER_CROP default True); the 384 configs
+# set CENTER_CROP False: T.Resize((384, 384)) squashes the whole image, aspect not kept (crop_mode "squash").
+DATA_CFGS = {name: PreprocessConfig(crop_pct=0.875) if cfg.get("img_size", 224) == 224 else
+             PreprocessConfig(crop_pct=1.0, crop_mode="squash") for name, cfg in VARIANTS.items()}
 
 # Measured with FlopCounterMode on the official cls_cvt.py (architectures.md §1.7; re-measured here on f851e68:
 # 19.9975 M / 4.5661 G, 31.6227 M / 7.1780 G, 277.1964 M / 194.2217 G). README: 20M / 4.5, 32M / 7.1, 277M / 193.2.
@@ -317,6 +386,9 @@ REFERENCES = {
     "cvt_13": Reference(19.9975, 4.5661, _SRC.format("20M / 4.5 G"), params_tol=1e-4, macs_rtol=1e-4),
     "cvt_21": Reference(31.6227, 7.1780, _SRC.format("32M / 7.1 G"), params_tol=1e-4, macs_rtol=1e-4),
     "cvt_w24": Reference(277.1964, 194.2217, _SRC.format("277M / 193.2 G at 384"), params_tol=1e-4, macs_rtol=1e-4),
+    # the official cls_cvt.py at f851e68 counted the same way at 384 (tests/data/cvt/README.md)
+    "cvt_13_384": Reference(19.9975, 16.2694, _SRC.format("20M / 16.3 G at 384"), params_tol=1e-4, macs_rtol=1e-4),
+    "cvt_21_384": Reference(31.6227, 24.8491, _SRC.format("32M / 24.9 G at 384"), params_tol=1e-4, macs_rtol=1e-4),
 }
 
 

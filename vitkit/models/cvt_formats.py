@@ -49,16 +49,23 @@ def _convert_official(state: dict[str, Tensor], report) -> dict[str, Tensor]:
     return OFFICIAL.forward(state, report)
 
 
-def _tensor_hints(state: Mapping[str, Tensor], head: str) -> dict[str, Any]:
-    """What the tensors themselves say: a class token (or mean pooling without one) and the head size."""
-    hints: dict[str, Any] = {"class_token": any(k.endswith("cls_token") for k in state)}
+def _class_tokens(flags: list[bool]) -> bool | tuple[bool, ...]:
+    """Per-stage class-token flags in the config's form: one flag when only the last stage may have one."""
+    return flags[-1] if not any(flags[:-1]) else tuple(flags)
+
+
+def _tensor_hints(state: Mapping[str, Tensor], head: str, stage: str) -> dict[str, Any]:
+    """What the tensors themselves say: the stages' class tokens (or mean pooling without one) and the head size."""
+    stages = 1 + max((int(k[len(stage):].split(".")[0]) for k in state if k.startswith(stage)), default=0)
+    hints: dict[str, Any] = {"class_token": _class_tokens([any(k.startswith(f"{stage}{i}") and k.endswith("cls_token")
+                                                               for k in state) for i in range(stages)])}
     if head in state:
         hints["num_classes"] = int(state[head].shape[0])
     return hints
 
 
 def official_hints(state: dict[str, Tensor], config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    return {**_NUMERICS["official"], **_tensor_hints(state, "head.weight")}
+    return {**_NUMERICS["official"], **_tensor_hints(state, "head.weight", "stage")}
 
 
 OFFICIAL_FORMAT = SourceFormat("official", _looks_official, _convert_official, official_hints,
@@ -110,35 +117,35 @@ def _convert_hf(state: dict[str, Tensor], report) -> dict[str, Tensor]:
     return _HF.forward({_strip_base(k): v for k, v in state.items()}, report)
 
 
-def _same_per_stage(config: Mapping[str, Any], key: str, default: Any) -> Any:
-    values = config.get(key, [default])
-    if len(set(values)) != 1:
-        raise CheckpointError(f"transformers CvT config {key}={values}: vitkit's CvT uses one value for all stages")
-    return values[0]
+def _per_stage(config: Mapping[str, Any], key: str, default: Any, kind: type) -> Any:
+    """A CvtConfig per-stage list in vitkit's form: one value when the stages agree, else the tuple."""
+    values = [kind(v) for v in config.get(key, [default])]
+    return values[0] if len(set(values)) == 1 else tuple(values)
 
 
 def _config_hints(config: Mapping[str, Any]) -> dict[str, Any]:
     """Architecture from a transformers ``CvtConfig`` (config.json), in vitkit's names."""
     methods = set(config.get("qkv_projection_method", ["dw_bn"]))
     if methods != {"dw_bn"}:
-        raise CheckpointError(f"transformers CvT qkv_projection_method {sorted(methods)}: only 'dw_bn' (the method of "
-                              f"every released CvT) is supported")
+        raise CheckpointError(f"transformers CvT qkv_projection_method {sorted(methods)}: transformers runs only "
+                              f"'dw_bn' (for 'avg' it builds no projection and its forward fails)")
     cls = list(config.get("cls_token", [False, False, True]))
     if any(cls[:-1]):
-        raise CheckpointError(f"transformers CvT cls_token={cls}: a class token is supported in the last stage only")
+        raise CheckpointError(f"transformers CvT cls_token={cls}: transformers sizes every class token by the last "
+                              f"stage's width, so an earlier stage's cannot join its tokens (its forward fails)")
     hints = {name: tuple(config[key]) for name, key in (
         ("embed_dim", "embed_dim"), ("depth", "depth"), ("num_heads", "num_heads"), ("patch_size", "patch_sizes"),
         ("patch_stride", "patch_stride"), ("patch_padding", "patch_padding")) if key in config}
     hints.update(in_chans=config.get("num_channels", 3), class_token=bool(cls[-1]),
-                 mlp_ratio=float(_same_per_stage(config, "mlp_ratio", 4.0)),
-                 qkv_bias=bool(_same_per_stage(config, "qkv_bias", True)))
+                 mlp_ratio=_per_stage(config, "mlp_ratio", 4.0, float), qkv_bias=_per_stage(config, "qkv_bias", True, bool))
     for name, default in (("kernel_qkv", 3), ("stride_q", 1), ("stride_kv", 2), ("padding_q", 1), ("padding_kv", 1)):
-        hints[name] = int(_same_per_stage(config, name, default))
+        hints[name] = _per_stage(config, name, default, int)
     return hints
 
 
 def hf_hints(state: dict[str, Tensor], config: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {**_NUMERICS["hf"], **_tensor_hints(state, "classifier.weight"),
+    return {**_NUMERICS["hf"], **_tensor_hints({_strip_base(k): v for k, v in state.items()}, "classifier.weight",
+                                               "encoder.stages."),
             **(_config_hints(config) if config else {})}
 
 
@@ -166,17 +173,22 @@ def transformers_config(model: nn.Module):
     if short:  # CvtStage indexes its per-block drop-path list by the stage number
         raise ValueError(f"transformers' CvT cannot build depth={list(cfg.depth)}: its CvtStage needs more than i "
                          f"blocks in stage i (stage(s) {short})")
-    if not cfg.class_token:  # its forward reads outputs[1], the class token, which is then absent
+    if not cfg.stage_class_token(stages - 1):  # its forward reads outputs[1], the class token, which is then absent
         raise ValueError("transformers' CvtForImageClassification cannot run without a class token (class_token=False)")
+    each = {name: [cfg.per_stage(name, i) for i in range(stages)] for name in cfg._PER_STAGE if name != "class_token"}
+    if set(each["qkv_proj_method"]) != {"dw_bn"}:
+        raise ValueError(f"transformers' CvT runs only qkv_proj_method 'dw_bn', got {each['qkv_proj_method']}")
+    if any(cfg.stage_class_token(i) for i in range(stages - 1)):
+        raise ValueError("transformers' CvT sizes every class token by the last stage's width: a class token in an "
+                         "earlier stage cannot run there")
     return CvtConfig(
         num_channels=cfg.in_chans, patch_sizes=list(cfg.patch_size), patch_stride=list(cfg.patch_stride),
         patch_padding=list(cfg.patch_padding), embed_dim=list(cfg.embed_dim), num_heads=list(cfg.num_heads),
-        depth=list(cfg.depth), mlp_ratio=[cfg.mlp_ratio] * stages, attention_drop_rate=[0.0] * stages,
-        drop_rate=[0.0] * stages, drop_path_rate=[0.0] * stages, qkv_bias=[cfg.qkv_bias] * stages,
-        cls_token=[False] * (stages - 1) + [cfg.class_token], qkv_projection_method=["dw_bn"] * stages,
-        kernel_qkv=[cfg.kernel_qkv] * stages, padding_kv=[cfg.padding_kv] * stages,
-        stride_kv=[cfg.stride_kv] * stages, padding_q=[cfg.padding_q] * stages, stride_q=[cfg.stride_q] * stages,
-        num_labels=cfg.num_classes)
+        depth=list(cfg.depth), mlp_ratio=each["mlp_ratio"], attention_drop_rate=[0.0] * stages,
+        drop_rate=[0.0] * stages, drop_path_rate=[0.0] * stages, qkv_bias=each["qkv_bias"],
+        cls_token=[False] * (stages - 1) + [True], qkv_projection_method=each["qkv_proj_method"],
+        kernel_qkv=each["kernel_qkv"], padding_kv=each["padding_kv"], stride_kv=each["stride_kv"],
+        padding_q=each["padding_q"], stride_q=each["stride_q"], num_labels=cfg.num_classes)
 
 
 def _match_numerics(hf: nn.Module, cfg) -> None:
@@ -218,6 +230,8 @@ WEIGHTS: dict[str, WeightSpec] = {
     for name, repo, notes in (
         ("cvt_13", "cvt-13", "ImageNet-1k, 224; README top-1 81.6"),
         ("cvt_21", "cvt-21", "ImageNet-1k, 224; README top-1 82.5"),
+        ("cvt_13_384", "cvt-13-384", "ImageNet-1k, fine-tuned at 384; README top-1 83.0"),
+        ("cvt_21_384", "cvt-21-384", "ImageNet-1k, fine-tuned at 384; README top-1 83.3"),
         ("cvt_w24", "cvt-w24-384-22k", "ImageNet-22k pre-trained, ImageNet-1k fine-tuned at 384; README top-1 87.6"),
     )
 }

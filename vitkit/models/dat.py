@@ -16,6 +16,11 @@ The official forward returns ``(logits, positions, references)``; vitkit's retur
 ``stage_spec``, ``heads``, ``groups``, ``dim_stem``, …). DAT++ (the repository head) is ``vitkit.models.dat_pp``, a
 family of its own: its weights and blocks differ.
 
+Every constructor option the official code runs is built (docs/official_options.md), the paper's ablation switches
+too: ``dwc_pes`` (a depth-wise 3×3 conv of the queries added to the attention output instead of the bias table). Two
+switches the official code builds but cannot run are refused with the reason (``DATConfig.cannot_run``: its forward
+raises), as are the arguments it takes and never reads (``refused_options``).
+
 Another input size: the stage maps change with it, the windows stay (a map the window does not divide is
 zero-padded inside the window attention, as Swin's detection backbone does; the official classification code needs
 divisible maps, which is why its 384 config uses window 12), and loading a checkpoint of another size resizes every
@@ -27,15 +32,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.config import ConfigError, check_ranges, from_dict
 from vitkit.layers import Block, DWConvMlp, Mlp, PatchEmbed, record_attention, to_2tuple
 from vitkit.layers.deformable_attention import DeformableAttention, points_to_pixels
-from vitkit.layers.pos_embed_rel import relative_position_index, resize_rel_pos_bias_table
+from vitkit.layers.pos_embed_rel import relative_position_index
 from vitkit.layers.window_attention import (WindowAttention, check_window_buffers, padded_grid, shifted_window_mask,
                                             table_window)
 from vitkit.models.base import (FamilyModel, LinearHead, block_outputs, select_indices, staged_layer_id,
@@ -49,7 +55,6 @@ __all__ = ["DATConfig", "DAT", "DATBlock", "stage_grids", "computed_buffers"]
 _STAGES = 4
 _PER_STAGE = ("dims", "depths", "heads", "window_sizes", "stage_spec", "groups", "use_pes", "strides",
               "offset_range_factor", "use_dwc_mlps", "dwc_pes", "fixed_pes", "no_offs")
-_ABLATIONS = ("dwc_pes", "fixed_pes", "no_offs")  # switches of the paper's ablations: no released model sets them
 
 
 @dataclass
@@ -69,14 +74,26 @@ class DATConfig:
     use_pes: tuple[bool, ...] = (False, False, True, True)  # 'D' blocks: the rpe_table bias
     strides: tuple[int, ...] = (-1, -1, 1, 1)  # 'D' blocks: the offset network's stride (keys on an H/s × W/s grid)
     offset_range_factor: tuple[float, ...] = (-1.0, -1.0, 2.0, 2.0)  # > 0 bounds the offsets, < 0 leaves them free
+    # (0: raw offsets in v1, none in DAT++, as each official version computes it)
     use_dwc_mlps: tuple[bool, ...] = (False, False, False, False)  # MLP with a 3×3 depth-wise conv
     use_conv_patches: bool = False  # 7×7 stride-4 stem and 3×3 stride-2 downsampling instead of 4×4 / 2×2
-    dwc_pes: tuple[bool, ...] = (False, False, False, False)
-    fixed_pes: tuple[bool, ...] = (False, False, False, False)
-    no_offs: tuple[bool, ...] = (False, False, False, False)
+    # ablation switches of the 'D' blocks (no released model sets them), read only where use_pes is on, as officially:
+    dwc_pes: tuple[bool, ...] = (False, False, False, False)  # a depth-wise 3×3 conv of q added to the output
+    fixed_pes: tuple[bool, ...] = (False, False, False, False)  # a learned (H·W, Hk·Wk) bias per head, no sampling
+    no_offs: tuple[bool, ...] = (False, False, False, False)  # no offsets: keys from the average-pooled map
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.2
+
+    # Official constructor arguments that build nothing here, with the reason (create_model names it)
+    refused_options: ClassVar[dict[str, str]] = {
+        "sr_ratios": "no block of DAT v1 (566a593) reads it (only DAT++'s 'P' blocks do): leave it out",
+        "ns_per_pts": "the official constructor passes it on, and no block reads it (566a593): leave it out"}
+    # Switches the official code at 566a593 builds but cannot run: its forward raises
+    cannot_run: ClassVar[dict[str, str]] = {
+        "fixed_pes": "DAttentionBaseline.forward at 566a593 reads self.n_sample, which is never set (AttributeError)",
+        "no_offs": "DAttentionBaseline.forward at 566a593 calls offset.fill(0.0); Tensor.fill does not exist "
+                   "(AttributeError)"}
 
     def validate(self) -> None:
         check_ranges(self, rates=("drop_rate", "attn_drop_rate", "drop_path_rate"),
@@ -85,10 +102,6 @@ class DATConfig:
         for name in _PER_STAGE:
             if len(getattr(self, name)) != _STAGES:
                 raise ConfigError(f"{name} needs one entry per stage (DAT has {_STAGES}), got {list(getattr(self, name))}")
-        for name in _ABLATIONS:
-            if any(getattr(self, name)):
-                raise ConfigError(f"{name}={list(getattr(self, name))}: an ablation of the paper that no released "
-                                  f"model uses; vitkit does not implement it")
         unit = self.patch_size * 2 ** (_STAGES - 1)
         for s in to_2tuple(self.img_size):
             if s <= 0 or s % unit:
@@ -119,8 +132,22 @@ class DATConfig:
                                   f"has deformable blocks)")
             if self.strides[i] < 1:
                 raise ConfigError(f"strides[{i}] = {self.strides[i]} must be >= 1 (stage {i} has deformable blocks)")
-            if self.offset_range_factor[i] == 0:
-                raise ConfigError(f"offset_range_factor[{i}] = 0: use > 0 (bounded offsets) or < 0 (unbounded)")
+            for name in self.cannot_run:
+                if name in self.switches(i):
+                    raise ConfigError(f"{name}[{i}]: the official code cannot run it: {self.cannot_run[name]}")
+
+    def switches(self, i: int) -> set[str]:
+        """The ablation switches stage ``i``'s 'D' blocks act on: the official forward reads ``dwc_pes`` and then
+        ``fixed_pes`` only with ``use_pes`` (the first wins), ``no_offs`` always."""
+        pe = ("dwc_pes" if self.dwc_pes[i] else "fixed_pes" if self.fixed_pes[i] else None) if self.use_pes[i] else None
+        return {name for name in (pe, "no_offs" if self.no_offs[i] else None) if name}
+
+    def position_encoding(self, i: int) -> str | None:
+        """Stage ``i``'s deformable position encoding (``vitkit.layers.deformable_attention``): the official
+        ``use_pe`` branches in their order, dwc_pe, fixed_pe, then the rpe_table."""
+        if not self.use_pes[i]:
+            return None
+        return "dwc" if self.dwc_pes[i] else "fixed" if self.fixed_pes[i] else "table"
 
 
 def stage_grids(cfg: DATConfig, img_size: int | tuple[int, int] | None = None) -> list[tuple[int, int]]:
@@ -158,9 +185,12 @@ class DATBlock(Block):
         self.lpu = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if lpu else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.lpu is not None:
-            x = x + self.lpu(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, C)
-        return super().forward(x)
+        return super().forward(local_perception(self.lpu, x))
+
+
+def local_perception(lpu: nn.Module | None, x: Tensor) -> Tensor:
+    """x + DWConv3×3(x) on a (B, H, W, C) map, or x without a unit."""
+    return x if lpu is None else x + lpu(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, C)
 
 
 class DATStage(nn.Module):
@@ -218,10 +248,12 @@ class DAT(LinearHead, FamilyModel):
             downsample = PatchEmbed((grid[0] * 2, grid[1] * 2), in_chans=cfg.dims[i - 1], embed_dim=dim, bias=False,
                                     strict_img_size=False, norm_layer=self.norm_layer, output_fmt="NHWC", **conv)
         proj = nn.Linear(cfg.dim_stem, dim) if i == 0 and cfg.dim_stem != dim else None
-        blocks = [DATBlock(dim, attn=self._make_attention(kind, i, grid), mlp=self._make_mlp(i),
-                           norm_layer=self.norm_layer, drop_path=rates[j], **self._block_options(i))
-                  for j, kind in enumerate(cfg.stage_spec[i])]
+        blocks = [self._make_block(kind, i, grid, rate) for kind, rate in zip(cfg.stage_spec[i], rates)]
         return DATStage(downsample, proj, blocks)
+
+    def _make_block(self, kind: str, i: int, grid: tuple[int, int], drop_path: float) -> nn.Module:
+        return DATBlock(self.cfg.dims[i], attn=self._make_attention(kind, i, grid), mlp=self._make_mlp(i),
+                        norm_layer=self.norm_layer, drop_path=drop_path, **self._block_options(i))
 
     def _block_options(self, i: int) -> dict[str, Any]:
         return {}
@@ -245,11 +277,12 @@ class DAT(LinearHead, FamilyModel):
         raise ConfigError(f"stage_spec[{i}]: block type {kind!r} is not one of this model's")
 
     def _deformable(self, i: int) -> dict[str, Any]:
-        """DAT v1: offset kernel [9, 7, 5, 3][stage] with padding k // 2, the rpe_table bias when ``use_pes``."""
+        """DAT v1: offset kernel [9, 7, 5, 3][stage] with padding k // 2, the position encoding ``use_pes`` and its
+        switches choose (``DATConfig.position_encoding``)."""
         cfg = self.cfg
         kernel = (9, 7, 5, 3)[i]
         return dict(stride=cfg.strides[i], offset_kernel=kernel, offset_padding=kernel // 2,
-                    offset_range_factor=cfg.offset_range_factor[i], position_bias="table" if cfg.use_pes[i] else None)
+                    offset_range_factor=cfg.offset_range_factor[i], position_encoding=cfg.position_encoding(i))
 
     def init_weights(self) -> None:
         """PyTorch's default initialisation (the official ``reset_parameters`` iterates parameters, not modules,
@@ -353,18 +386,17 @@ class DAT(LinearHead, FamilyModel):
 
 def resize_grid_tables(state: dict[str, Tensor], model: nn.Module, suffixes: tuple[str, ...],
                        report) -> dict[str, Tensor]:
-    """Bias tables stored as (heads, 2h − 1, 2w − 1) grids (deformable ``rpe_table``, neighbourhood ``rpb``) whose size
-    differs from the model's: bicubic ``F.interpolate`` (align_corners False) of the grid, the official
-    ``load_pretrained``'s resize of ``rpe_table``."""
+    """(heads, a, b) bias tables whose size differs from the model's (the deformable ``rpe_table``, a (2h − 1, 2w − 1)
+    grid or ``fixed_pes``' (H·W, Hk·Wk) bias; neighbourhood ``rpb``): bicubic ``F.interpolate`` of the (a, b) plane,
+    align_corners False, the official ``load_pretrained``'s resize of any ``rpe_table``."""
     out = dict(state)
     for key, target in model.state_dict().items():
         table = state.get(key)
         if not key.endswith(suffixes) or table is None or table.shape == target.shape or table.ndim != 3 \
-                or table.shape[0] != target.shape[0] or any(s % 2 == 0 for s in (*table.shape[1:], *target.shape[1:])):
+                or table.shape[0] != target.shape[0]:
             continue
-        old, new = [((s[1] + 1) // 2, (s[2] + 1) // 2) for s in (table.shape, target.shape)]
-        rows = table.flatten(1).t()  # (rows, heads), the layout resize_rel_pos_bias_table takes
-        out[key] = resize_rel_pos_bias_table(rows, old, new, method="bicubic").t().reshape(target.shape)
+        resized = F.interpolate(table[None].float(), size=target.shape[1:], mode="bicubic", align_corners=False)
+        out[key] = resized[0].to(table.dtype)  # (heads, a', b')
         report.resized.append(f"{key} {tuple(table.shape)} → {tuple(target.shape)} (bicubic)")
     return out
 
@@ -381,10 +413,10 @@ VARIANTS = {
                      drop_path_rate=0.5),
 }
 VARIANTS["dat_base_384"] = dict(VARIANTS["dat_base"], img_size=384, window_sizes=(12, 12, 12, 12))
-# Official evaluation (data/build.py, TEST.CROP True in every v1 config): resize to int(256/224 · size) square,
-# centre-crop, bicubic, ImageNet mean/std. vitkit resizes the short side (crop_pct 0.875); the official resize
-# squashes the image to a square first.
-DATA_CFGS = {name: PreprocessConfig(crop_pct=0.875) for name in VARIANTS}
+# Official evaluation (data/build.py, TEST.CROP True in every v1 config): transforms.Resize((s, s)) with
+# s = int(256/224 · size), a squash to a square (aspect not kept), centre-crop, bicubic, ImageNet mean/std:
+# crop_mode "squash" with crop_pct 0.875 (floor(size / 0.875) = s at 224 and 384).
+DATA_CFGS = {name: PreprocessConfig(crop_pct=0.875, crop_mode="squash") for name in VARIANTS}
 
 # architectures.md §1.11: the official code counted with FlopCounterMode (MACs = FLOPs / 2: convs, dense layers and
 # the attention matrix products; the two grid_sample calls, of the features and of the bias table, are not

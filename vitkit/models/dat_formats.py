@@ -4,7 +4,8 @@ Both versions save ``{'model': state_dict}`` (Swin-style ``save_checkpoint``) wi
 ``layer_norms.{2d, 2d+1}`` (the two norms of block d), ``attns.{d}``, ``mlps.{d}``, DAT++'s ``layer_scales.{2d, 2d+1}``
 and ``local_perception_units.{d}``; ``down_projs.{i}`` between stages; ``cls_norm``, ``cls_head``. Window blocks carry
 their computed ``relative_position_index`` / ``attn_mask`` buffers (checked by the model's loader, never trusted);
-deformable blocks ``conv_offset`` (0 = depth-wise conv, 1 = LayerNorm, 3 = 1×1 conv) and ``proj_{q,k,v,out}``. The
+deformable blocks ``conv_offset`` (0 = depth-wise conv, 1 = LayerNorm, 3 = 1×1 conv), ``proj_{q,k,v,out}`` and
+``rpe_table`` (the bias table, the fixed bias, or with ``dwc_pes`` the depth-wise conv, ``lepe`` here). The
 1×1 convs become dense layers (``_to_dense``). vitkit opens stage i + 1 with ``down_projs.{i}``, names the two block
 norms ``norm1`` / ``norm2`` and every output projection ``proj``.
 
@@ -58,9 +59,14 @@ def official_keymap(conv_stem: bool) -> KeyMap:
         Rename("stages.{i}.local_perception_units.{j}.", _BLOCK + "lpu."),
         Rename(_ATTN + "proj_qkv.", _BLOCK + "attn.qkv."),  # local / shifted windows
         Rename(_ATTN + "proj_out.", _BLOCK + "attn.proj."),  # windows and deformable attention
+        Rename(_ATTN + "proj_ds.0.", _BLOCK + "attn.sr."),  # DAT++ 'P' blocks: the reduction conv and its norm
+        Rename(_ATTN + "proj_ds.1.norm.", _BLOCK + "attn.norm."),
+        Rename("stages.{i}.ln_cnvnxt.{j}.norm.", _BLOCK + "norm."),  # DAT++ 'X' blocks (their conv: attns.{j})
         Rename(_ATTN + "conv_offset.0.", _BLOCK + "attn.offsets.conv."),
         Rename(_ATTN + "conv_offset.1.norm.", _BLOCK + "attn.offsets.norm."),
         Rename(_ATTN + "conv_offset.3.", _BLOCK + "attn.offsets.proj."),
+        Rename(_ATTN + "rpe_table.weight", _BLOCK + "attn.lepe.weight"),  # dwc_pe: the depth-wise conv is rpe_table
+        Rename(_ATTN + "rpe_table.bias", _BLOCK + "attn.lepe.bias"),
         Rename(_ATTN + "rpe_table.", _BLOCK + "attn.rpe_mlp."),  # DAT++ log-CPB MLP (the table itself: next rule)
         Rename(_ATTN, _BLOCK + "attn."),  # proj_q/k/v, rpe_table, window buffers and tables, NATTEN qkv/proj/rpb
         Rename("cls_norm.norm.", "norm."),
@@ -69,7 +75,7 @@ def official_keymap(conv_stem: bool) -> KeyMap:
 
 
 _DENSE = (".proj_q.weight", ".proj_k.weight", ".proj_v.weight", ".attn.proj.weight", ".offsets.proj.weight",
-          ".mlp.fc1.weight", ".mlp.fc2.weight", "stages.0.proj.weight")
+          ".mlp.fc1.weight", ".mlp.fc2.weight", "stages.0.proj.weight", ".attn.q.weight", ".attn.kv.weight")
 
 
 def _to_dense(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -83,7 +89,8 @@ def _convert(state: dict[str, Tensor], report) -> dict[str, Tensor]:
 
 
 def _is_dat(view: CheckpointView) -> bool:
-    return view.has("patch_proj.0.weight", "cls_head.weight") and view.any_startswith("stages.0.layer_norms.0.")
+    return view.has("patch_proj.0.weight", "cls_head.weight", "down_projs.0.0.weight") and \
+        view.any_startswith("stages.0.")
 
 
 def is_dat_pp(keys) -> bool:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from vitkit.models.base import zero_init_
 from vitkit.models.vit import ViTConfig, VisionTransformer, closed_form_size, tiny
-from vitkit.models.vit_formats import DEIT_FORMATS, WEIGHTS
+from vitkit.models.vit_formats import DEIT_FORMATS, DEIT_RESIZE, RESIZE_CHOICES, WEIGHTS
 from vitkit.registry import register_family
 from vitkit.specs import PreprocessConfig
 
@@ -93,4 +93,4 @@ _REFS = {**{n: closed_form_size(c) for n, c in PLAIN.items()},
          **{n: closed_form_size(c, prefix_tokens=2, heads=2) for n, c in DISTILLED.items()}}
 for _cls, _table in ((VisionTransformer, PLAIN), (DistilledVisionTransformer, DISTILLED)):
     register_family("deit", _cls, _table, DATA_CFGS, formats=DEIT_FORMATS, weights=WEIGHTS, references=_REFS,
-                    tiny=tiny, paper=_PAPER)
+                    tiny=tiny, paper=_PAPER, resize=DEIT_RESIZE, resize_choices=RESIZE_CHOICES)

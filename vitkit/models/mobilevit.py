@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,23 @@ class MobileViTConfig:
     mlp_drop_rate: float = 0.0  # between the FFN layers (official mit.ffn_dropout)
     attn_drop_rate: float = 0.0  # on the attention probabilities (official mit.attn_dropout)
     drop_path_rate: float = 0.0  # stochastic depth in the transformer layers (official default: off)
+    head_dim: int | None = None  # official mit.head_dim: heads = d / head_dim per block instead of num_heads
+    no_fusion: bool = False  # official mit.no_fuse_local_global_features: no concat + kxk fusion conv
+    global_pool: Literal["mean", "rms", "abs"] = "mean"  # official model.layer.global_pool (GlobalPool)
+
+    refused_options: ClassVar[dict[str, str]] = {
+        "transformer_norm_layer": "the classification MobileViT never passes it to its blocks (7771756 "
+                                  "mobilevit.py): every block keeps LayerNorm, whatever it is set to",
+        "output_stride": "the dilated layer4/5 of ml-cvnets' segmentation backbones (output stride 8 or 16) are not "
+                         "implemented; classification runs at stride 32",
+        "activation": "vitkit's MobileViT is ml-cvnets' default swish (SiLU) network; other activations are not "
+                      "implemented",
+        "normalization": "vitkit's MobileViT is ml-cvnets' default batch_norm network; other normalisations are not "
+                         "implemented"}
+
+    def heads(self, d: int) -> int:
+        """The heads of a transformer of width ``d`` (official ``_make_mit_layer``: d // head_dim, else num_heads)."""
+        return d // self.head_dim if self.head_dim else self.num_heads
 
     def validate(self) -> None:
         if len(self.widths) != 5 or len(self.mv2_depths) != 2:
@@ -87,9 +104,10 @@ class MobileViTConfig:
                                "transformer_depths"),
                      non_negative=("num_classes",),
                      rates=("drop_rate", "proj_drop_rate", "mlp_drop_rate", "attn_drop_rate", "drop_path_rate"))
-        bad = [d for d in self.transformer_dims if d % self.num_heads]
+        bad = [d for d in self.transformer_dims if d % (self.head_dim or self.num_heads)]
         if bad:
-            raise ConfigError(f"transformer_dims {bad} are not divisible by num_heads {self.num_heads}")
+            what = f"head_dim {self.head_dim}" if self.head_dim else f"num_heads {self.num_heads}"
+            raise ConfigError(f"transformer_dims {bad} are not divisible by {what}")
         if self.kernel_size % 2 == 0:
             raise ConfigError(f"kernel_size must be odd ('same' padding), got {self.kernel_size}")
         if self.expand_ratio < 1 or self.mlp_ratio <= 0:
@@ -172,7 +190,7 @@ class MobileViTBlock(nn.Module):
         self.conv_1x1 = nn.Conv2d(dim, d, 1, bias=False)
         self.transformer = nn.ModuleList([
             Block(d, norm_eps=1e-5, drop_path=drop_path[i],
-                  attn=Attention(d, cfg.num_heads, qkv_bias=True, attn_drop=cfg.attn_drop_rate,
+                  attn=Attention(d, cfg.heads(d), qkv_bias=True, attn_drop=cfg.attn_drop_rate,
                                  proj_drop=cfg.proj_drop_rate),
                   mlp=Mlp(d, int(d * cfg.mlp_ratio), act_layer="silu", drop=cfg.proj_drop_rate,
                           hidden_drop=cfg.mlp_drop_rate))
@@ -181,7 +199,7 @@ class MobileViTBlock(nn.Module):
             blk.attn.attn_layout = PATCH_ATTN_LAYOUT
         self.norm = nn.LayerNorm(d, eps=1e-5)
         self.conv_proj = ConvNormAct(d, dim, 1)
-        self.conv_fusion = ConvNormAct(2 * dim, dim, k)
+        self.conv_fusion = None if cfg.no_fusion else ConvNormAct(2 * dim, dim, k)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv_1x1(self.conv_kxk(x))  # (B, d, H, W) local representation
@@ -189,8 +207,18 @@ class MobileViTBlock(nn.Module):
         for blk in self.transformer:
             blk.attn.record_info = {"grid": grid, "pixel_groups": self.patch ** 2}  # for attention recorders
             patches = blk(patches)
-        y = fold_patches(self.norm(patches), grid, self.patch, x.shape[-2:])  # (B, d, H, W)
-        return self.conv_fusion(torch.cat([x, self.conv_proj(y)], dim=1))  # (B, C, H, W)
+        y = self.conv_proj(fold_patches(self.norm(patches), grid, self.patch, x.shape[-2:]))  # (B, C, H, W)
+        if self.conv_fusion is None:  # official no_fuse_local_global_features
+            return y
+        return self.conv_fusion(torch.cat([x, y], dim=1))  # (B, C, H, W)
+
+
+def global_pool(x: Tensor, kind: str) -> Tensor:
+    """ml-cvnets ``GlobalPool`` (7771756 ``cvnets/layers/global_pool.py``) over (B, C, H, W) → (B, C): "mean", "abs"
+    (mean of |x|) or "rms" as it computes it, mean(x²)^-½ (the inverse of the root mean square)."""
+    if kind == "rms":
+        return x.pow(2).mean(dim=(-2, -1)).pow(-0.5)
+    return (x.abs() if kind == "abs" else x).mean(dim=(-2, -1))
 
 
 # ------------------------------------------------------------------------------------------------------- model
@@ -267,7 +295,7 @@ class MobileViT(LinearHead, FamilyModel):
         return features  # already the (B, num_features, h, w) map the head pools
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = x.mean(dim=(-2, -1))  # (B, num_features) global average pool
+        x = global_pool(x, self.cfg.global_pool)  # (B, num_features)
         return x if pre_logits else self.head(self.head_drop(x))
 
     def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None,

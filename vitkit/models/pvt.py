@@ -17,7 +17,13 @@ The definition is whai362/PVT ``classification/pvt.py`` (commit 57e2dfa):
   224 weights computes what the official 224 model computes on 384 inputs. One deviation: the official code decides
   whether to resample by comparing a stage's patch count with stage 1's, so it skips stage 1 for a non-square input
   of the native patch count and fails at 448×448; vitkit resamples whenever a stage's grid differs from its own.
-- any input size runs; a patch conv floors sizes that are not a multiple of its patch, as the official one does.
+- any input size runs; a patch conv floors sizes that are not a multiple of its patch, as the official one does;
+- ``patch_size`` (stage 1's patch; the factories' 4): the official code sizes the position embeddings of stages 2-4
+  for a 4-pixel patch (``PatchEmbed(img_size // 2 ** (i + 1), 2)``), so with another patch its forward resamples
+  them on every call; vitkit's are sized for the real grids and an official file's are resampled once, at load, by
+  the same bilinear interpolation. So with another patch, build the model for the input size (``img_size``): the
+  official logits come out; fed another size than it was built for, the model resamples its already resampled
+  tables, which the official code does not.
 
 Module names follow timm's PVT v2 (``patch_embed``, ``stages.{i}.downsample``, ``stages.{i}.blocks.{j}``), so both PVT
 families share one layout; ``pvt_formats`` converts the official and transformers files.
@@ -65,8 +71,15 @@ class PyramidConfig:
     sr_norm_eps: float = 1e-5  # spatial-reduction LayerNorm (official: plain nn.LayerNorm)
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # stochastic depth, linear from 0 over all blocks of all stages
+    qk_scale: float | None = None  # the attention scale (None: head_dim ** -0.5)
 
     _rate_fields: ClassVar[tuple[str, ...]] = ()  # the subclass's dropout rates, checked like the others
+    refused_options: ClassVar[dict[str, str]] = {
+        "num_stages": "vitkit builds PVT's four stages; the official code runs fewer only when embed_dims[num_stages "
+                      "- 1] equals embed_dims[3] (its class token, final norm and head take the fourth width), a "
+                      "configuration of no paper table or release, not implemented",
+        "norm_layer": "a class, not data: vitkit's PVT is LayerNorm with norm_eps (the official factories pass "
+                      "partial(nn.LayerNorm, eps=1e-6))"}
 
     def validate(self) -> None:
         for name in ("embed_dims", "num_heads", "mlp_ratios", "depths", "sr_ratios"):
@@ -92,20 +105,24 @@ class PyramidConfig:
 @dataclass
 class PVTConfig(PyramidConfig):
     drop_rate: float = 0.0  # official name: dropout after the position embedding and after every dense layer
+    patch_size: int = 4  # stage 1's patch (the official factories' 4; stages 2-4 always take 2)
 
     _rate_fields = ("drop_rate",)
 
     def validate(self) -> None:
         super().validate()
+        if self.patch_size < 1 or min(to_2tuple(self.img_size)) < 8 * self.patch_size:
+            raise ConfigError(f"patch_size {self.patch_size} must be positive and img_size {self.img_size} at least "
+                              f"8 x patch_size: the four stages reduce the image 8·patch_size-fold")
         if self.sr_ratios[-1] != 1:
             raise ConfigError(f"sr_ratios[-1] must be 1: the last stage's sequence holds the class token "
                               f"(got {list(self.sr_ratios)})")
 
 
-def stage_grids(img_size: int | tuple[int, int]) -> list[tuple[int, int]]:
-    """The token grid of each stage for an input of ``img_size``: H/4, H/8, H/16, H/32 (floored, as the convs do)."""
+def stage_grids(img_size: int | tuple[int, int], patch_size: int = 4) -> list[tuple[int, int]]:
+    """The token grid of each stage for an input of ``img_size``: H/P, H/2P, H/4P, H/8P (floored, as the convs do)."""
     H, W = to_2tuple(img_size)
-    return [(H // 4 // 2 ** i, W // 4 // 2 ** i) for i in range(NUM_STAGES)]
+    return [(H // patch_size // 2 ** i, W // patch_size // 2 ** i) for i in range(NUM_STAGES)]
 
 
 def sra_block(cfg: PyramidConfig, i: int, drop_path: float, mlp: nn.Module, proj_drop: float) -> Block:
@@ -113,7 +130,7 @@ def sra_block(cfg: PyramidConfig, i: int, drop_path: float, mlp: nn.Module, proj
     dim = cfg.embed_dims[i]
     attn = SpatialReductionAttention(dim, cfg.num_heads[i], cfg.sr_ratios[i], linear=getattr(cfg, "linear", False),
                                      qkv_bias=cfg.qkv_bias, attn_drop=cfg.attn_drop_rate, proj_drop=proj_drop,
-                                     norm_eps=cfg.sr_norm_eps)
+                                     norm_eps=cfg.sr_norm_eps, qk_scale=cfg.qk_scale)
     return Block(dim, drop_path=drop_path, norm_eps=cfg.norm_eps, attn=attn, mlp=mlp)
 
 
@@ -195,7 +212,7 @@ class PVTStage(nn.Module):
     def __init__(self, cfg: PVTConfig, i: int, rates: list[float]):
         super().__init__()
         dim = cfg.embed_dims[i]
-        grids = stage_grids(cfg.img_size)
+        grids = stage_grids(cfg.img_size, cfg.patch_size)
         self.grid = grid = grids[i]
         self.downsample = None if i == 0 else PatchEmbed(
             grids[i - 1], 2, cfg.embed_dims[i - 1], dim, strict_img_size=False, drop_remainder=True,
@@ -235,7 +252,8 @@ class PyramidVisionTransformer(PyramidModel):
 
     def __init__(self, cfg: PVTConfig):
         super().__init__()
-        stem = PatchEmbed(cfg.img_size, 4, cfg.in_chans, cfg.embed_dims[0], strict_img_size=False, drop_remainder=True,
+        stem = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dims[0], strict_img_size=False,
+                          drop_remainder=True,
                           norm_layer=partial(nn.LayerNorm, eps=cfg.embed_norm_eps), output_fmt="NHWC")
         self.build_trunk(cfg, stem, PVTStage)
         self.norm = nn.LayerNorm(self.num_features, eps=cfg.norm_eps)
@@ -271,7 +289,7 @@ class PyramidVisionTransformer(PyramidModel):
 
     def feature_map(self, features: Tensor, image_hw: tuple[int, int]) -> Tensor:
         """The last stage's patch tokens (class token dropped) as a (B, C, H/32, W/32) map."""
-        h, w = stage_grids(image_hw)[-1]
+        h, w = stage_grids(image_hw, self.cfg.patch_size)[-1]
         return features[:, 1:].transpose(1, 2).reshape(features.shape[0], -1, h, w)  # (B, C, h, w)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -284,7 +302,8 @@ class PyramidVisionTransformer(PyramidModel):
         official forward does at other sizes) and zero-initialise a classifier of another class count."""
         from vitkit.weights.adapt import adapt_head, resample_pos_embed_state
         source_size = report.source_config.get("img_size")  # a vitkit folder says its size: it may be non-square
-        old_grids = stage_grids(source_size) if source_size else [None] * NUM_STAGES
+        patch = report.source_config.get("patch_size", 4)
+        old_grids = stage_grids(source_size, patch) if source_size else [None] * NUM_STAGES
         for i, stage in enumerate(self.stages):
             state = resample_pos_embed_state(state, f"stages.{i}.pos_embed", stage.pos_embed, stage.num_prefix_tokens,
                                              stage.grid, report, old_grids[i], interpolation="bilinear",

@@ -38,6 +38,9 @@ class PVTv2Config(PyramidConfig):
     drop_rate: float = 0.0  # timm's name: dropout before the classifier (the official code has none)
 
     _rate_fields = ("proj_drop_rate", "drop_rate")
+    refused_options = {**PyramidConfig.refused_options,
+                       "patch_size": "the official constructor takes it and nothing reads it: its patch embeddings "
+                                     "are the fixed 7x7 / 3x3 overlapping convs (57e2dfa pvt_v2.py)"}
 
 
 def overlap_embed(in_chans: int, dim: int, first: bool, eps: float) -> PatchEmbed:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from vitkit.layers.window_attention import (WindowAttention, check_window_buffer
                                             table_window)
 from vitkit.models.base import (FamilyModel, LinearHead, block_outputs, select_indices, staged_layer_id,
                                 trunc_normal_linears_, zero_init_)
-from vitkit.models.swin_formats import SWIN_FORMATS, WEIGHTS
+from vitkit.models.swin_formats import SWIN_FORMATS, SWIN_RESIZE, WEIGHTS
 from vitkit.registry import register_family
 from vitkit.specs import PreprocessConfig, Reference
 
@@ -58,7 +58,20 @@ class SwinConfig:
     drop_rate: float = 0.0  # official DROP_RATE: after the patch embedding and after every dense layer
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.1  # stochastic depth, linear over all blocks (official default)
-    rel_pos_resize: Literal["bicubic", "geometric", "geometric_linear"] = "bicubic"  # how loading resizes tables
+    # how loading resizes bias tables for another window; None: as the checkpoint's source does (SWIN_RESIZE:
+    # official and transformers bicubic, timm its geometric progression interpolated linearly)
+    rel_pos_resize: Literal["bicubic", "geometric", "geometric_linear"] | None = None
+    qk_scale: float | None = None  # the attention scale (None: head_dim ** -0.5)
+    ape: bool = False  # an absolute position embedding added after the patch embedding (official ``ape``)
+    patch_norm: bool = True  # LayerNorm after the patch embedding
+
+    refused_options: ClassVar[dict[str, str]] = {
+        "use_checkpoint": "activation checkpointing, a training-memory switch that changes no output; the official "
+                          "forward is the same without it",
+        "fused_window_process": "a CUDA kernel (kernels/window_process) for the same shift and window partition; it "
+                                "changes no output and needs the compiled extension, which cannot run on a CPU",
+        "norm_layer": "a class, not data: vitkit's Swin is LayerNorm with norm_eps (the official build passes "
+                      "nn.LayerNorm or apex's fused LayerNorm, the same function)"}
 
     def validate(self) -> None:
         check_ranges(self, rates=("drop_rate", "attn_drop_rate", "drop_path_rate"),
@@ -151,7 +164,8 @@ class SwinStage(nn.Module):
             Block(dim, mlp_ratio=cfg.mlp_ratio, proj_drop=cfg.drop_rate, drop_path=drop_path[j],
                   act_layer=cfg.act_layer, norm_layer=norm_layer,
                   attn=WindowAttention(dim, cfg.num_heads[index], g.grid, g.window, g.shift, qkv_bias=cfg.qkv_bias,
-                                       attn_drop=cfg.attn_drop_rate, proj_drop=cfg.drop_rate))
+                                       attn_drop=cfg.attn_drop_rate, proj_drop=cfg.drop_rate,
+                                       qk_scale=cfg.qk_scale))
             for j, g in enumerate(geometry)])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -169,7 +183,9 @@ class SwinTransformer(LinearHead, FamilyModel):
         self.num_features = cfg.embed_dim * 2 ** (len(cfg.depths) - 1)
         norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim,
-                                      norm_layer=norm_layer, output_fmt="NHWC")
+                                      norm_layer=norm_layer if cfg.patch_norm else None, output_fmt="NHWC")
+        grid = self.patch_embed.grid_size
+        self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], cfg.embed_dim)) if cfg.ape else None
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         rates = [r.item() for r in torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu")]
         starts = [sum(cfg.depths[:i]) for i in range(len(cfg.depths))]
@@ -184,17 +200,20 @@ class SwinTransformer(LinearHead, FamilyModel):
         """Truncated-normal(0.02) dense layers with zero biases (official ``_init_weights``; the bias tables are
         initialised by ``WindowAttention``), and a zero-initialised head."""
         trunc_normal_linears_(self, std=0.02)
+        if self.absolute_pos_embed is not None:
+            nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
         zero_init_(*self.classifiers())
 
     def no_weight_decay(self) -> set[str]:
-        """The bias tables (the official ``no_weight_decay_keywords``)."""
-        return {"relative_position_bias_table"}
+        """The bias tables (the official ``no_weight_decay_keywords``) and the absolute position embedding."""
+        return {"relative_position_bias_table"} | ({"absolute_pos_embed"} if self.cfg.ape else set())
 
     def layer_id(self, param_name: str) -> int:
         """microsoft/SimMIM ``get_swin_layer`` numbering (``staged_layer_id``): 0 = patch embedding, blocks
-        numbered from 1 across stages, a stage's merging layer one below its first block, final norm and head last."""
+        numbered from 1 across stages, a stage's merging layer one below its first block, final norm and head last
+        (the absolute position embedding with the patch embedding)."""
         depths = self.cfg.depths
-        if param_name.startswith("patch_embed."):
+        if param_name.startswith(("patch_embed.", "absolute_pos_embed")):
             return staged_layer_id(depths, None)
         if param_name.startswith("layers."):
             parts = param_name.split(".")
@@ -215,7 +234,10 @@ class SwinTransformer(LinearHead, FamilyModel):
             raise ValueError(f"input is {H}x{W} but the model was built for {h}x{w} (its windows and masks depend on "
                              f"the size); pass img_size=({H}, {W}) to create_model: weights load with their bias "
                              f"tables resized")
-        return self.pos_drop(self.patch_embed(x))  # (B, h, w, C)
+        x = self.patch_embed(x)  # (B, h, w, C)
+        if self.absolute_pos_embed is not None:
+            x = x + self.absolute_pos_embed.view(1, *x.shape[1:])  # (1, h·w, C) → (1, h, w, C)
+        return self.pos_drop(x)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C, H, W) images → (B, h, w, D) normalised last-stage features (channels-last)."""
@@ -241,14 +263,22 @@ class SwinTransformer(LinearHead, FamilyModel):
     # ------------------------------------------------------------------------------------------ weight loading
     def load_pretrained_state(self, state: dict[str, Tensor], report) -> dict[str, Tensor]:
         """Adapt a vitkit-layout state dict: check the checkpoint's relative-position indices and SW-MSA masks (they
-        must be what its own geometry computes), resize bias tables for another window (``cfg.rel_pos_resize``,
-        bicubic by default as Swin's ``utils.load_pretrained``), replace the buffers by this model's, and
-        zero-initialise a head of another class count."""
-        from vitkit.weights.adapt import adapt_head, reconcile_buffers, resize_rel_pos_tables
+        must be what its own geometry computes), resize bias tables for another window and the absolute position
+        embedding for another size as the checkpoint's source does (``report.resize``, ``SWIN_RESIZE``: bicubic as
+        Swin's ``utils.load_pretrained``, timm's geometric progression for timm files; ``cfg.rel_pos_resize``
+        overrides), replace the buffers by this model's, and zero-initialise a head of another class count."""
+        from vitkit.weights.adapt import adapt_head, reconcile_buffers, resample_pos_embed_state, resize_rel_pos_tables
         source = report.source_config if report.format == "vitkit" else None  # a vitkit file states its geometry
         check_window_buffers(state, report, computed_buffers(from_dict(SwinConfig, dict(source))) if source else None)
-        state = resize_rel_pos_tables(state, self, "relative_position_bias_table", report, self.cfg.rel_pos_resize,
-                                      table_window)
+        rule = report.resize
+        if self.absolute_pos_embed is not None:  # official utils.load_pretrained: bicubic, square grids
+            state = resample_pos_embed_state(state, "absolute_pos_embed", self.absolute_pos_embed, 0,
+                                             self.patch_embed.grid_size, report, scheme=rule.pos_embed if rule else
+                                             "bicubic", source=rule.source if rule else "")
+        method = self.cfg.rel_pos_resize or (rule.rel_pos if rule and rule.rel_pos else "bicubic")
+        source = rule.rel_pos_source if rule and not self.cfg.rel_pos_resize else ""
+        state = resize_rel_pos_tables(state, self, "relative_position_bias_table", report, method, table_window,
+                                      source=source)
         state = reconcile_buffers(state, self, ("relative_position_index", "attn_mask"), report,
                                   "this model's input size or window differs from the checkpoint's")
         return adapt_head(state, "head", self.head, report)
@@ -266,10 +296,11 @@ _NAMES = [("tiny", 7, 224), ("small", 7, 224), ("base", 7, 224), ("base", 12, 38
           ("large", 12, 384)]
 VARIANTS = {f"swin_{size}_patch4_window{w}_{res}": dict(**_SIZES[size], window_size=w, img_size=res)
             for size, w, res in _NAMES}
-# Official evaluation (data/build.py): bicubic, ImageNet mean/std; at 224 resize to 256 and centre-crop
-# (TEST.CROP), at 384 resize to 384x384 without cropping (the *_384 configs set TEST.CROP False).
-DATA_CFGS = {name: PreprocessConfig(crop_pct=0.875 if cfg["img_size"] == 224 else 1.0)
-             for name, cfg in VARIANTS.items()}
+# Official evaluation (data/build.py): bicubic, ImageNet mean/std; at 224 resize the short side to 256 and centre-crop
+# (TEST.CROP), at 384 transforms.Resize((384, 384)) without cropping (the *_384 configs set TEST.CROP False): the
+# image is squashed, aspect not kept (crop_mode "squash").
+DATA_CFGS = {name: PreprocessConfig(crop_pct=0.875) if cfg["img_size"] == 224 else
+             PreprocessConfig(crop_pct=1.0, crop_mode="squash") for name, cfg in VARIANTS.items()}
 
 
 def closed_form_size(cfg: dict, num_classes: int = 1000) -> tuple[float, float]:
@@ -326,4 +357,4 @@ def tiny(name: str, cfg: dict) -> dict:
 
 
 register_family("swin", SwinTransformer, VARIANTS, DATA_CFGS, formats=SWIN_FORMATS, weights=WEIGHTS,
-                references=REFERENCES, tiny=tiny, paper="Liu et al. 2021, arXiv 2103.14030")
+                references=REFERENCES, tiny=tiny, paper="Liu et al. 2021, arXiv 2103.14030", resize=SWIN_RESIZE)

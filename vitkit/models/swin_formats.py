@@ -12,11 +12,11 @@ from typing import Any, Mapping
 
 from torch import Tensor, nn
 
-from vitkit.specs import CheckpointView, SourceFormat, WeightSpec
+from vitkit.specs import CheckpointView, ResizeRule, SourceFormat, WeightSpec
 from vitkit.weights.keymap import Drop, Fuse, KeyMap, Rename
 from vitkit.weights.report import CheckpointError
 
-__all__ = ["SWIN_FORMATS", "WEIGHTS", "to_transformers", "transformers_config"]
+__all__ = ["SWIN_FORMATS", "SWIN_RESIZE", "WEIGHTS", "to_transformers", "transformers_config"]
 
 _BLOCK_KEY = "layers.0.blocks.0.attn.relative_position_bias_table"
 
@@ -59,6 +59,7 @@ TIMM_FORMAT = SourceFormat("timm", lambda v: v.has(_BLOCK_KEY), TIMM.forward, _t
 _COMMON = [
     Rename("embeddings.patch_embeddings.projection.", "patch_embed.proj."),
     Rename("embeddings.norm.", "patch_embed.norm."),
+    Rename("embeddings.position_embeddings", "absolute_pos_embed"),  # use_absolute_embeddings
     Rename("encoder.layers.{i}.blocks.{j}.layernorm_before.", "layers.{i}.blocks.{j}.norm1."),
     Rename("encoder.layers.{i}.blocks.{j}.layernorm_after.", "layers.{i}.blocks.{j}.norm2."),
     Rename("encoder.layers.{i}.downsample.", "layers.{i+1}.downsample."),
@@ -121,8 +122,7 @@ def hf_hints(state: dict[str, Tensor], config: Mapping[str, Any] | None) -> dict
     hints: dict[str, Any] = {}
     if config:
         act, eps = config.get("hidden_act", "gelu"), float(config.get("layer_norm_eps", 1e-5))
-        unsupported = {"hidden_act": act not in _ACT, "use_absolute_embeddings": config.get("use_absolute_embeddings"),
-                       "layer_norm_eps": eps != 1e-5}  # transformers' patch/merging norms always use 1e-5
+        unsupported = {"hidden_act": act not in _ACT, "layer_norm_eps": eps != 1e-5}  # patch/merging norms: 1e-5
         bad = [f"{k}={config.get(k)!r}" for k, v in unsupported.items() if v]
         if bad:
             raise CheckpointError(f"transformers Swin config {', '.join(bad)} is not supported by vitkit's Swin")
@@ -130,7 +130,8 @@ def hf_hints(state: dict[str, Tensor], config: Mapping[str, Any] | None) -> dict
                      num_heads=tuple(config.get("num_heads", (3, 6, 12, 24))),
                      mlp_ratio=float(config.get("mlp_ratio", 4.0)),
                      patch_size=config.get("patch_size", 4), in_chans=config.get("num_channels", 3),
-                     qkv_bias=config.get("qkv_bias", True), act_layer=_ACT[act])
+                     qkv_bias=config.get("qkv_bias", True), act_layer=_ACT[act],
+                     ape=bool(config.get("use_absolute_embeddings", False)))
     head = state.get("classifier.weight")
     if head is not None:
         hints["num_classes"] = int(head.shape[0])
@@ -169,7 +170,7 @@ def transformers_config(model: nn.Module):
     cfg = model.cfg
     small = [i for i, stage in enumerate(model.layers) if min(stage.blocks[0].attn.grid) < cfg.window_size]
     unsupported = {"norm_eps": cfg.norm_eps != 1e-5, "act_layer": cfg.act_layer not in _TWIN_ACT,
-                   "window_size": bool(small)}
+                   "window_size": bool(small), "qk_scale": cfg.qk_scale is not None, "patch_norm": not cfg.patch_norm}
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise ValueError(f"transformers' Swin cannot express {', '.join(f'{k}={getattr(cfg, k)!r}' for k in bad)}"
@@ -179,7 +180,7 @@ def transformers_config(model: nn.Module):
         embed_dim=cfg.embed_dim, depths=list(cfg.depths), num_heads=list(cfg.num_heads), window_size=cfg.window_size,
         mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, hidden_act=_TWIN_ACT[cfg.act_layer], layer_norm_eps=1e-5,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0,
-        use_absolute_embeddings=False, num_labels=cfg.num_classes)
+        use_absolute_embeddings=cfg.ape, num_labels=cfg.num_classes)
 
 
 def to_transformers(model: nn.Module) -> nn.Module:
@@ -217,3 +218,20 @@ WEIGHTS = {name: WeightSpec(url=f"hf-hub:timm/{name}.{tag}", source_format="timm
 
 # Detection order: the most specific signature first (a timm file has neither official marker).
 SWIN_FORMATS = (HF_FORMAT, OFFICIAL_FORMAT, TIMM_FORMAT)
+
+
+# ------------------------------------------------------------------------------------------- resize per source
+# How each source's own code fits a checkpoint to another size or window (tests/data/swin: official_shrunk,
+# official_options, timm_second_size; test_swin.py: transformers at a second size).
+_OFFICIAL_LOAD = "microsoft/Swin-Transformer utils.py@f82860b load_pretrained"
+SWIN_RESIZE = {
+    "official": ResizeRule("bicubic", _OFFICIAL_LOAD, rel_pos="bicubic", rel_pos_source=_OFFICIAL_LOAD),
+    # timm's Swin has no absolute table; its checkpoint_filter_fn resizes the bias tables with BEiT's geometric
+    # progression, interpolated linearly unless TIMM_USE_SCIPY_INTERP is set
+    "timm": ResizeRule("bicubic", _OFFICIAL_LOAD, rel_pos="geometric_linear",
+                       rel_pos_source="timm==1.0.31 swin_transformer.py checkpoint_filter_fn"),
+    # transformers resizes the absolute table at forward time (interpolate_pos_encoding=True); it cannot change the
+    # window of its bias tables, so another window takes the official bicubic
+    "hf": ResizeRule("bicubic", "transformers SwinEmbeddings.interpolate_pos_encoding (at forward time)",
+                     rel_pos="bicubic", rel_pos_source=f"{_OFFICIAL_LOAD} (transformers has no window resize)"),
+}

@@ -34,7 +34,7 @@ from vitkit.layers import (Attention, Block, Mlp, RecordsAttention, attend, drop
                            orthogonal_features, sinusoid_table, to_2tuple)
 from vitkit.models.base import (FamilyModel, LinearHead, block_layer_id, block_outputs, select_indices,
                                 tokens_to_map, trunc_normal_linears_)
-from vitkit.models.t2t_vit_formats import T2T_FORMATS
+from vitkit.models.t2t_vit_formats import RESIZE_CHOICES, T2T_FORMATS, T2T_RESIZE
 from vitkit.registry import register_family
 from vitkit.specs import PreprocessConfig, Reference
 
@@ -282,8 +282,8 @@ class T2TViT(LinearHead, FamilyModel):
 
     # ------------------------------------------------------------------------------------------ weight loading
     def load_pretrained_state(self, state: dict[str, Tensor], report) -> dict[str, Tensor]:
-        """Check the T2T layer type, regenerate the sinusoidal position table for another grid, and zero-initialise a
-        head of another class count."""
+        """Check the T2T layer type, fit the position table to another grid, and zero-initialise a head of another
+        class count."""
         from vitkit.weights.adapt import adapt_head
         self._check_tokens_type(state, report.source)
         state = self._fit_pos_embed(state, report)
@@ -301,21 +301,20 @@ class T2TViT(LinearHead, FamilyModel):
                                           f"(or pass tokens_type={held!r})")
 
     def _fit_pos_embed(self, state: dict[str, Tensor], report) -> dict[str, Tensor]:
-        """The position table is fixed sinusoidal: a checkpoint's table of another length is regenerated for this
-        grid, not interpolated (the official ``utils.resize_pos_embed`` interpolates it bicubically, which gives a
-        table that is no longer sinusoidal). The table is one-dimensional over the row-major token order, so for
-        another aspect ratio token (r, c) takes position r·w + c. A table that is not the sinusoid (changed by other
-        code) is resampled bicubically instead, and the report says so."""
+        """Fit the checkpoint's position table to this grid as its source does (``report.resize``): the official
+        transfer-learning loader interpolates the stored sinusoid bicubically (``utils.resize_pos_embed``), which
+        gives a table that is no longer sinusoidal; ``pos_embed_resize="sinusoid"`` computes the formula for the new
+        length instead. The table runs over the row-major token order, so its grid is the token grid."""
         from vitkit.weights.adapt import resample_pos_embed_state
+        rule = report.resize or T2T_RESIZE["official"]
         pos = state.get("pos_embed")
-        target = self.pos_embed.shape
-        if pos is None or pos.shape == target or pos.ndim != 3 or pos.shape[-1] != target[-1]:
-            return state
-        if not torch.allclose(pos.float(), sinusoid_table(pos.shape[1], pos.shape[2]), atol=1e-3, rtol=0):
-            return resample_pos_embed_state(state, "pos_embed", self.pos_embed, 1, self.grid, report)
-        report.resized.append(f"pos_embed {tuple(pos.shape)} → {tuple(self.pos_embed.shape)}: fixed sinusoidal table "
-                              f"regenerated for the {self.grid[0]}x{self.grid[1]} grid (not interpolated)")
-        return {**state, "pos_embed": sinusoid_table(self.pos_embed.shape[1], self.pos_embed.shape[2])}
+        if rule.pos_embed == "sinusoid" and pos is not None and pos.shape != self.pos_embed.shape and \
+                not torch.allclose(pos.float(), sinusoid_table(pos.shape[1], pos.shape[2]), atol=1e-3, rtol=0):
+            report.notes.append("the checkpoint's position table is not the sinusoid (changed by other code); "
+                                "replaced by the formula as pos_embed_resize='sinusoid' asks")
+        size = report.source_config.get("img_size")  # a vitkit folder says its size: the grid may be non-square
+        return resample_pos_embed_state(state, "pos_embed", self.pos_embed, 1, self.grid, report,
+                                        t2t_grid(size) if size else None, scheme=rule.pos_embed, source=rule.source)
 
 
 # -------------------------------------------------------------------------------------------------- variants
@@ -356,4 +355,4 @@ def tiny(name: str, cfg: dict) -> dict:
 
 
 register_family("t2t_vit", T2TViT, VARIANTS, DATA_CFG, formats=T2T_FORMATS, references=REFERENCES, tiny=tiny,
-                paper="Yuan et al. 2021, arXiv 2101.11986")
+                paper="Yuan et al. 2021, arXiv 2101.11986", resize=T2T_RESIZE, resize_choices=RESIZE_CHOICES)

@@ -18,10 +18,10 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
-from vitkit.specs import CheckpointView, SourceFormat
+from vitkit.specs import CheckpointView, ResizeRule, SourceFormat
 from vitkit.weights.keymap import KeyMap, Rename
 
-__all__ = ["OFFICIAL", "T2T_FORMATS"]
+__all__ = ["OFFICIAL", "T2T_FORMATS", "T2T_RESIZE", "RESIZE_CHOICES"]
 
 _T2T = "tokens_to_token.attention{i}."
 # one table per T2T type (the Transformer T2T layer has vitkit's names already), so that the inverse writes exactly
@@ -88,3 +88,11 @@ OFFICIAL_FORMAT = SourceFormat(
                 "{'net': ...}; or a bare state dict)")
 
 T2T_FORMATS = (OFFICIAL_FORMAT,)
+
+# Another input size: the official transfer-learning loader (README §2, ``utils.load_for_transfer_learning`` →
+# ``resize_pos_embed``) interpolates the stored sinusoid bicubically; vitkit's folders are resized the same way.
+# ``pos_embed_resize="sinusoid"`` regenerates the formula for the new length instead (what the official constructor
+# builds for a new size, used by no official loading path). tests/test_pos_embed_resize.py checks the official one.
+_OFFICIAL_RULE = ResizeRule("bicubic", "yitu-opensource/T2T-ViT utils.py@0f63dc9 load_for_transfer_learning")
+T2T_RESIZE = {"official": _OFFICIAL_RULE, "vitkit": _OFFICIAL_RULE}
+RESIZE_CHOICES = ("bicubic", "sinusoid", "bicubic_antialias", "zoom_linear", "bilinear")

@@ -21,7 +21,7 @@ from vitkit.config import ConfigError, check_ranges
 from vitkit.layers import Block, PatchEmbed, drop_path_rates, resample_pos_embed, to_2tuple
 from vitkit.models.base import (FamilyModel, LinearHead, block_layer_id, block_outputs, select_indices,
                                 tokens_to_map, trunc_normal_linears_, zero_init_)
-from vitkit.models.vit_formats import VIT_FORMATS, WEIGHTS
+from vitkit.models.vit_formats import RESIZE_CHOICES, VIT_FORMATS, VIT_RESIZE, WEIGHTS
 from vitkit.registry import register_family
 from vitkit.specs import INCEPTION_MEAN, INCEPTION_STD, PreprocessConfig, Reference
 
@@ -214,13 +214,16 @@ class VisionTransformer(LinearHead, FamilyModel):
         return tuple(s // p for s, p in zip(to_2tuple(source_size), self.patch_embed.patch_size))
 
     def load_pretrained_state(self, state: dict[str, Tensor], report) -> dict[str, Tensor]:
-        """Adapt a vitkit-layout state dict to this model: resample the position embedding to this grid, drop a
-        representation layer the model does not have (and re-initialise the head it fed), and zero-initialise heads
-        whose class count differs."""
+        """Adapt a vitkit-layout state dict to this model: resample the position embedding to this grid (the scheme
+        of the checkpoint's source, ``report.resize``), drop a representation layer the model does not have (and
+        re-initialise the head it fed), and zero-initialise heads whose class count differs."""
         from vitkit.weights.adapt import adapt_head, drop_keys, reinit_head, resample_pos_embed_state
         if self.pos_embed is not None:
+            rule = report.resize
             state = resample_pos_embed_state(state, "pos_embed", self.pos_embed, self.num_prefix_tokens,
-                                             self.patch_embed.grid_size, report, self.source_grid(report))
+                                             self.patch_embed.grid_size, report, self.source_grid(report),
+                                             scheme=rule.pos_embed if rule else None,
+                                             source=rule.source if rule else "")
         if not self.cfg.representation_size and any(k.startswith("pre_logits.") for k in state):
             state = drop_keys(state, "pre_logits.", report,
                               "representation layer removed: transfer replaces the whole pre-training head "
@@ -278,4 +281,4 @@ def tiny(name: str, cfg: dict) -> dict:
 
 register_family("vit", VisionTransformer, VARIANTS, DATA_CFGS, formats=VIT_FORMATS, weights=WEIGHTS,
                 references={n: closed_form_size(c) for n, c in VARIANTS.items()}, tiny=tiny,
-                paper="Dosovitskiy et al. 2020, arXiv 2010.11929")
+                paper="Dosovitskiy et al. 2020, arXiv 2010.11929", resize=VIT_RESIZE, resize_choices=RESIZE_CHOICES)

@@ -13,11 +13,12 @@ from typing import Any, Mapping
 
 from torch import Tensor, nn
 
-from vitkit.specs import CheckpointView, SourceFormat, WeightSpec
+from vitkit.specs import CheckpointView, ResizeRule, SourceFormat, WeightSpec
 from vitkit.weights.keymap import Drop, Fuse, KeyMap, Rename
 from vitkit.weights.report import CheckpointError
 
-__all__ = ["VIT_FORMATS", "DEIT_FORMATS", "WEIGHTS", "to_transformers", "transformers_config"]
+__all__ = ["VIT_FORMATS", "DEIT_FORMATS", "VIT_RESIZE", "DEIT_RESIZE", "RESIZE_CHOICES", "WEIGHTS", "to_transformers",
+           "transformers_config"]
 
 # ------------------------------------------------------------------------------------------- timm and official
 TIMM = KeyMap([
@@ -255,6 +256,25 @@ def _jax_format() -> SourceFormat:
 # Detection order: the most specific signature first.
 VIT_FORMATS = (HF_FORMAT, _jax_format(), TIMM_FORMAT)
 DEIT_FORMATS = (HF_FORMAT, DEIT_OFFICIAL_FORMAT, TIMM_FORMAT)
+
+# ---------------------------------------------------------------------------------- resizing for another input size
+# Each source is resized the way its own code does it; a source with no resize code of its own (timm's files, vitkit's
+# folders) the way the family's official code does: ViT's is google-research/vision_transformer, DeiT's
+# facebookresearch/deit. tests/test_pos_embed_resize.py checks every entry against that code's output.
+_VIT_JAX = ResizeRule("zoom_linear", "google-research/vision_transformer vit_jax/checkpoint.py@c6de1e5 "
+                                     "interpolate_posembed")
+_DEIT = ResizeRule("bicubic", "facebookresearch/deit main.py@7e160fe (--finetune)")
+_HF = "transformers 5.25.0 models/{}/modeling_{}.py interpolate_pos_encoding (at forward time)"
+VIT_RESIZE = {
+    "jax": _VIT_JAX,
+    "jax/big_vision": ResizeRule("zoom_linear", "google-research/big_vision big_vision/models/vit.py@0127fb6 "
+                                                "resample_posemb"),
+    "timm": _VIT_JAX, "vitkit": _VIT_JAX,
+    "hf": ResizeRule("bicubic", _HF.format("vit", "vit")),
+}
+DEIT_RESIZE = {"official": _DEIT, "timm": _DEIT, "vitkit": _DEIT,
+               "hf": ResizeRule("bicubic", _HF.format("deit", "deit"))}
+RESIZE_CHOICES = ("bicubic", "bicubic_antialias", "zoom_linear", "bilinear")  # pos_embed_resize= of a learned table
 
 
 def square_grid(n: int) -> int | None:

@@ -119,7 +119,15 @@ def _pos_embedding(p: dict[str, np.ndarray], report: LoadReport) -> np.ndarray:
     return np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
 
 
+def _origin(params: dict[str, np.ndarray]) -> str:
+    """The code that wrote the file: big_vision (``params/`` prefix, or a scanned encoder) or vit_jax (release files,
+    AugReg's ``opt/target/``, current vit_jax). Each resizes position embeddings with its own function."""
+    scanned = any(k.startswith(("params/", "Transformer/encoderblock/")) for k in params)
+    return "big_vision" if scanned else "vit_jax"
+
+
 def vit_from_jax(params: dict[str, np.ndarray], report: LoadReport) -> dict[str, Tensor]:
+    report.origin = _origin(params)
     p = _unscan(_strip(params))
     if any(k.startswith("MAPHead") for k in p):
         raise CheckpointError(f"{report.source}: attention-pool (MAPHead) checkpoints are not supported")

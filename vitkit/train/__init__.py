@@ -17,7 +17,7 @@ from typing import Any, Callable
 import yaml
 
 from vitkit.config import ConfigError
-from vitkit.runs import checkpoint_dir, find_checkpoint
+from vitkit.runs import checkpoint_dir, find_checkpoint, write_text_atomic
 from vitkit.train.checkpoint import read_train_state_meta
 from vitkit.train.config import RESUME_SETTABLE, RecipeConfig, dump_yaml, load_recipe, resolve
 from vitkit.train.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
@@ -61,7 +61,7 @@ def _prepare_run_dir(run_dir: Path, cfg: RecipeConfig, info: DistInfo) -> None:
     barrier(info)  # every rank has checked and built everything before rank 0 creates anything
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
     barrier(info)
 
 
@@ -162,5 +162,5 @@ def resume(run_dir: str | os.PathLike, sets: list[str] = (), clock_start: float 
 
     def write_config() -> None:
         if info.is_main and sets:
-            cfg_path.write_text(dump_yaml(cfg))
+            write_text_atomic(cfg_path, dump_yaml(cfg))
     return _run(cfg, run_dir, info, device, last, write_config, clock_start)

@@ -8,6 +8,13 @@ at ``target`` seconds; the trainer plans after a few timed steps, then plans aga
 the first real evaluation, and as step times drift on a shared machine), and stops at a step boundary if the end
 comes anyway.
 
+Re-planning on a shared machine (issue 18, item 10: a neighbour made steps 9-47x slower for 8 minutes; the plan fell
+from ~38,000 steps to 5,609 and grew back to 21,000, restarting the cosine): the speed is ``StepSpeed``, a median
+over the last ``SPEED_WINDOW_SHARE`` of the budget that believes a speed-up at once and a slowdown only once it
+lasts; ``next_total`` keeps the length while it moves less than ``REPLAN_TOLERANCE``, lengthens at once, and
+shortens by at most ``SHRINK_LIMIT`` per re-plan; the schedule lays out only its remaining decay again
+(``WarmupSchedule.replanned``), so the learning rate never rises after the warm-up.
+
 Evaluation is part of the plan, so it cannot eat the budget: when the test-curve passes would take more than
 ``EVAL_SHARE`` of what remains, the curve is dropped (it is for plots only); when the test pass alone would, the final
 test is run on the first images of the test split that fit (``data.test_limit`` chooses the number explicitly).
@@ -16,12 +23,19 @@ Both are said in a warning.
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from dataclasses import dataclass
 
-__all__ = ["Costs", "Plan", "plan", "run_s", "warmup_for", "MARGIN", "EVAL_SHARE"]
+__all__ = ["Costs", "Plan", "plan", "run_s", "warmup_for", "StepSpeed", "next_total", "MARGIN", "EVAL_SHARE",
+           "SPEED_WINDOW_SHARE", "REPLAN_TOLERANCE", "SHRINK_LIMIT"]
 
 MARGIN = 0.02  # plan to end this fraction before the budget: interpreter start-up and measurement error
 EVAL_SHARE = 0.5  # at most this fraction of the remaining time goes to evaluation
+SPEED_WINDOW_SHARE = 0.02  # the step time is the median over this fraction of the budget (36 s of 30 min) ...
+MIN_WINDOW_S = 5.0  # ... or at least this many seconds
+REPLAN_TOLERANCE = 0.05  # the length changes only when the steps left would change by more than this fraction
+SHRINK_LIMIT = 0.5  # one re-plan keeps at least this fraction of the steps left (lengthening is not limited)
 
 
 @dataclass(frozen=True)
@@ -118,3 +132,50 @@ def warmup_for(warmup_steps: int, total_steps: int) -> int:
     if warmup_steps <= total_steps // 2:
         return warmup_steps
     return max(1, total_steps // 5) if warmup_steps else 0
+
+
+class StepSpeed:
+    """Seconds per step for planning, quick to believe a speed-up and slow to believe a slowdown.
+
+    The estimate is the median duration of the steps of the last ``window_s`` seconds of training (at least
+    ``min_steps`` of them: a median of fewer moves by several percent on a shared machine's noise). By count, it
+    believes a k-times slowdown only once the slow steps fill k/(k+1) of the window: a burst of slow steps (a
+    checkpoint, a neighbour's short job) does not move it. A speed-up is believed at once: when the median of the last
+    ``recent`` steps is ``SPEEDUP`` times shorter, it is the estimate. A too-short plan kept after a neighbour left
+    would spend the rest of the learning-rate decay on a few fast steps; a too-long one only decays a little slower."""
+
+    SPEEDUP = 0.8
+
+    def __init__(self, window_s: float, min_steps: int = 50, recent: int = 9):
+        self.window_s, self.min_steps, self.recent = window_s, min_steps, recent
+        self._times: deque[float] = deque()
+        self._span = 0.0  # seconds the kept steps took
+
+    def add(self, seconds: float) -> None:
+        self._times.append(seconds)
+        self._span += seconds
+        while len(self._times) > self.min_steps and self._span - self._times[0] >= self.window_s:
+            self._span -= self._times.popleft()
+
+    @property
+    def step_s(self) -> float:
+        window = statistics.median(self._times)
+        recent = statistics.median(list(self._times)[-self.recent:])
+        return recent if recent < self.SPEEDUP * window else window
+
+    def __len__(self) -> int:
+        return len(self._times)
+
+
+def next_total(current: int, proposed: int, step: int, may_shrink: bool = True) -> int:
+    """The run's length after a re-plan at ``step`` proposed ``proposed`` steps: unchanged while the steps left would
+    move by at most ``REPLAN_TOLERANCE`` (measurement noise does not move the schedule), longer at once, shorter by
+    at most ``SHRINK_LIMIT`` of the steps left and only when ``may_shrink`` (the trainer spaces shrinking re-plans)."""
+    left, wanted = current - step, proposed - step
+    if abs(wanted - left) <= REPLAN_TOLERANCE * left:
+        return current
+    if wanted > left:
+        return proposed
+    if not may_shrink:
+        return current
+    return step + max(1, wanted, math.ceil(SHRINK_LIMIT * left))

@@ -32,10 +32,10 @@ def build_model(cfg: RecipeConfig, num_classes: int) -> nn.Module:
     used (so a saved model is evaluated and predicted as it was trained)."""
     m = cfg.model
     model = vitkit.create_model(m.name, pretrained=m.pretrained, num_classes=m.num_classes or num_classes,
-                                img_size=cfg.data.img_size, **m.overrides)
+                                img_size=cfg.data.img_size, pos_embed_resize=m.pos_embed_resize, **m.overrides)
     mean, std = data_stats(cfg.data, model)
     model.data_cfg = dataclasses.replace(model.data_cfg, mean=mean, std=std, interpolation=cfg.data.interpolation,
-                                         crop_pct=cfg.data.crop_pct, label_set=None)
+                                         crop_pct=cfg.data.crop_pct, crop_mode=cfg.data.crop_mode, label_set=None)
     return model
 
 

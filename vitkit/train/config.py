@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from vitkit.config import ConfigError, apply_dotted, from_dict, merge, to_dict
+from vitkit.config import ConfigError, apply_dotted, check_value, from_dict, merge, to_dict
 from vitkit.data import AugmentConfig, DataConfig
 
 __all__ = ["ModelSection", "OptimConfig", "DistillConfig", "TrainSection", "LogConfig", "RecipeConfig",
@@ -36,13 +36,19 @@ class ModelSection:
     num_classes: int | None = None  # None: the dataset's class count (a new zero-initialised head if they differ)
     img_size: int | None = None  # None: data.img_size (the two are kept equal)
     overrides: dict[str, Any] = field(default_factory=dict)  # architecture overrides, e.g. {depth: 7, embed_dim: 256}
+    # how the checkpoint's position table is resized for img_size; None: as its source's code does (load report)
+    pos_embed_resize: str | None = None
 
     def validate(self) -> None:
-        from vitkit.registry import get_spec
+        from vitkit.registry import check_pos_embed_resize, get_spec
         try:
             spec = get_spec(self.name)
         except ValueError as e:
             raise ConfigError(f"model.name: {e}") from None
+        try:
+            check_pos_embed_resize(spec, self.pos_embed_resize, bool(self.pretrained))
+        except ValueError as e:
+            raise ConfigError(f"model.pos_embed_resize: {e}") from None
         for key in ("num_classes", "img_size"):
             if key in self.overrides:
                 raise ConfigError(f"model.overrides.{key}: set model.{key} instead")
@@ -198,17 +204,17 @@ def _sync_img_size(raw: dict[str, Any]) -> dict[str, Any]:
     model, data = raw.setdefault("model", {}), raw.setdefault("data", {})
     if not isinstance(model, dict) or not isinstance(data, dict):
         return raw
+    for section, values in (("data", data), ("model", model)):
+        # checked here, naming the key the user wrote: the model's own checks would see only "img_size"
+        if values.get("img_size") is not None:
+            size = check_value(values["img_size"], int, f"{section}.img_size")
+            if size <= 0:
+                raise ConfigError(f"{section}.img_size: must be positive, got {size}")
     if model.get("img_size") is not None and "img_size" not in data:
         data["img_size"] = model["img_size"]
     elif data.get("img_size") is not None and model.get("img_size") is None:
-        if not _is_int(data["img_size"]):  # let the data section's own check name the key the user wrote
-            from_dict(DataConfig, {"img_size": data["img_size"]}, where="data")
         model["img_size"] = data["img_size"]
     return raw
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _family_defaults(raw: dict[str, Any]) -> dict[str, Any]:
@@ -238,6 +244,10 @@ def resolve(raw: dict[str, Any] | RecipeConfig) -> RecipeConfig:
 
 
 def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    if os.path.isdir(path):
+        run = os.path.isfile(os.path.join(path, "config.yaml"))
+        raise IsADirectoryError(f"recipe {path} is a folder, not a YAML file"
+                                + (f" (to continue that run: --resume {path})" if run else ""))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"recipe not found: {path}")
     with open(path) as f:
@@ -245,6 +255,8 @@ def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
             data = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a YAML text file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     return data

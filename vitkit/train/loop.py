@@ -25,19 +25,18 @@ import logging
 import math
 import os
 import random
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from vitkit.evaluate.tta import with_tta
-from vitkit.runs import checkpoint_dir
+from vitkit.runs import checkpoint_dir, eval_batch_size, write_text_atomic
 from vitkit.train import budget
 from vitkit.train import checkpoint as ckpt
 from vitkit.train.build import (build_data, build_model, build_schedule, build_splits, build_task, eval_loader,
@@ -48,7 +47,7 @@ from vitkit.train.ema import ModelEma
 from vitkit.train.optim import build_optimizer
 from vitkit.train.report import MetricsLog, TensorBoard, environment, write_plots
 from vitkit.hardware import amp_dtype, precision_line, resolve_amp
-from vitkit.train.runtime import StopFlag, autocast
+from vitkit.train.runtime import StopFlag, autocast, load_average, oversubscription
 from vitkit.train.schedule import set_lr
 
 __all__ = ["Trainer", "RunState", "RunResult", "NonFiniteLossError"]
@@ -87,6 +86,8 @@ class RunState:
     eval_pending: bool = False  # a signal stopped the validation of ``step``: it runs first when resumed
     test_curve: bool = True  # false once a time budget dropped log.test_curve (budget.plan)
     test_images: int | None = None  # final test images when a time budget limited them
+    warmup_steps: int | None = None  # the warm-up a time-budget plan kept, once it is over
+    lr_segments: list[list[float]] = field(default_factory=list)  # WarmupSchedule.segments of re-planned decays
 
 
 @dataclass
@@ -97,6 +98,7 @@ class RunResult:
     total_steps: int | None  # None: a time-budgeted run stopped before its plan was made
     summary: dict[str, Any] | None = None
     signal: str | None = None
+    message: str | None = None  # interrupted (rank 0): what was saved and how to continue, in one line
 
 
 @dataclass
@@ -133,11 +135,15 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 class Trainer:
     def __init__(self, cfg: RecipeConfig, run_dir: str | os.PathLike, info: DistInfo, device: torch.device,
-                 threads: int, resume_from: Path | None = None, clock_start: float | None = None):
-        # the budget's clock: from ``clock_start`` (``time.perf_counter()``; the CLI passes its process start), else
-        # from now, so it includes building the data and the model
-        self._session_start = time.perf_counter() if clock_start is None else clock_start
-        self._step_times: list[float] = []  # budgeted runs: recent step durations
+                 threads: int, resume_from: Path | None = None, clock_start: float | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        # the budget's clock: ``clock`` (seconds; a simulated one in tests) from ``clock_start`` (the CLI passes its
+        # process start), else from now, so it includes building the data and the model
+        self.clock = clock
+        self._session_start = clock() if clock_start is None else clock_start
+        self._step_times: list[float] = []  # budgeted runs: the step durations timed to plan
+        self._speed: budget.StepSpeed | None = None  # budgeted runs: the step time once planned
+        self._shrunk_at = -math.inf  # training seconds (state.train_s) of the last re-plan that shortened the run
         self._image_s: float | None = None  # budgeted runs: measured seconds per evaluation image
         self._checkpoint_s: float | None = None  # measured seconds of one checkpoints/last save
         self._warned: set[str] = set()
@@ -253,7 +259,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- the loop
     def elapsed(self) -> float:
-        return self.state.elapsed_s + (time.perf_counter() - self._session_start)
+        return self.state.elapsed_s + (self.clock() - self._session_start)
 
     def _open_reports(self) -> None:
         """metrics.csv and TensorBoard events: opened when training starts, so building a Trainer (data, model) writes
@@ -276,7 +282,8 @@ class Trainer:
         self._open_reports()
         if self.reporting:
             log.info("%s", precision_line(self.cfg.train.amp, self.precision, self.device))
-        self._tick = time.perf_counter()
+        self._check_cpu()
+        self._tick = self.clock()
         self.model.train()
         self._signalled = False
         with StopFlag(self._saved_description) as self.stop, self._progress() as self.bar:
@@ -336,7 +343,7 @@ class Trainer:
     def _after_step(self, m: dict[str, float]) -> bool:
         """Bookkeeping, validation and checkpoints after a step; True when the run must stop here."""
         every = self.cfg.train.checkpoint_every_steps
-        seconds = time.perf_counter() - self._tick
+        seconds = self.clock() - self._tick
         epoch_end = self._advance(m, seconds)
         self._budget_step(seconds, stopping=bool(m["budget"]))
         stop = bool(m["stop"] or m["budget"])
@@ -350,7 +357,7 @@ class Trainer:
         elif final or (every > 0 and self.state.step % every == 0):
             signalled = self._save_last()
         self._signalled = self._signalled or signalled
-        self._tick = time.perf_counter()  # evaluation and checkpoint time is not step time
+        self._tick = self.clock()  # evaluation and checkpoint time is not step time
         return stop or signalled
 
     def _stop_agreed(self, local: bool) -> bool:
@@ -382,6 +389,7 @@ class Trainer:
         step, every = self.state.step, self.cfg.log.every_steps
         if not self.reporting or (step % every and step != 1):
             return
+        self._check_cpu()  # a neighbour may come at any time
         w = self.log_window.means()
         self.log_window = _Window()
         if step % every == 0:
@@ -404,7 +412,7 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- evaluation
     def _eval_batch_size(self) -> int:
-        return max(1, min(256, self.cfg.train.batch_size // self.cfg.train.accum_steps))
+        return eval_batch_size(self.cfg.train.batch_size, self.cfg.train.accum_steps)
 
     def _interruptible(self, loader):
         """The loader's batches until a SIGINT/SIGTERM arrives (then ``_Stopped``)."""
@@ -415,12 +423,12 @@ class Trainer:
 
     def _evaluate(self, dataset, model: nn.Module | None = None):
         """Evaluate ``dataset``; its cost per image feeds the time-budget plan."""
-        start = time.perf_counter()
+        start = self.clock()
         loader = eval_loader(dataset, self._eval_batch_size(), self.cfg.data.num_workers)
         model = with_tta(model or self.eval_model(), self.cfg.train.eval_tta)
         result = self.task.evaluate(model, self._interruptible(loader), self.device, self.amp, self.data.classes)
         if len(dataset):
-            self._image_s = (time.perf_counter() - start) / len(dataset)
+            self._image_s = (self.clock() - start) / len(dataset)
         return result
 
     def _validate(self, lr: float) -> bool:
@@ -473,17 +481,40 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ time budget
     def _schedule(self):
-        """The LR schedule over the current length; a warm-up longer than half a time-budget plan is shortened
-        (warned once)."""
-        o, total = self.cfg.optim, self.state.total_steps
+        """The LR schedule over the current length, with the decays re-planned so far; a warm-up longer than half a
+        time-budget plan is shortened (warned once) until it is over."""
+        o, s = self.cfg.optim, self.state
         configured = o.warmup_steps or round(o.warmup_epochs * self.data.sampler.steps_per_epoch)
-        if not self.state.planned:  # a length the recipe gave explicitly (or no plan yet) keeps its warm-up
-            return build_schedule(o, self.lr, total, self.data.sampler.steps_per_epoch)
-        warmup = budget.warmup_for(configured, total)
-        if warmup != configured:
-            self._warn(f"optim.warmup: {configured} warm-up steps do not fit a run of {total} steps; warming up "
-                       f"over {warmup} steps so the learning rate still decays")
-        return build_schedule(o, self.lr, total, self.data.sampler.steps_per_epoch, warmup)
+        if not s.planned:  # a length the recipe gave explicitly (or no plan yet) keeps its warm-up
+            return build_schedule(o, self.lr, s.total_steps, self.data.sampler.steps_per_epoch)
+        warmup = s.warmup_steps if s.warmup_steps is not None else budget.warmup_for(configured, s.total_steps)
+        if warmup != configured and s.warmup_steps is None:
+            self._warn(f"optim.warmup: {configured} warm-up steps do not fit a run of {s.total_steps} steps; warming "
+                       f"up over {warmup} steps so the learning rate still decays")
+        schedule = build_schedule(o, self.lr, s.total_steps, self.data.sampler.steps_per_epoch, warmup)
+        return dataclasses.replace(schedule, segments=tuple((int(a), float(p), int(b)) for a, p, b in s.lr_segments))
+
+    def _set_length(self, total: int, first: bool) -> None:
+        """Give the run ``total`` steps. The first plan, and any during the warm-up, lays the schedule out anew; after
+        the warm-up only the rest of the decay is, from the progress it has reached (``WarmupSchedule.replanned``):
+        the rate never rises."""
+        s = self.state
+        if first or (s.warmup_steps is None and s.step < self.schedule.warmup_steps):
+            s.total_steps = total
+            self.schedule = self._schedule()
+        else:
+            self.schedule = self.schedule.replanned(s.step, total)
+            s.total_steps, s.warmup_steps = total, self.schedule.warmup_steps
+            s.lr_segments = [list(segment) for segment in self.schedule.segments]
+        self.bar.total = total
+        self.bar.refresh()
+
+    def _check_cpu(self) -> None:
+        """Warn (once) when other processes compete for this run's CPU cores (``runtime.oversubscription``)."""
+        if self.device.type == "cpu" and self.reporting:
+            note = oversubscription(self.threads, load_average(), wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+            if note:
+                self._warn(note)
 
     def _warn(self, message: str) -> None:
         """Log a warning once per kind (its first two words): a re-plan does not repeat it with new numbers."""
@@ -501,30 +532,26 @@ class Trainer:
         return n - warm >= t.budget_calibration_steps or (share > 2 * _CALIBRATION_SHARE and n >= 2)
 
     def _budget_step(self, seconds: float, stopping: bool = False) -> None:
-        """Time-budgeted runs: plan once enough steps are timed, then again after every step with the latest
-        measurements (a shared machine's speed drifts; the schedule follows the new length), all processes at the
-        same step with rank 0's numbers. A run the budget stops before it was planned (``stopping``) is planned now,
-        so its end (what the final test may take) still fits; its length is then the steps it made."""
+        """Time-budgeted runs: plan once enough steps are timed, then re-plan after every step as the measured speed
+        changes (``budget.StepSpeed``, ``budget.next_total``), all processes at the same step with rank 0's numbers.
+        A run the budget stops before it was planned (``stopping``) is planned now, so its end (what the final test
+        may take) still fits; its length is then the steps it made."""
         t, s = self.cfg.train, self.state
-        if t.time_budget_minutes is None:
+        if t.time_budget_minutes is None or not self._time_step(seconds, stopping):
             return
-        self._step_times = (self._step_times + [seconds])[-(_WARMUP_STEPS + t.budget_calibration_steps):]
-        if not s.planned and not (stopping or self._calibrated()):
-            return
-        n = len(self._step_times)
-        recent = self._step_times[min(_WARMUP_STEPS, n - 2):] if not s.planned else self._step_times[-10:]
-        step_s = statistics.median(recent)
+        step_s = self._speed.step_s
         p, costs = self._plan(step_s)
-        values = [broadcast_float(v, self.info, self.device) for v in (p.total_steps, p.test_curve, p.test_images)]
-        total, first = int(values[0]), not s.planned
+        first = not s.planned
+        total = p.total_steps if first else budget.next_total(
+            s.total_steps, p.total_steps, s.step, s.train_s - self._shrunk_at >= self._speed.window_s / 4)
+        values = [broadcast_float(v, self.info, self.device) for v in (total, p.test_curve, p.test_images)]
+        total = s.step if stopping else int(values[0])
         s.planned, s.test_curve, s.test_images = True, s.test_curve and bool(values[1]), int(values[2])
-        if stopping:
-            total = s.step
+        if total < s.total_steps and not first:  # slower steps: perhaps a neighbour came
+            self._shrunk_at = s.train_s
+            self._check_cpu()
         if total != s.total_steps:
-            s.total_steps = total
-            self.schedule = self._schedule()
-            self.bar.total = total
-            self.bar.refresh()
+            self._set_length(total, first)
         if stopping and first:
             log.info("time budget %s reached at step %d, before the run could be planned", _clock(
                 t.time_budget_minutes * 60), s.step)
@@ -534,6 +561,24 @@ class Trainer:
                      step_s, costs.image_s, total, _clock(self.elapsed() + (total - s.step) * step_s + p.end_s))
         for note in p.notes(costs, self.cfg.log.test_curve and self.data.test is not None):
             self._warn(note)
+
+    def _time_step(self, seconds: float, stopping: bool) -> bool:
+        """Record a step's duration; True once the speed is known: ``budget_calibration_steps`` timed (or fewer, see
+        ``_calibrated``), or, resumed with a plan, a few steps after the warm-up ones."""
+        t, s = self.cfg.train, self.state
+        self._step_times = (self._step_times + [seconds])[-(_WARMUP_STEPS + t.budget_calibration_steps):]
+        if self._speed is not None:
+            self._speed.add(seconds)
+            return True
+        n = len(self._step_times)
+        ready = self._calibrated() if not s.planned else n >= _WARMUP_STEPS + min(5, t.budget_calibration_steps)
+        if not (ready or stopping):
+            return False
+        window = max(budget.MIN_WINDOW_S, budget.SPEED_WINDOW_SHARE * t.time_budget_minutes * 60.0)
+        self._speed = budget.StepSpeed(window)
+        for timed in self._step_times[min(_WARMUP_STEPS, n - 2):]:
+            self._speed.add(timed)
+        return True
 
     def _measure_eval_image_s(self) -> float:
         """Seconds per evaluation image, from up to 2 timed batches (after one warm-up batch) of the test or
@@ -550,14 +595,14 @@ class Trainer:
         with torch.inference_mode(), autocast(self.device, self.amp):
             it = iter(loader)
             for i, (x, _) in enumerate(it):
-                start = time.perf_counter()
+                start = self.clock()
                 scorer(x.to(self.device))
                 if i:
-                    seconds, images = seconds + time.perf_counter() - start, images + len(x)
+                    seconds, images = seconds + self.clock() - start, images + len(x)
                 if i == 2:
                     break
             if not images:  # a split of one batch: the warm-up batch is all there is
-                images, seconds = len(x), time.perf_counter() - start
+                images, seconds = len(x), self.clock() - start
         model.train(was_training)
         return seconds / images
 
@@ -609,10 +654,10 @@ class Trainer:
     def _save_last(self) -> bool:
         """Save ``checkpoints/last`` (rank 0); True when a signal arrived meanwhile on any process (stop now)."""
         if self.reporting:
-            start = time.perf_counter()
+            start = self.clock()
             tensors, meta = self._train_state()
             ckpt.save_checkpoint(checkpoint_dir(self.run_dir, "last"), self.model, self.data.classes, tensors, meta)
-            self._checkpoint_s = time.perf_counter() - start
+            self._checkpoint_s = self.clock() - start
         self._saved_step = self.state.step
         return self._stop_agreed(False)
 
@@ -636,15 +681,17 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- endings
     def _interrupted(self) -> RunResult:
-        s = self.state
+        """The run stopped at a signal with ``checkpoints/last`` saved; the result's message says so (the CLI prints
+        it as its one line)."""
+        s, message = self.state, None
         if self.reporting:
             self._plots()
             pending = " (its validation runs first when resumed)" if s.eval_pending else ""
-            log.warning("stopped by %s at step %d of %s; checkpoint saved in %s%s. Continue with: "
-                        "vitkit train --resume %s", self.stop.name or "a signal", s.step, self._total_text(),
-                        checkpoint_dir(self.run_dir, "last"), pending, self.run_dir)
+            message = (f"stopped by {self.stop.name or 'a signal'} at step {s.step} of {self._total_text()}; "
+                       f"checkpoint saved in {checkpoint_dir(self.run_dir, 'last')}{pending}. Continue with: "
+                       f"vitkit train --resume {self.run_dir}")
         total = None if s.total_steps == _UNPLANNED else s.total_steps
-        return RunResult(self.run_dir, "interrupted", s.step, total, None, self.stop.name or "SIGTERM")
+        return RunResult(self.run_dir, "interrupted", s.step, total, None, self.stop.name or "SIGTERM", message)
 
     def _finish(self) -> RunResult:
         """The final report (rank 0); a signal during its test pass leaves the run resumable (it re-reports)."""
@@ -677,7 +724,7 @@ class Trainer:
             test = self._evaluate(dataset, model)
             save_eval_artifacts(test.details, self.run_dir / "eval" / "test", self.data.classes)
         summary = self._summary(test, weights)
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         self._plots()
         self.tb.close()
         return summary

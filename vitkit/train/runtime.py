@@ -11,9 +11,11 @@ from typing import Callable, Iterator
 
 import torch
 
+from vitkit.interrupts import SIGNALS, Aborted, first, note
 from vitkit.train.config import TrainSection
 
-__all__ = ["runtime", "default_threads", "autocast", "StopFlag", "Aborted", "process_age", "ignore_signals_in_worker"]
+__all__ = ["runtime", "default_threads", "autocast", "StopFlag", "Aborted", "process_age", "ignore_signals_in_worker",
+           "load_average", "oversubscription"]
 
 log = logging.getLogger(__name__)
 
@@ -24,24 +26,64 @@ def default_threads(local_processes: int = 1) -> int:
     return max(1, cores // max(1, local_processes))
 
 
+def load_average() -> float:
+    """The 1-minute load average (runnable threads of every process), 0 where the system does not say."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return 0.0
+
+
+def oversubscription(threads: int, load: float, cores: int | None = None, wait_policy: str | None = None
+                     ) -> str | None:
+    """A warning when other processes compete for the cores this process's ``threads`` intra-op threads use (a load
+    average above the cores by more than one thread), else None.
+
+    Measured on a 2-core VM (issue 18, item 10): two processes of 2 threads each ran small matmuls 7-10x slower than
+    one alone, not 2x: OpenMP threads spin-wait for a busy core. With ``OMP_WAIT_POLICY=PASSIVE`` they ran 2x slower
+    (but one alone ran 2.2x slower than without it); with 1 thread each, 3x. Nothing to say with one thread, or with
+    the passive policy set already."""
+    cores = cores or default_threads()
+    if threads <= 1 or load <= cores + 1 or (wait_policy or "").strip().upper() == "PASSIVE":
+        return None
+    return (f"oversubscribed CPU: load average {load:.1f} on {cores} cores while this run uses {threads} threads: "
+            f"waiting OpenMP threads spin on busy cores, so steps get ~10x slower, not 2x. When runs share cores, "
+            f"start each with OMP_WAIT_POLICY=PASSIVE (~2x; but ~2x slower on an idle machine) or set "
+            f"train.threads: 1 (~3x)")
+
+
 @contextlib.contextmanager
 def runtime(cfg: TrainSection, device: torch.device, local_processes: int = 1) -> Iterator[int]:
-    """Set threads and (optionally) deterministic algorithms for the run; yields the thread count; restores both."""
+    """Set threads and (optionally) deterministic algorithms for the run; yields the thread count; restores both.
+
+    Only what was changed is restored: ``torch.use_deterministic_algorithms`` imports torch._inductor (and sympy), and
+    a cleanup that imports must not run while a signal unwinds a half-finished import (issue 18, item 5)."""
     threads = cfg.threads or default_threads(local_processes)
-    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-             torch.backends.cudnn.benchmark)
+    saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    if cfg.deterministic:
-        if device.type == "cuda":  # cuBLAS reads this when it creates its workspace (PyTorch reproducibility notes)
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
     try:
-        yield threads
+        with _deterministic(cfg.deterministic, device):
+            yield threads
     finally:
-        torch.set_num_threads(saved[0])
-        torch.use_deterministic_algorithms(saved[1])
-        torch.backends.cudnn.benchmark = saved[2]
+        torch.set_num_threads(saved_threads)
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool, device: torch.device) -> Iterator[None]:
+    """Deterministic algorithms (and no cuDNN benchmarking) inside the block when ``on``; a no-op otherwise."""
+    if not on:
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    if device.type == "cuda":  # cuBLAS reads this when it creates its workspace (PyTorch reproducibility notes)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.benchmark = saved[1]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -63,21 +105,12 @@ def process_age() -> float:
         return 0.0
 
 
-class Aborted(KeyboardInterrupt):
-    """A second Ctrl-C (or a signal before training started): the run stops at once; the message says what was
-    saved and what was not. ``signum`` gives the exit status 128 + signum."""
-
-    def __init__(self, message: str, signum: int = signal.SIGINT):
-        super().__init__(message)
-        self.signum = int(signum)
-
-
 class StopFlag:
     """SIGINT / SIGTERM set a flag that the loop reads at the next step boundary (and evaluation loops between
     batches); a second SIGINT interrupts at once with ``Aborted``, whose message comes from ``describe`` (the
     previous checkpoint stays intact: checkpoints are written atomically)."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = SIGNALS
 
     def __init__(self, describe: Callable[[], str] | None = None):
         self.signum: int | None = None
@@ -85,9 +118,11 @@ class StopFlag:
         self._describe = describe
 
     def _handle(self, signum, frame) -> None:
+        if first() is not None:  # already aborting: the unwinding is not interrupted again
+            return
         if self.signum is not None and signum == signal.SIGINT:
             saved = self._describe() if self._describe else "the last checkpoint written is intact"
-            raise Aborted(f"aborted by a second Ctrl-C: {saved}")
+            raise note(Aborted(f"aborted by a second Ctrl-C: {saved}"))
         self.signum = signum
         log.warning("received %s: stopping at the next step or evaluation batch and saving a checkpoint "
                     "(Ctrl-C again to abort)", signal.Signals(signum).name)

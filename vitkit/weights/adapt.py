@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from vitkit.layers.pos_embed import resample_pos_embed
+from vitkit.layers.pos_embed import get_pos_embed_resize, resample_pos_embed
 from vitkit.layers.pos_embed_rel import resize_rel_pos_bias_table
 from vitkit.weights.report import CheckpointMismatchError, LoadReport
 
@@ -17,14 +17,16 @@ __all__ = ["resample_pos_embed_state", "resize_rel_pos_tables", "reconcile_buffe
 
 def resample_pos_embed_state(state: dict[str, Tensor], key: str, target: Tensor, num_prefix_tokens: int,
                              grid: tuple[int, int], report: LoadReport,
-                             old_grid: tuple[int, int] | None = None, *, interpolation: str = "bicubic",
-                             antialias: bool = True) -> dict[str, Tensor]:
+                             old_grid: tuple[int, int] | None = None, *, scheme: str | None = None, source: str = "",
+                             interpolation: str = "bicubic", antialias: bool = True) -> dict[str, Tensor]:
     """Resample ``state[key]`` (1, prefix + h·w, D) to the model's ``grid`` when the number of patches differs.
 
     The checkpoint's grid is ``old_grid`` when the caller knows it (a non-square checkpoint), else the square grid
-    its length implies; a length that fits neither is left for the strict mismatch error. ``interpolation`` and
-    ``antialias`` follow the family's official code: timm's convention by default (bicubic, antialiased: timm, DeiT,
-    BEiT); PVT v1's official forward and CCT's ``pe_check`` use bilinear without antialiasing."""
+    its length implies; a length that fits neither is left for the strict mismatch error. ``scheme`` names one of
+    ``vitkit.layers.pos_embed.POS_EMBED_RESIZES`` (the family's choice for the checkpoint's source,
+    ``vitkit.specs.ResizeRule``) and ``source`` the official file@commit it follows; the report names both. Without
+    a scheme, ``resample_pos_embed(interpolation, antialias)`` runs (default bicubic antialiased: timm's
+    ``resample_abs_pos_embed``, not DeiT's or BEiT's, which do not antialias)."""
     pos = state.get(key)
     if pos is None or pos.shape == target.shape or pos.ndim != 3 or pos.shape[-1] != target.shape[-1]:
         return state
@@ -37,18 +39,24 @@ def resample_pos_embed_state(state: dict[str, Tensor], key: str, target: Tensor,
     if old_grid[0] * old_grid[1] != n_old:
         return state
     out = dict(state)
-    out[key] = resample_pos_embed(pos, grid, old_grid, num_prefix_tokens, interpolation, antialias)
+    if scheme is None:
+        out[key] = resample_pos_embed(pos, grid, old_grid, num_prefix_tokens, interpolation, antialias)
+        how = f"{interpolation}{'' if antialias else ' without antialiasing'}"
+    else:
+        resize = get_pos_embed_resize(scheme)
+        out[key] = resize.fn(pos, grid, old_grid, num_prefix_tokens)
+        how = f"{resize.describe}: {source or resize.origin}"
     report.resized.append(f"{key} {tuple(pos.shape)} → {tuple(out[key].shape)} (grid {old_grid[0]}x{old_grid[1]} → "
-                          f"{grid[0]}x{grid[1]}, {interpolation}{'' if antialias else ' without antialiasing'}, "
-                          f"{num_prefix_tokens} prefix token(s) kept)")
+                          f"{grid[0]}x{grid[1]}, {how}, {num_prefix_tokens} prefix token(s) kept)")
     return out
 
 
 def resize_rel_pos_tables(state: dict[str, Tensor], model: nn.Module, suffix: str, report: LoadReport,
-                          method: str, window_of, extra_rows: int = 0) -> dict[str, Tensor]:
+                          method: str, window_of, extra_rows: int = 0, source: str = "") -> dict[str, Tensor]:
     """Resize every relative-position bias table (``*{suffix}``, (rows, heads)) whose row count differs from the
     model's, with ``resize_rel_pos_bias_table(method=...)``; ``window_of(rows)`` names the (Wh, Ww) window a table of
-    that many rows belongs to. The report says which method ran (the two in use differ by ~1e-2 in the logits)."""
+    that many rows belongs to. The report says which method ran (they differ by ~1e-2 in the logits) and ``source``,
+    the official file@commit it follows."""
     targets = {k: v for k, v in model.state_dict().items() if k.endswith(suffix)}
     out = dict(state)
     for key, target in targets.items():
@@ -60,7 +68,7 @@ def resize_rel_pos_tables(state: dict[str, Tensor], model: nn.Module, suffix: st
             continue
         out[key] = resize_rel_pos_bias_table(table, old, new, extra_rows, method)
         report.resized.append(f"{key} {tuple(table.shape)} → {tuple(target.shape)} (window {old[0]}x{old[1]} → "
-                              f"{new[0]}x{new[1]}, {method})")
+                              f"{new[0]}x{new[1]}, {method}{': ' + source if source else ''})")
     return out
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vitkit.specs import ResizeRule
+
 __all__ = ["LoadReport", "CheckpointError", "UnsafeCheckpointError", "CheckpointMismatchError"]
 
 
@@ -30,6 +32,8 @@ class LoadReport:
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     source_config: dict = field(default_factory=dict)  # architecture hints the checkpoint carried (e.g. img_size)
+    origin: str = ""  # the code that wrote the file, when the format tells (JAX: "vit_jax" or "big_vision")
+    resize: ResizeRule | None = None  # how this source's tables are resized (set by create_model); None: no rule
 
     def summary(self) -> str:
         lines = [f"loaded {self.source} ({self.format}{', ' + self.container if self.container else ''}"

@@ -1,0 +1,70 @@
+"""SIGINT and SIGTERM at any moment: one line and exit status 128 + N (130, 143), never a traceback (issue 18, item 5).
+
+Until a command installs finer handling (the trainer's ``StopFlag`` stops at a step boundary), ``abort_on_signal``
+makes a signal raise ``Aborted`` at once, wherever the interpreter is: in an import (torch imports sympy lazily), in
+a data loader, in a ``finally``. The first ``Aborted`` is remembered (``first``): code that fails while unwinding from
+it (a cleanup touching a half-imported module raises ``AttributeError``) must not replace the one line, so the CLI
+reports the signal, not that failure. Signals that arrive while unwinding are ignored. Torch-free: the CLI installs
+this before it imports anything heavy.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+from typing import Callable, Iterator
+
+__all__ = ["Aborted", "SIGNALS", "abort_on_signal", "first", "note", "reset"]
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_first: "Aborted | None" = None  # the first Aborted raised in this process since ``reset``
+
+
+class Aborted(KeyboardInterrupt):
+    """A signal that stops a command at once (a second Ctrl-C, or a signal before training started); the message
+    says what was saved and what was not. ``signum`` gives the exit status 128 + signum."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
+
+
+def reset() -> None:
+    """Forget an earlier interruption (a new command in the same process)."""
+    global _first
+    _first = None
+
+
+def note(e: Aborted) -> Aborted:
+    """Remember ``e`` if it is the first interruption; returns it, to be raised."""
+    global _first
+    if _first is None:
+        _first = e
+    return e
+
+
+def first() -> Aborted | None:
+    """The interruption this process is unwinding from, if any."""
+    return _first
+
+
+@contextlib.contextmanager
+def abort_on_signal(describe: Callable[[str], str], after=None) -> Iterator[None]:
+    """Inside the block, SIGINT/SIGTERM raise ``Aborted(describe(signal name))``; once one has, later signals are
+    ignored. On exit the previous handlers come back, or ``after`` (``signal.SIG_IGN`` when the process is about to
+    end: a signal then would only interrupt the interpreter's exit). Outside the main thread a no-op."""
+    def handle(signum: int, frame) -> None:
+        if _first is None:
+            raise note(Aborted(describe(signal.Signals(signum).name), signum))
+
+    previous = {}
+    for s in SIGNALS:
+        try:
+            previous[s] = signal.signal(s, handle)
+        except ValueError:  # not the main thread
+            break
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if after is None else after)
