@@ -164,3 +164,4 @@ def eval_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def golden_close(out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> bool:
     """The golden cases' criterion: |out - ref| <= tol + tol·|ref| everywhere."""
     return bool(((out - ref).abs() <= tol + tol * ref.abs()).all())
+

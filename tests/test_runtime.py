@@ -118,3 +118,36 @@ def test_a_failed_export_in_bench_is_one_line(monkeypatch, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("vitkit bench: error: --runtime onnxruntime: deit_tiny_patch16_224 could not be exported to "
                           "onnx: RuntimeError: Unsupported op aten::frobnicate")
+
+
+_SIGNAL_AFTER_OPENVINO = """
+import gc, os, signal, sys, threading, time
+import torch
+from vitkit.deploy.runtime import open_runtime
+from vitkit.hardware import CPU_KINDS, simulate_cpu
+for kind in CPU_KINDS:
+    with simulate_cpu(kind):
+        a, b = open_runtime(sys.argv[1]), open_runtime(sys.argv[1], runtime="openvino-bf16")
+    a(torch.zeros(1, 3, 32, 32)), b(torch.zeros(1, 3, 32, 32))
+    del a, b
+    gc.collect()
+got = []
+signal.signal(signal.SIGUSR1, lambda *_: got.append(1))  # a Python handler, as torch's SIGCHLD one or Ctrl-C's
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+time.sleep(1.5)  # the signal arrives during a blocking call
+print("handled", got)
+"""
+
+
+def test_a_signal_after_openvino_runs_is_handled_not_a_segfault(tmp_path):
+    """OpenVINO's compile_model installs an alternate signal stack of its own on the calling thread and unmaps it
+    later; Python handles every signal on that stack, so the next signal (Ctrl-C, a child exiting) killed the process
+    with SIGSEGV: the test suite itself died so, three times. The runtime restores the thread's own stack."""
+    import subprocess
+    import sys
+    from vitkit.deploy.export import export_model
+    model = vitkit.create_model("vit_tiny_patch16_224", img_size=32, patch_size=16, depth=1, num_classes=10).eval()
+    export_model(randomize_(model), tmp_path / "ov", "openvino")
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_AFTER_OPENVINO, str(tmp_path / "ov")], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "handled [1]", (proc.returncode, proc.stderr[-1000:])

@@ -1,4 +1,4 @@
-"""SIGINT and SIGTERM at any moment: one line and exit status 128 + N (130, 143), never a traceback (issue 18, item 5).
+"""SIGINT and SIGTERM at any moment: one line and exit status 128 + N (130, 143), never a traceback.
 
 Until a command installs finer handling (the trainer's ``StopFlag`` stops at a step boundary), ``abort_on_signal``
 makes a signal raise ``Aborted`` at once, wherever the interpreter is: in an import (torch imports sympy lazily), in

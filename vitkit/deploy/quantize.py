@@ -27,7 +27,7 @@ CIFAR-10: ``deit_tiny_patch16_224`` fine-tuned 27 steps from the shipped weights
 cifar10_deit_tiny_finetune_30min.yaml``, 7-minute budget on a loaded machine; 85.65% on these 2,000 images), batches of
 64; static models calibrated on 256 CIFAR-10 training images; photos calibrated 2-fold (each half on the other half).
 
-An AMX Xeon kept 14 of the first 16 photos in one batch with full-range weights (issue 18). The emulation gives 16 of
+An AMX Xeon kept 14 of the first 16 photos in one batch with full-range weights. The emulation gives 16 of
 16 for that batch with every other optimisation kept, and 14 of 16 with all graph optimisations off: with full-range
 weights, which photo keeps its class moves with small differences in the float parts of the graph and with the batch
 (dynamic activation scales are per batch); the float-noise column measures that spread.

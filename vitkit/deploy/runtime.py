@@ -10,10 +10,12 @@ reports it computes in (OpenVINO is asked for fp32, or bf16 by ``openvino-bf16``
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -68,6 +70,29 @@ def _onnxruntime(path: str, runtime: str) -> tuple[Runner, str, str | None]:
     return (lambda x: session.run(None, {name: x})[0]), "fp32", None
 
 
+class _SignalStack(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def _keep_signal_stack() -> Iterator[None]:
+    """Restore the calling thread's alternate signal stack (``sigaltstack(2)``) after the block. OpenVINO's
+    ``compile_model`` (2026.4, CPU plugin) installs a stack of its own on the calling thread and later unmaps it;
+    Python runs every signal handler on that stack (``SA_ONSTACK``), so the next SIGINT, SIGTERM or SIGCHLD that
+    reached the process during a blocking call killed it with a segmentation fault. No-op where libc has no
+    ``sigaltstack``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    get_set = getattr(libc, "sigaltstack", None)
+    saved = _SignalStack()
+    if get_set is None or get_set(None, ctypes.byref(saved)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        get_set(ctypes.byref(saved), None)
+
+
 def _openvino(path: str, runtime: str) -> tuple[Runner, str, str | None]:
     """Compile for the CPU with the inference precision of ``runtime`` asked for, then read back what the plugin
     chose: a CPU without native bf16 computes a bf16 request in fp32, and says so."""
@@ -76,7 +101,8 @@ def _openvino(path: str, runtime: str) -> tuple[Runner, str, str | None]:
     asked = OPENVINO_PRECISION[runtime]
     config = {"INFERENCE_NUM_THREADS": _threads(), "PERFORMANCE_HINT": "LATENCY",
               hints.inference_precision: getattr(ov.Type, asked)}
-    compiled = ov.Core().compile_model(path, "CPU", config)
+    with _keep_signal_stack():
+        compiled = ov.Core().compile_model(path, "CPU", config)
     got = compiled.get_property(hints.inference_precision).get_type_name()  # "f32", "bf16"
     precision = {"f32": "fp32"}.get(got, got)
     note = None

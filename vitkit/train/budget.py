@@ -8,7 +8,7 @@ at ``target`` seconds; the trainer plans after a few timed steps, then plans aga
 the first real evaluation, and as step times drift on a shared machine), and stops at a step boundary if the end
 comes anyway.
 
-Re-planning on a shared machine (issue 18, item 10: a neighbour made steps 9-47x slower for 8 minutes; the plan fell
+Re-planning on a shared machine (a neighbour made steps 9-47x slower for 8 minutes; the plan fell
 from ~38,000 steps to 5,609 and grew back to 21,000, restarting the cosine): the speed is ``StepSpeed``, a median
 over the last ``SPEED_WINDOW_SHARE`` of the budget that believes a speed-up at once and a slowdown only once it
 lasts; ``next_total`` keeps the length while it moves less than ``REPLAN_TOLERANCE``, lengthens at once, and

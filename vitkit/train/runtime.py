@@ -39,7 +39,7 @@ def oversubscription(threads: int, load: float, cores: int | None = None, wait_p
     """A warning when other processes compete for the cores this process's ``threads`` intra-op threads use (a load
     average above the cores by more than one thread), else None.
 
-    Measured on a 2-core VM (issue 18, item 10): two processes of 2 threads each ran small matmuls 7-10x slower than
+    Measured on a 2-core VM: two processes of 2 threads each ran small matmuls 7-10x slower than
     one alone, not 2x: OpenMP threads spin-wait for a busy core. With ``OMP_WAIT_POLICY=PASSIVE`` they ran 2x slower
     (but one alone ran 2.2x slower than without it); with 1 thread each, 3x. Nothing to say with one thread, or with
     the passive policy set already."""
@@ -57,7 +57,7 @@ def runtime(cfg: TrainSection, device: torch.device, local_processes: int = 1) -
     """Set threads and (optionally) deterministic algorithms for the run; yields the thread count; restores both.
 
     Only what was changed is restored: ``torch.use_deterministic_algorithms`` imports torch._inductor (and sympy), and
-    a cleanup that imports must not run while a signal unwinds a half-finished import (issue 18, item 5)."""
+    a cleanup that imports must not run while a signal unwinds a half-finished import."""
     threads = cfg.threads or default_threads(local_processes)
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)

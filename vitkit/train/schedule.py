@@ -7,7 +7,7 @@ non-zero, then ``min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi * p))`` with ``p = (
 
 A time-budgeted run changes its length as the measured speed changes (``vitkit.train.budget``). After the warm-up,
 ``replanned`` lays out only the rest of the decay again, from the progress the current step has reached: the rate
-stays continuous and never rises, so a transient slowdown cannot restart the cosine (issue 18, item 10); restarting
+stays continuous and never rises, so a transient slowdown cannot restart the cosine; restarting
 a cosine from the current rate instead would keep the rate near its top at every re-plan, then drop it at the end.
 The decays laid out so far are ``segments`` (saved with the run state): the schedule stays a function of the step.
 """
