@@ -39,17 +39,18 @@ def oversubscription(threads: int, load: float, cores: int | None = None, wait_p
     """A warning when other processes compete for the cores this process's ``threads`` intra-op threads use (a load
     average above the cores by more than one thread), else None.
 
-    Measured on a 2-core VM: two processes of 2 threads each ran small matmuls 7-10x slower than
-    one alone, not 2x: OpenMP threads spin-wait for a busy core. With ``OMP_WAIT_POLICY=PASSIVE`` they ran 2x slower
-    (but one alone ran 2.2x slower than without it); with 1 thread each, 3x. Nothing to say with one thread, or with
-    the passive policy set already."""
+    Measured with ``(randn(128, 256) @ randn(256, 256)).relu_()`` × 20,000 per process, two 2-core AMD EPYC VMs
+    (AVX2): one process of 2 threads alone 2.4-2.6 s. Two processes of 2 threads each: 18-26 s each on one VM, 9.6 s
+    on the other (Zen 3): 3.7-10x the time alone, where sharing fairly would cost 2x: OpenMP threads spin-wait for a
+    busy core. With ``OMP_WAIT_POLICY=PASSIVE`` the two took 4.8-5.4 s (about 2x; but one alone then took 5.3-5.8 s);
+    with 1 thread each, 4.1-7.8 s. Nothing to say with one thread, or with the passive policy set already."""
     cores = cores or default_threads()
     if threads <= 1 or load <= cores + 1 or (wait_policy or "").strip().upper() == "PASSIVE":
         return None
     return (f"oversubscribed CPU: load average {load:.1f} on {cores} cores while this run uses {threads} threads: "
-            f"waiting OpenMP threads spin on busy cores, so steps get ~10x slower, not 2x. When runs share cores, "
+            f"waiting OpenMP threads spin on busy cores, so steps get 4-10x slower, not 2x. When runs share cores, "
             f"start each with OMP_WAIT_POLICY=PASSIVE (~2x; but ~2x slower on an idle machine) or set "
-            f"train.threads: 1 (~3x)")
+            f"train.threads: 1 (~2-3x)")
 
 
 @contextlib.contextmanager
