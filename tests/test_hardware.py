@@ -30,7 +30,8 @@ def test_probe_is_torch_onednn_check_on_this_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", sorted(hardware.CPU_KINDS))
-def test_simulated_cpu_kinds_drive_every_flag_and_name_themselves(kind):
+def test_simulated_cpu_kinds_drive_every_flag_and_name_themselves(kind, monkeypatch):
+    monkeypatch.delenv(hardware.CPU_KIND_ENV, raising=False)  # the suite may itself run under a simulated kind
     real_model = hardware.cpu_info()["model"]
     with hardware.simulate_cpu(kind):
         flags = hardware.cpu_flags()
