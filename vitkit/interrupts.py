@@ -13,11 +13,12 @@ import contextlib
 import signal
 from typing import Callable, Iterator
 
-__all__ = ["Aborted", "SIGNALS", "abort_on_signal", "first", "note", "reset"]
+__all__ = ["Aborted", "SIGNALS", "abort_on_signal", "first", "note", "pending", "reset"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _first: "Aborted | None" = None  # the first Aborted raised in this process since ``reset``
+_raised: "Aborted | None" = None  # the Aborted an ``abort_on_signal`` handler raised, while its block is open
 
 
 class Aborted(KeyboardInterrupt):
@@ -48,14 +49,24 @@ def first() -> Aborted | None:
     return _first
 
 
+def pending() -> None:
+    """Raise the noted interruption again if the code it was raised in swallowed it: a signal handled inside a weakref
+    or garbage-collection callback (importlib's module-lock callbacks during an import, for one) raises there, and
+    Python prints "Exception ignored in ..." and carries on. The command must stop all the same."""
+    if _raised is not None:
+        raise _raised
+
+
 @contextlib.contextmanager
 def abort_on_signal(describe: Callable[[str], str], after=None) -> Iterator[None]:
     """Inside the block, SIGINT/SIGTERM raise ``Aborted(describe(signal name))``; once one has, later signals are
     ignored. On exit the previous handlers come back, or ``after`` (``signal.SIG_IGN`` when the process is about to
     end: a signal then would only interrupt the interpreter's exit). Outside the main thread a no-op."""
     def handle(signum: int, frame) -> None:
+        global _raised
         if _first is None:
-            raise note(Aborted(describe(signal.Signals(signum).name), signum))
+            _raised = note(Aborted(describe(signal.Signals(signum).name), signum))
+            raise _raised
 
     previous = {}
     for s in SIGNALS:
@@ -65,6 +76,9 @@ def abort_on_signal(describe: Callable[[str], str], after=None) -> Iterator[None
             break
     try:
         yield
+        pending()  # a signal whose Aborted was swallowed: the block ran on, but the command stops now
     finally:
+        global _raised
+        _raised = None
         for s, handler in previous.items():
             signal.signal(s, handler if after is None else after)

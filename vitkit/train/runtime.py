@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from vitkit.interrupts import SIGNALS, Aborted, first, note
+from vitkit.interrupts import SIGNALS, Aborted, first, note, pending
 from vitkit.train.config import TrainSection
 
 __all__ = ["runtime", "default_threads", "autocast", "StopFlag", "Aborted", "process_age", "ignore_signals_in_worker",
@@ -129,6 +129,7 @@ class StopFlag:
                     "(Ctrl-C again to abort)", signal.Signals(signum).name)
 
     def __enter__(self) -> "StopFlag":
+        pending()  # a signal before training whose Aborted an import swallowed: stop before the first step
         for s in self.SIGNALS:
             try:
                 self._previous[s] = signal.signal(s, self._handle)
