@@ -13,7 +13,7 @@ from vitkit.bench.compare import compare_to_transformers, randomize_heads_, to_t
 from vitkit.bench.machine import GemmProbe, copy_bandwidth
 from vitkit.bench.runner import BenchSettings, benchmark, make_step, summarize
 from vitkit.cli.main import main
-from vitkit.models.vit_formats import from_hf, hf_keymap
+from vitkit.families.vit.formats import from_hf, hf_keymap
 from vitkit.weights.report import LoadReport
 
 from conftest import randomize_, require, skip_or_fail
@@ -174,7 +174,7 @@ def _forwards_during(argv: list[str]) -> list[tuple[bool, torch.dtype, torch.dty
     calls = []
 
     def hook(module, args, output):
-        if isinstance(module, vitkit.models.vit.VisionTransformer) and output.device.type != "meta":  # not FLOP counts
+        if isinstance(module, vitkit.families.vit.model.VisionTransformer) and output.device.type != "meta":  # not FLOP counts
             calls.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), output.dtype))
 
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
@@ -200,7 +200,7 @@ def test_bench_cli_compile_runs_the_compiled_model(capsys, eager_compile):
     conftest.eager_compile; the slow test below compiles with inductor)."""
     from torch._dynamo.utils import counters
     assert main(_cli("--compile")) == 0
-    assert len(eager_compile) == 1 and isinstance(eager_compile[0], vitkit.models.vit.VisionTransformer)
+    assert len(eager_compile) == 1 and isinstance(eager_compile[0], vitkit.families.vit.model.VisionTransformer)
     assert counters["frames"]["ok"] >= 1 and counters["stats"]["unique_graphs"] >= 1  # dynamo captured the model
     assert "compiled" in capsys.readouterr().out
 

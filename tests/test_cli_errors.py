@@ -37,14 +37,6 @@ class Case:
     loads_model: bool = False  # found only once the model is built: the load's info lines come first
 
 
-def _not_yet_registered() -> tuple[str, str] | None:
-    """(name prefix, label) of a family announced in the registry but not registered on this branch, if any is left
-    (families are merged one by one, so a fixed name would turn into a registered one)."""
-    from vitkit.registry import _COMING
-    return next(((p, label) for p, label in _COMING.items() if not vitkit.list_models(f"{p}*")), None)
-
-
-
 def _cifar_recipe(root: str) -> dict:
     return {**RECIPE, "data": {**RECIPE["data"], "name": "cifar10", "root": root}}
 
@@ -120,10 +112,6 @@ CASES: dict[str, Case] = {
     "a misspelt name: difflib": Case(("convert", "model", "out", "--model", "deit_tiny_patch16_244"),
                                      "did you mean deit_tiny_patch16_224"),
 }
-if (_coming := _not_yet_registered()) is not None:
-    CASES["family not in vitkit yet"] = Case(("eval", "--model", f"{_coming[0]}_tiny", "--set", "data.name=digits"),
-                                             f"the {_coming[1]} family is not in vitkit yet", absent="did you mean")
-
 
 def _setup(folder: Path, model_dir: Path) -> None:
     """The files the cases refer to, in every case's folder (each case gets its own copy)."""

@@ -10,14 +10,18 @@ import torch
 from torch import nn
 
 import vitkit
+from vitkit.config import ConfigError
+from vitkit.weights.report import CheckpointMismatchError
 from vitkit.bench.flops import count_macs, count_params
 from vitkit.layers import RecordsAttention
-from vitkit.models.base import FamilyModel, check_contract
-from vitkit.registry import register_family
+from vitkit.families import stats
+from vitkit.families.contract import Family, FamilyModel, check_contract
+from vitkit.registry import PreprocessConfig, register
 
 from conftest import max_diff, randomize_
 
 NAMES = vitkit.list_models()
+STATS = {name: entry for data in stats.read_all().values() for name, entry in data["variants"].items()}
 
 
 def _tiny(name: str, **extra) -> FamilyModel:
@@ -45,9 +49,14 @@ def test_size_matches_the_published_reference(name):
     assert ref is not None, f"{name}: the family registers no reference size for it"
     with torch.device("meta"):
         model = vitkit.create_model(name)
-    params_m, gmacs = count_params(model) / 1e6, count_macs(model) / 1e9
+    params, macs = count_params(model), count_macs(model)
+    params_m, gmacs = params / 1e6, macs / 1e9
     assert abs(params_m - ref.params_m) <= ref.params_tol, f"{params_m:.4f} M vs {ref.params_m} M ({ref.source})"
     assert math.isclose(gmacs, ref.gmacs, rel_tol=ref.macs_rtol), f"{gmacs:.4f} G vs {ref.gmacs} G ({ref.source})"
+    listed = STATS.get(name)  # what `vitkit models` prints without building the model
+    assert listed is not None and (listed["params"], listed["macs"], tuple(listed["input_size"])) == (
+        params, macs, tuple(model.data_cfg.input_size)), \
+        f"{name}: the family's stats.json says {listed}; run `python -m vitkit.bench.flops --update`"
 
 
 # ----------------------------------------------------------------------------------------------- tiny size
@@ -172,6 +181,90 @@ def test_another_input_size_builds_runs_and_loads(name, tmp_path):
     assert report.resized or report.notes, "the load report says nothing about the new input size"
 
 
+# -------------------------------------------------------------------------------------------------- backbone
+@pytest.mark.parametrize("name", NAMES)
+def test_feature_info_and_features_only(name, tmp_path):
+    """``feature_info`` (channels, reduction, module) describes exactly what ``features_only=True`` returns: NCHW
+    maps for every family, token models included; ``out_indices`` picks them (negative from the end)."""
+    model = _tiny(name)
+    info = model.feature_info
+    names = dict(model.named_modules())
+    assert info and all(entry["module"] in names for entry in info), info
+    folder = vitkit.save_pretrained(model, tmp_path / "m")
+    every = list(range(len(info)))
+    backbone = vitkit.create_model(name, pretrained=folder, features_only=True, out_indices=every).eval()
+    x = _input(model)
+    with torch.no_grad():
+        maps = backbone(x)
+    H, W = x.shape[-2:]
+    assert len(maps) == len(info)
+    for entry, m in zip(info, maps):
+        assert m.ndim == 4 and m.shape[:2] == (x.shape[0], entry["num_chs"]), (entry, m.shape)
+        assert m.shape[-2] == H // entry["reduction"] or m.shape[-2] == -(-H // entry["reduction"]), (entry, m.shape)
+    last = vitkit.create_model(name, pretrained=folder, features_only=True, out_indices=[-1]).eval()
+    with torch.no_grad():
+        assert torch.equal(last(x)[0], maps[-1])
+    assert last.feature_info == [info[-1]]
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, torch.Tensor]]:
+    """Bytes of the tensors autograd keeps for the backward pass of one step, and the gradients of that step."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    model.train()
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+        loss = (out[0] if isinstance(out, tuple) else out).square().mean()
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return sum(saved), grads
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grad_checkpointing_keeps_gradients_and_saves_memory(name):
+    """``set_grad_checkpointing(True)`` gives the same gradients (dropout and drop-path replayed) while autograd
+    keeps fewer activation bytes; ``False`` restores the plain forward."""
+    try:
+        model = _tiny(name, drop_path_rate=0.1)
+    except ConfigError:  # a family whose stochastic depth is set otherwise (per stage, or another name)
+        model = _tiny(name)
+    x = _input(model)
+    plain_bytes, plain = _saved_bytes(model, x)
+    model.set_grad_checkpointing(True)
+    ckpt_bytes, ckpt = _saved_bytes(model, x)
+    assert plain.keys() == ckpt.keys()
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    assert ckpt_bytes < plain_bytes, (ckpt_bytes, plain_bytes)
+    model.set_grad_checkpointing(False)
+    assert _saved_bytes(model, x)[0] == plain_bytes
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_in_chans_adapts_the_first_layer_of_rgb_weights(name, tmp_path):
+    """RGB weights loaded with ``in_chans=1`` answer a grey image as the RGB model answers it in three equal
+    channels; with ``in_chans=6`` (RGB repeated twice, scaled by 3/6: timm's ``adapt_input_conv``), six equal
+    channels as three."""
+    model = _tiny(name, num_classes=4)
+    folder = vitkit.save_pretrained(model, tmp_path / "rgb")
+    if type(model).fixed_input_channels:  # a family that says why it cannot: refused, with the reason
+        with pytest.raises(CheckpointMismatchError, match="input channels"):
+            vitkit.create_model(name, pretrained=folder, in_chans=1)
+        return
+    grey = _input(model)[:, :1]
+    reference = _logits(model, grey.expand(-1, 3, -1, -1))
+    for chans in (1, 6):
+        adapted = vitkit.create_model(name, pretrained=folder, in_chans=chans)
+        assert any("input channels" in n for n in adapted.load_report.notes), adapted.load_report.notes
+        torch.testing.assert_close(_logits(adapted, grey.expand(-1, chans, -1, -1)), reference, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_torch_compile(name):
@@ -184,7 +277,7 @@ def test_torch_compile(name):
 
 # ------------------------------------------------------------------------------------------ the contract itself
 def test_a_family_missing_a_piece_fails_at_registration():
-    from vitkit.models.vit import VisionTransformer
+    from vitkit.families.vit.model import VisionTransformer
 
     class NoLayerIds(VisionTransformer):
         layer_id = None  # removes an abstract method's implementation
@@ -199,7 +292,7 @@ def test_a_family_missing_a_piece_fails_at_registration():
     with pytest.raises(TypeError, match="Incomplete does not meet the family contract: classifiers"):
         check_contract(Incomplete)
     with pytest.raises(TypeError, match="must derive from"):
-        register_family("zz", nn.Linear, {}, {})
+        register(Family("zz", "ZZ", "", nn.Linear, {}, PreprocessConfig()))
     assert "zz" not in vitkit.registry.list_families()
 
 

@@ -7,13 +7,19 @@ repository and commit, and the generator script):
 
 | family | source | reference | official code |
 | --- | --- | --- | --- |
-| ViT | jax (vit_jax) | data/jax/reference_16px.npz | vit_jax/checkpoint.py load_pretrained + the JAX model |
-| ViT | jax (big_vision) | data/jax/reference_16px.npz | big_vision/models/vit.py load + the big_vision model |
-| ViT | timm, vitkit | data/vit/timm_vit_tiny_shrunk | vit_jax interpolate_posembed, then timm's model |
-| DeiT | official, timm, vitkit | data/deit/official_deit_tiny_distilled_shrunk | deit main.py --finetune block |
-| BEiT | official, timm, vitkit | data/beit/resize_160_io.safetensors | unilm run_class_finetuning.py loading block |
-| T2T-ViT | official, vitkit | data/t2t_vit/performer_64/resize_96_official.safetensors | utils.load_for_transfer_learning |
+| ViT | jax (vit_jax) | families/vit/data/jax/reference_16px.npz | vit_jax/checkpoint.py load_pretrained + the JAX model |
+| ViT | jax (big_vision) | families/vit/data/jax/reference_16px.npz | big_vision/models/vit.py load + the big_vision model |
+| ViT | timm, vitkit | families/vit/data/timm_vit_tiny_shrunk | vit_jax interpolate_posembed, then timm's model |
+| DeiT | official, timm, vitkit | families/deit/data/official_deit_tiny_distilled_shrunk | deit main.py --finetune block |
+| BEiT | official, timm, vitkit | families/beit/data/resize_160_io.safetensors | unilm run_class_finetuning.py loading block |
+| T2T-ViT | official, vitkit | families/t2t_vit/data/performer_64/resize_96_official.safetensors | utils.load_for_transfer_learning |
 | ViT, DeiT, BEiT | hf | built here | transformers' forward with interpolate_pos_encoding=True |
+
+MobileViT has no position table; at another size its blocks resize feature maps that are not multiples of the patch
+(bilinear, align_corners=False, to the next multiple and back), the same in the three sources' code, which the load
+report names. Those cases are in test_mobilevit.py: official (families/mobilevit/data/official_shrunk_io.safetensors,
+ml-cvnets), timm (families/mobilevit/data/timm_shrunk_io.safetensors, and the golden timm_mobilevit_xxs at 200x200 and 256x160:
+families/mobilevit/data/timm_golden_xxs_resize_logits.safetensors; timm 1.0.31 mobilevit.py), transformers (the twin at 100x72).
 
 A vitkit folder has no resize code of its own: it follows the family's official code, so its cases reuse the
 references of the official (or, for ViT, the timm) case. Every case is also loaded with each other scheme, which must
@@ -37,8 +43,8 @@ from vitkit.registry import get_spec
 
 from conftest import eval_forward, golden_close, max_diff, randomize_
 
-DATA = Path(__file__).parent / "data"
-JAX_FIXTURES = json.loads((DATA / "jax" / "fixtures.json").read_text())["fixtures"]
+DATA = Path(__file__).parent / "families"  # every case's files are under its family's data folder
+JAX_FIXTURES = json.loads((DATA / "vit" / "data" / "jax" / "fixtures.json").read_text())["fixtures"]
 VIT_JAX = "google-research/vision_transformer vit_jax/checkpoint.py@c6de1e5"
 BIG_VISION = "google-research/big_vision big_vision/models/vit.py@0127fb6"
 DEIT = "facebookresearch/deit main.py@7e160fe"
@@ -54,11 +60,11 @@ T2T_KW = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, token_dim=16, q
 class Case:
     model: str
     format: str
-    checkpoint: str  # under tests/data; "vitkit:<case>" = that case's file saved by vitkit at its own size; "hf"
+    checkpoint: str  # under tests/families; "vitkit:<case>" = that case's file saved by vitkit at its own size; "hf"
     small: int  # the checkpoint's input size
     size: int  # the size it is loaded at
     kwargs: dict
-    reference: tuple[str, str, str]  # (file under tests/data, pixels key, logits key)
+    reference: tuple[str, str, str]  # (file under tests/families, pixels key, logits key)
     source: str  # what every resized line of the report names
     scheme: str  # the absolute table's scheme ("" when the model has no absolute table)
     rel_pos: str = ""  # the relative-position tables' method, when the model has them
@@ -67,21 +73,22 @@ class Case:
 
 def _jax(name: str) -> Case:
     big = name.startswith("big_vision")
-    return Case("vit_tiny_patch16_224", "jax", f"jax/{name}.npz", 8, 16, JAX_FIXTURES[name]["kwargs"],
-                ("jax/reference_16px.npz", "pixel_values", f"{name}/logits"), BIG_VISION if big else VIT_JAX,
+    return Case("vit_tiny_patch16_224", "jax", f"vit/data/jax/{name}.npz", 8, 16, JAX_FIXTURES[name]["kwargs"],
+                ("vit/data/jax/reference_16px.npz", "pixel_values", f"{name}/logits"), BIG_VISION if big else VIT_JAX,
                 "zoom_linear")
 
 
-_VIT_TIMM = Case("vit_tiny_patch16_224", "timm", "vit/timm_vit_tiny_shrunk/model.safetensors", 64, 96, SHRUNK,
-                 ("vit/timm_vit_tiny_shrunk/io.safetensors", "pixel_values_96", "logits_96"), VIT_JAX, "zoom_linear")
-_DEIT = Case("deit_tiny_distilled_patch16_224", "official", "deit/official_deit_tiny_distilled_shrunk/checkpoint.pth",
-             64, 96, SHRUNK, ("deit/official_deit_tiny_distilled_shrunk/io.safetensors", "pixel_values_96",
-                              "logits_96"), DEIT, "bicubic")
-_BEIT_IO = "beit/resize_160_io.safetensors"
-_BEIT = Case("beit_base_patch16_224", "official", "beit/finetuned_abs_112.pth", 112, 160, BEIT_SHRUNK,
+_VIT_TIMM = Case("vit_tiny_patch16_224", "timm", "vit/data/timm_vit_tiny_shrunk/model.safetensors", 64, 96, SHRUNK,
+                 ("vit/data/timm_vit_tiny_shrunk/io.safetensors", "pixel_values_96", "logits_96"), VIT_JAX,
+                 "zoom_linear")
+_DEIT_CASE = "deit/data/official_deit_tiny_distilled_shrunk"
+_DEIT = Case("deit_tiny_distilled_patch16_224", "official", f"{_DEIT_CASE}/checkpoint.pth", 64, 96, SHRUNK,
+             (f"{_DEIT_CASE}/io.safetensors", "pixel_values_96", "logits_96"), DEIT, "bicubic")
+_BEIT_IO = "beit/data/resize_160_io.safetensors"
+_BEIT = Case("beit_base_patch16_224", "official", "beit/data/finetuned_abs_112.pth", 112, 160, BEIT_SHRUNK,
              (_BEIT_IO, "pixel_values_160", "abs_logits_160"), UNILM, "bicubic", rel_pos="geometric")
-_T2T = Case("t2t_vit_7", "official", "t2t_vit/performer_64/checkpoint.pth.tar", 64, 96, T2T_KW,
-            ("t2t_vit/performer_64/resize_96_official.safetensors", "", "logits_96"), T2T, "bicubic")
+_T2T = Case("t2t_vit_7", "official", "t2t_vit/data/performer_64/checkpoint.pth.tar", 64, 96, T2T_KW,
+            ("t2t_vit/data/performer_64/resize_96_official.safetensors", "", "logits_96"), T2T, "bicubic")
 _HF_KW = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96, image_size=48,
               patch_size=16, num_labels=5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
@@ -93,15 +100,14 @@ CASES = {
     "vit-hf": Case("vit_tiny_patch16_224", "hf", "hf", 48, 80, {}, ("", "", ""), HF.format("vit"), "bicubic",
                    hf=_HF_KW),
     "deit-official": _DEIT,
-    "deit-timm": dataclasses.replace(_DEIT, format="timm",
-                                     checkpoint="deit/official_deit_tiny_distilled_shrunk/model.safetensors"),
+    "deit-timm": dataclasses.replace(_DEIT, format="timm", checkpoint=f"{_DEIT_CASE}/model.safetensors"),
     "deit-vitkit": dataclasses.replace(_DEIT, format="vitkit", checkpoint="vitkit:deit-official"),
     "deit-hf": Case("deit_tiny_distilled_patch16_224", "hf", "hf", 48, 80, {}, ("", "", ""), HF.format("deit"),
                     "bicubic", hf=_HF_KW),
-    "beit-official-rel-only": dataclasses.replace(_BEIT, checkpoint="beit/finetuned_112.pth", scheme="",
+    "beit-official-rel-only": dataclasses.replace(_BEIT, checkpoint="beit/data/finetuned_112.pth", scheme="",
                                                   reference=(_BEIT_IO, "pixel_values_160", "finetuned_logits_160")),
     "beit-official": _BEIT,
-    "beit-timm": dataclasses.replace(_BEIT, format="timm", checkpoint="beit/finetuned_abs_112.safetensors"),
+    "beit-timm": dataclasses.replace(_BEIT, format="timm", checkpoint="beit/data/finetuned_abs_112.safetensors"),
     "beit-vitkit": dataclasses.replace(_BEIT, format="vitkit", checkpoint="vitkit:beit-official"),
     "beit-hf": Case("beit_base_patch16_224", "hf", "hf", 48, 80, {}, ("", "", ""), HF.format("beit"), "bicubic",
                     rel_pos="bilinear", hf=dict(_HF_KW, use_absolute_position_embeddings=True,
@@ -140,7 +146,7 @@ class _Made:
         file, pixels, logits = case.reference
         io = dict(np.load(DATA / file)) if file.endswith(".npz") else load_file(str(DATA / file))
         if not pixels:  # the T2T reference ran on performer_64's own 96-px pixels
-            pixels, io = "pixel_values_96", {**io, **load_file(str(DATA / "t2t_vit/performer_64/io.safetensors"))}
+            pixels, io = "pixel_values_96", {**io, **load_file(str(DATA / "t2t_vit/data/performer_64/io.safetensors"))}
         return torch.as_tensor(io[pixels]).float(), torch.as_tensor(io[logits])
 
     def _hf(self, name: str, case: Case):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 import vitkit
 from vitkit.config import ConfigError
-from vitkit.models.vit import VisionTransformer
-from vitkit.registry import PreprocessConfig, register_family
+from vitkit.families.vit.model import VisionTransformer
+from vitkit.families.contract import Family
+from vitkit.registry import PreprocessConfig, register
 
 # ViT paper Table 1 (B, L, H) and DeiT Table 1 / AugReg (Ti, S): width, depth, heads
 SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
@@ -20,7 +22,8 @@ def test_list_models_sorted_and_filtered():
     names = vitkit.list_models()
     assert names == sorted(names) and len(names) == len(set(names))
     vit, deit = vitkit.list_models("vit_*"), vitkit.list_models("deit_*")
-    assert len(vit) == 35 and len(deit) == 12  # 5 sizes x patches {8,14,16,32} x {224,384} where 384 % P == 0; DeiT 6+6
+    # 5 sizes x patches {8,14,16,32} x {224,384} where 384 % P == 0, and R50+ViT-B/16 at 224 and 384; DeiT 6+6
+    assert len(vit) == 37 and len(deit) == 12
     assert set(vit) | set(deit) <= set(names)
     assert vitkit.list_models("deit*distilled*") == [n for n in deit if "distilled" in n]
     assert vitkit.list_models("nothing_like_this*") == []
@@ -29,7 +32,11 @@ def test_list_models_sorted_and_filtered():
     assert "vit_base_patch14_384" not in names  # 384 is not a multiple of 14
 
 
-@pytest.mark.parametrize("name", vitkit.list_models("vit_*") + vitkit.list_models("deit_*"))
+HYBRIDS = vitkit.list_models("vit_*_r50_*")
+
+
+@pytest.mark.parametrize("name", [n for n in vitkit.list_models("vit_*") if n not in HYBRIDS]
+                         + vitkit.list_models("deit_*"))
 def test_variant_table_agrees_with_its_name(name):
     m = re.fullmatch(r"(vit|deit)_(tiny|small|base|large|huge)(_distilled)?_patch(\d+)_(\d+)", name)
     assert m, f"{name} does not follow timm's naming"
@@ -49,6 +56,23 @@ def test_variant_table_agrees_with_its_name(name):
         assert spec.data_cfg.mean == (0.485, 0.456, 0.406) and spec.data_cfg.std == (0.229, 0.224, 0.225)
         assert spec.data_cfg.crop_pct == (0.875 if res == "224" else 1.0)
     assert spec.data_cfg.interpolation == "bicubic" and spec.data_cfg.channel_order == "RGB"
+
+
+@pytest.mark.parametrize("name", HYBRIDS)
+def test_hybrid_table_agrees_with_its_name(name):
+    """timm's names for R50+ViT-B/16: ViT-B on the 1/16 feature map ("s16") of ResNet-50's root and (3, 4, 9) units
+    (vit_jax configs/models.py get_r50_b16_config), 1x1 patches; Google's preprocessing."""
+    m = re.fullmatch(r"vit_base_r50_s16_(\d+)", name)
+    assert m, f"{name} does not follow timm's naming"
+    spec = vitkit.get_spec(name)
+    cfg, res = spec.config, int(m[1])
+    assert spec.family == "vit" and (cfg["embed_dim"], cfg["depth"], cfg["num_heads"]) == SIZES["base"]
+    assert cfg["patch_size"] == 1 and cfg["img_size"] == res and tuple(cfg["resnet"]["num_layers"]) == (3, 4, 9)
+    with torch.device("meta"):
+        model = vitkit.create_model(name)
+    assert model.patch_embed.backbone.stride * cfg["patch_size"] == 16
+    assert spec.data_cfg.mean == spec.data_cfg.std == (0.5, 0.5, 0.5) and spec.data_cfg.input_size == (3, res, res)
+    assert spec.data_cfg.crop_pct == (0.9 if res == 224 else 1.0)
 
 
 def test_unknown_name_suggests_close_matches():
@@ -77,11 +101,9 @@ def test_num_classes_and_img_size_arguments():
 def test_registration_rejects_duplicates_and_bad_tables():
     cfg = PreprocessConfig()
     with pytest.raises(ValueError, match="registered twice"):
-        register_family("vit", VisionTransformer, {"vit_tiny_patch16_224": dict(embed_dim=192)},
-                        {"vit_tiny_patch16_224": cfg})
+        register(Family("zz", "ZZ", "", VisionTransformer, {"vit_tiny_patch16_224": dict(embed_dim=192)}, cfg))
     with pytest.raises(ConfigError, match="depth"):
-        register_family("vit", VisionTransformer, {"zz_broken_variant": dict(depth="12")},
-                        {"zz_broken_variant": cfg})
+        register(Family("zz", "ZZ", "", VisionTransformer, {"zz_broken_variant": dict(depth="12")}, cfg))
     assert "zz_broken_variant" not in vitkit.list_models()
 
 

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -295,6 +296,37 @@ def test_runtime_cleanup_imports_nothing_it_did_not_need():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", torch_threads]  # nothing imported; the thread count restored
+
+
+def test_a_signal_raised_in_a_weakref_callback_prints_no_traceback():
+    """The real swallowing path: the handler's Aborted raised inside a weakref callback goes to
+    ``sys.unraisablehook``, which Python would print as "Exception ignored in ... Traceback"; inside
+    ``abort_on_signal`` it prints nothing, and the block ends with the interruption. Any other unraisable exception
+    is still printed."""
+    code = textwrap.dedent("""
+        import os, signal, sys, weakref
+        from vitkit import interrupts
+
+        class Thing:
+            pass
+
+        def callback(ref):
+            os.kill(os.getpid(), signal.SIGINT)  # delivered while the callback runs
+
+        def other(ref):
+            raise ValueError("an unrelated unraisable error")
+
+        try:
+            with interrupts.abort_on_signal(lambda name: f"stopped by {name}"):
+                t = Thing(); r = weakref.ref(t, callback); del t
+                u = Thing(); q = weakref.ref(u, other); del u
+                print("ran on", flush=True)
+        except interrupts.Aborted as e:
+            print("stopped:", e, flush=True)
+        """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.splitlines() == ["ran on", "stopped: stopped by SIGINT"], out
+    assert "Aborted" not in out.stderr and "ValueError: an unrelated unraisable error" in out.stderr, out.stderr
 
 
 def test_a_signal_whose_exception_was_swallowed_still_stops_the_command():

@@ -119,7 +119,7 @@ def _micro_batches_per_step(recipe_dict: dict, run: Path) -> list[list[int]]:
     steps: list[list[int]] = [[]]
 
     def forward(module, args, output):
-        if isinstance(module, vitkit.models.vit.VisionTransformer) and module.training:
+        if isinstance(module, vitkit.families.vit.model.VisionTransformer) and module.training:
             steps[-1].append(args[0].shape[0])
 
     def stepped(optimizer, args, kwargs):
@@ -432,7 +432,7 @@ def _train_recording_forwards(recipe_dict: dict, run: Path) -> tuple[list[tuple]
     calls: list[tuple] = []
 
     def hook(module, args, output):
-        if isinstance(module, (nn.Linear, vitkit.models.vit.VisionTransformer)) and isinstance(output, torch.Tensor):
+        if isinstance(module, (nn.Linear, vitkit.families.vit.model.VisionTransformer)) and isinstance(output, torch.Tensor):
             calls.append((type(module).__name__, module.training, torch.is_autocast_enabled("cpu"),
                           torch.get_autocast_dtype("cpu"), output.dtype))
 
@@ -471,7 +471,7 @@ def test_train_compile_trains_through_the_compiled_model(tmp_path, eager_compile
     here, see conftest.eager_compile; the slow test below compiles with inductor)."""
     from torch._dynamo.utils import counters
     train(recipe(train={"compile": True, "steps": 3, "eval_every": 3}), tmp_path / "compiled")
-    assert len(eager_compile) == 1 and isinstance(eager_compile[0], vitkit.models.vit.VisionTransformer)
+    assert len(eager_compile) == 1 and isinstance(eager_compile[0], vitkit.families.vit.model.VisionTransformer)
     assert counters["frames"]["ok"] >= 1 and counters["stats"]["unique_graphs"] >= 1  # dynamo ran the steps
     train(recipe(train={"steps": 3, "eval_every": 3}), tmp_path / "eager")
     a, b = weights(tmp_path / "compiled"), weights(tmp_path / "eager")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 from typing import Callable, Iterator
 
 __all__ = ["Aborted", "SIGNALS", "abort_on_signal", "first", "note", "pending", "reset"]
@@ -74,11 +75,24 @@ def abort_on_signal(describe: Callable[[str], str], after=None) -> Iterator[None
             previous[s] = signal.signal(s, handle)
         except ValueError:  # not the main thread
             break
+    hook = sys.unraisablehook
+    sys.unraisablehook = _quiet(hook)
     try:
         yield
         pending()  # a signal whose Aborted was swallowed: the block ran on, but the command stops now
     finally:
         global _raised
         _raised = None
+        sys.unraisablehook = hook
         for s, handler in previous.items():
             signal.signal(s, handler if after is None else after)
+
+
+def _quiet(hook):
+    """``sys.unraisablehook`` that says nothing of the Aborted a handler raised inside a callback whose exception
+    Python swallows ("Exception ignored in ..."): ``pending`` raises it again, and the command reports it in its one
+    line. Anything else goes to ``hook``."""
+    def quiet(args) -> None:
+        if not (isinstance(args.exc_value, Aborted) and args.exc_value is _raised):
+            hook(args)
+    return quiet

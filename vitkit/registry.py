@@ -1,10 +1,10 @@
 """The model registry: variant name → family, model class, config, preprocessing, checkpoint formats; ``create_model``;
 and vitkit's own model folders (``save_pretrained`` / ``load_model``).
 
-Families are discovered, not listed: every module of ``vitkit.models`` is imported once, and each family module calls
-``register_family`` with its variant table (plain data), its data configs, its checkpoint formats (owned by its
-converter module), its named public weights, a tiny configuration for tests and a reference table of published
-sizes. Registration checks the family contract (``vitkit.models.base.check_contract``) and validates every variant's
+Families are discovered, not listed: every folder of ``vitkit.families`` is imported once, and each declares a
+``Family`` (``FAMILY`` in its ``__init__.py``) with its variant table (plain data), its data configs, its checkpoint
+formats (owned by its ``formats`` module), its named public weights, a tiny configuration for tests and a reference
+table of published sizes. Registration checks the family contract (``vitkit.families.contract.check_contract``) and validates every variant's
 config, so a broken family fails at import, not at build time.
 
 ``create_model`` validates overrides against the family's config dataclass before anything is built, reads a
@@ -23,11 +23,12 @@ import logging
 import os
 import pkgutil
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping, Sequence
 
 from torch import nn
 
 from vitkit.config import ConfigError, config_diff, from_dict, to_dict
+from vitkit.families.contract import Family
 from vitkit.layers.pos_embed import POS_EMBED_RESIZES, get_pos_embed_resize
 from vitkit.layers.pos_embed_rel import RESIZE_METHODS
 from vitkit.specs import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, ModelSpec, PreprocessConfig,
@@ -37,50 +38,43 @@ from vitkit.weights.adapt import finish_load
 from vitkit.weights.io import follow_umask, read_raw
 from vitkit.weights.report import CheckpointError, CheckpointMismatchError, LoadReport
 
-__all__ = ["PreprocessConfig", "WeightSpec", "ModelSpec", "Reference", "SourceFormat", "register_family",
+__all__ = ["PreprocessConfig", "WeightSpec", "ModelSpec", "Reference", "SourceFormat",
            "list_models", "list_families", "get_spec", "create_model", "save_pretrained", "load_model",
            "infer_variant", "all_formats", "IMAGENET_MEAN", "IMAGENET_STD", "INCEPTION_MEAN", "INCEPTION_STD"]
 
 log = logging.getLogger(__name__)
 
 _REGISTRY: dict[str, ModelSpec] = {}
+_FAMILIES: dict[str, Family] = {}
 _loaded = False
 
 
-def register_family(family: str, model_cls: type, variants: Mapping[str, dict[str, Any]],
-                    data_cfgs: Mapping[str, PreprocessConfig] | PreprocessConfig, *,
-                    formats: tuple[SourceFormat, ...] = (), weights: Mapping[str, WeightSpec] | None = None,
-                    references: Mapping[str, Reference] | None = None,
-                    tiny: dict[str, Any] | Callable[[str, dict[str, Any]], dict[str, Any]] | None = None,
-                    train_defaults: Mapping[str, dict[str, Any]] | None = None, paper: str = "",
-                    resize: Mapping[str, ResizeRule] | None = None, resize_choices: tuple[str, ...] = ()) -> None:
-    """Register every ``name → config overrides`` entry of a family's variant table.
+def register(family: Family) -> None:
+    """Register every variant of a family's declaration (``FAMILY`` in its folder's ``__init__.py``).
 
-    ``data_cfgs``: per variant (or one for all), sized by the variant's ``img_size``. ``formats``: the checkpoint
-    formats the family reads, most specific signature first. ``tiny``: overrides (or ``f(name, config) → overrides``)
-    that make a variant small enough for a forward and backward pass in the test suite. ``train_defaults``: per
-    variant, recipe values its official fine-tuning uses (e.g. BEiT's layer-wise learning-rate decay), applied under
-    any recipe that does not set them. ``resize``: source (format name, or ``format/origin``) → how that source's code
-    resizes position tables for another input size; ``resize_choices``: the schemes ``create_model(pos_embed_resize=)``
-    may pick instead. Contract and configs are checked now; nothing is registered if one entry is bad.
+    The model class must meet the family contract and every variant's config must validate, so a broken family fails
+    when it is read, not at build time; nothing is registered if one entry is bad.
     """
-    from vitkit.models.base import check_contract
-    check_contract(model_cls)
-    _check_resize(family, resize or {}, resize_choices)
+    from vitkit.families.contract import check_contract
+    for cls in {family.model_cls, *family.model_classes.values()}:
+        check_contract(cls)
+    _check_resize(family.name, family.resize, family.resize_choices)
     specs = []
-    for name, cfg in variants.items():
+    for name, cfg in family.variants.items():
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        from_dict(model_cls.config_cls, dict(cfg), where=name)  # fail at import on a bad table entry
-        data_cfg = data_cfgs if isinstance(data_cfgs, PreprocessConfig) else data_cfgs[name]
-        img_size = cfg.get("img_size", _field_default(model_cls.config_cls, "img_size"))
-        tiny_cfg = tiny(name, dict(cfg)) if callable(tiny) else dict(tiny or {})
-        specs.append(ModelSpec(name, family, model_cls, dict(cfg), data_cfg.with_size(img_size),
-                               (weights or {}).get(name), paper, tuple(formats), (references or {}).get(name),
-                               tiny_cfg, dict((train_defaults or {}).get(name, {})), dict(resize or {}),
-                               tuple(resize_choices)))
+        cls = family.model_class(name)
+        from_dict(cls.config_cls, dict(cfg), where=name)  # fail on a bad table entry
+        data_cfg = family.data_cfgs if isinstance(family.data_cfgs, PreprocessConfig) else family.data_cfgs[name]
+        img_size = cfg.get("img_size", _field_default(cls.config_cls, "img_size"))
+        tiny_cfg = family.tiny(name, dict(cfg)) if callable(family.tiny) else dict(family.tiny or {})
+        specs.append(ModelSpec(name, family.name, cls, dict(cfg), data_cfg.with_size(img_size),
+                               family.weights.get(name), family.paper, tuple(family.formats),
+                               family.references.get(name), tiny_cfg, dict(family.train_defaults.get(name, {})),
+                               dict(family.resize), tuple(family.resize_choices)))
     for spec in specs:
         _REGISTRY[spec.name] = spec
+    _FAMILIES[family.name] = family
 
 
 def _check_resize(family: str, resize: Mapping[str, ResizeRule], choices: tuple[str, ...]) -> None:
@@ -98,15 +92,19 @@ def _field_default(cls: type, name: str) -> Any:
 
 
 def _ensure_loaded() -> None:
-    """Import every module of ``vitkit.models`` once; family modules register themselves on import."""
+    """Read every family folder's declaration (``vitkit.families.<name>.FAMILY``) once, parents first."""
     global _loaded
     if _loaded:
         return
     _loaded = True
-    import vitkit.models as models
-    for info in sorted(pkgutil.iter_modules(models.__path__), key=lambda m: m.name):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"vitkit.models.{info.name}")
+    import vitkit.families as families
+    declared = {}
+    for info in sorted(pkgutil.iter_modules(families.__path__), key=lambda m: m.name):
+        if info.ispkg:
+            family = importlib.import_module(f"vitkit.families.{info.name}").FAMILY
+            declared[family.name] = family
+    for family in sorted(declared.values(), key=lambda f: f.parent is not None):
+        register(family)
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -121,27 +119,9 @@ def list_families() -> list[str]:
     return sorted({s.family for s in _REGISTRY.values()})
 
 
-# Families being added (DESIGN.md), by the prefix of their timm-style names: a name of one of them that is not
-# registered is "not in vitkit yet", not a misspelt ViT.
-_COMING = {"swin": "Swin", "pvt": "PVT", "cvt": "CvT", "dat": "DAT", "beit": "BEiT", "cct": "CCT", "t2t": "T2T-ViT",
-           "mobilevit": "MobileViT"}
-
-
-def _coming_family(name: str) -> str | None:
-    for prefix, label in _COMING.items():
-        if name.lower().startswith(prefix) and not any(n.startswith(prefix) for n in _REGISTRY):
-            return label
-    return None
-
-
 def get_spec(name: str) -> ModelSpec:
     _ensure_loaded()
     if name not in _REGISTRY:
-        coming = _coming_family(name)
-        if coming:
-            raise ValueError(f"unknown model {name!r}: the {coming} family is not in vitkit yet (registered families: "
-                             f"{', '.join(sorted({s.family for s in _REGISTRY.values()}))}; `vitkit models` lists "
-                             f"the variants)")
         raise ValueError(f"unknown model {name!r}; {_suggest(name)}")
     return _REGISTRY[name]
 
@@ -221,7 +201,8 @@ def _check_arguments(spec: ModelSpec, explicit: dict[str, Any]) -> None:
 
 def create_model(name: str, pretrained: str | bool | None = None, num_classes: int | None = None,
                  img_size: int | tuple[int, int] | None = None, *, checkpoint_key: str | None = None,
-                 pos_embed_resize: str | None = None, **overrides: Any) -> nn.Module:
+                 pos_embed_resize: str | None = None, features_only: bool = False,
+                 out_indices: Sequence[int] | None = None, **overrides: Any) -> nn.Module:
     """Build a registered variant, optionally loading weights from a checkpoint in any supported format.
 
     ``num_classes`` different from the checkpoint's head gives a new zero-initialised head (the ViT paper's
@@ -229,10 +210,15 @@ def create_model(name: str, pretrained: str | bool | None = None, num_classes: i
     tables. Every such change is logged and kept in ``model.load_report``. ``checkpoint_key`` picks the state dict of
     a release file that holds several (e.g. ``"state_dict"`` instead of the EMA weights ``"state_dict_ema"`` that
     T2T-ViT's evaluation loads by default; ``vitkit.weights.unwrap``). Position tables are resized the way the
-    checkpoint's source code does it (``register_family(resize=)``, named in the report); ``pos_embed_resize`` picks
-    another scheme for the absolute table (e.g. ``"bicubic_antialias"``, timm's filter; ``"sinusoid"`` for T2T-ViT).
+    checkpoint's source code does it (the family's ``Family.resize``, named in the report); ``pos_embed_resize`` picks
+    another scheme for the absolute table (e.g. ``"bicubic_antialias"``, timm's filter; ``"sinusoid"`` for a
+    sinusoid table). ``features_only=True`` returns a backbone (``vitkit.families.backbone.FeatureExtractor``) whose
+    forward gives the (B, C, H, W) maps of ``out_indices`` (blocks or stages; timm's defaults when None). An
+    ``in_chans`` other than the checkpoint's fits its first layer's weights as timm's ``adapt_input_conv`` does.
     """
     spec = get_spec(name)
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices chooses the maps of a backbone: pass features_only=True with it")
     if checkpoint_key is not None and not pretrained:
         raise ValueError(f"checkpoint_key={checkpoint_key!r} needs a checkpoint: pass pretrained=")
     check_pos_embed_resize(spec, pos_embed_resize, bool(pretrained))
@@ -243,9 +229,10 @@ def create_model(name: str, pretrained: str | bool | None = None, num_classes: i
         explicit["img_size"] = img_size
     _check_arguments(spec, explicit)  # names a bad argument before any checkpoint is read
     loaded = None
-    if pretrained is True:
+    if pretrained is True:  # the catalog's named weights: the file, and the entry of it that was released
         from vitkit.weights.hub import resolve_pretrained
         pretrained = resolve_pretrained(spec)
+        checkpoint_key = checkpoint_key if checkpoint_key is not None else spec.weights.checkpoint_key
     if pretrained:
         loaded = read_checkpoint(pretrained, spec, all_formats(), key=checkpoint_key)
         _check_hints(spec, loaded.config_hints, os.fspath(pretrained))
@@ -261,6 +248,9 @@ def create_model(name: str, pretrained: str | bool | None = None, num_classes: i
     if loaded is not None:
         loaded.report.resize = _resize_rule(spec, loaded.report, pos_embed_resize)
         _load_into(model, loaded, hints, spec)
+    if features_only:
+        from vitkit.families.backbone import FeatureExtractor
+        return FeatureExtractor(model, out_indices)
     return model
 
 
@@ -305,7 +295,7 @@ def _load_into(model: nn.Module, loaded: Loaded, hints: dict[str, Any], spec: Mo
             report.notes.append(f"config {k}={v!r} taken from the checkpoint")
     report.source_config = dict(loaded.config_hints)  # what the checkpoint itself was built for (e.g. its img_size)
     finish_load(model, loaded.state_dict, report)
-    if loaded.class_names and len(loaded.class_names) == getattr(model, "num_classes", -1):
+    if loaded.class_names and len(loaded.class_names) == model.num_classes:
         model.class_names = list(loaded.class_names)
     if loaded.data_cfg:
         model.data_cfg = dataclasses.replace(model.data_cfg, **loaded.data_cfg)
@@ -327,12 +317,12 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, class_names: li
     from safetensors.torch import save_file
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
-    name = getattr(model, "variant_name", None)
+    name = model.variant_name
     if name is None:
         raise ValueError("save_pretrained needs a model built by vitkit.create_model")
     config = {"format": "vitkit", "format_version": FORMAT_VERSION, "model": name, "family": get_spec(name).family,
               "config": to_dict(model.cfg), "data_cfg": to_dict(dataclasses.asdict(model.data_cfg)),
-              "class_names": class_names if class_names is not None else getattr(model, "class_names", None)}
+              "class_names": class_names if class_names is not None else model.class_names}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     _atomic(os.path.join(folder, "model.safetensors"), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     _atomic(os.path.join(folder, "config.json"),

@@ -48,10 +48,15 @@ class WeightSpec:
 
     url: str  # an https URL, or "hf-hub:owner/repo" for a Hugging Face Hub repository
     source_format: str  # a format name the family registers: official | timm | hf | jax
-    sha256: str | None = None  # full hash when known; else the hash prefix of the release file name is checked
-    filename: str | None = None  # file inside a Hub repository
+    # full hash when published; else the hash prefix of the release file name is checked; with neither, the hash of
+    # the first download is recorded beside the file and checked on every later use (vitkit.weights.hub)
+    sha256: str | None = None
+    filename: str | None = None  # file inside a Hub repository; for a URL, the cache name (default: the URL's)
     num_classes: int = 1000
     notes: str = ""
+    # the container entry to load from a release file holding several state dicts (T2T-ViT's "state_dict_ema");
+    # None: the file holds one, or ``vitkit.weights.unwrap``'s default choice is the released one
+    checkpoint_key: str | None = None
 
 
 @dataclass(frozen=True)

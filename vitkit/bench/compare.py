@@ -82,7 +82,7 @@ def compare_to_transformers(model: nn.Module, settings: BenchSettings = BenchSet
     x = torch.randn(settings.batch_size, *input_size, generator=torch.Generator().manual_seed(0)).to(settings.device)
     named = {"vitkit": model, **(others or {})}
     diffs = {name: max_logit_diff(m, hf, x) for name, m in named.items()}
-    num_classes = getattr(model, "num_classes", None)
+    num_classes = model.num_classes
     steps = {name: make_step(m, x, settings, num_classes) for name, m in named.items()}
     steps["transformers"] = make_step(hf, x, settings, num_classes)
     flops = step_flops(model, input_size, settings.mode)

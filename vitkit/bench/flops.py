@@ -116,18 +116,15 @@ def model_stats(name: str, **overrides: Any) -> ModelStats:
 
 
 # ------------------------------------------------------------------------------------ precomputed per-family stats
-def _module_file(spec) -> Path:
-    """The file that registers a family: ``vitkit/models/<family>.py``, else the file of its model class."""
+def _family_folder(spec) -> Path:
+    """The folder of a family: the package holding its model class."""
     import sys
-    from vitkit.models.stats import MODELS_DIR
-    path = MODELS_DIR / f"{spec.family}.py"
-    return path if path.is_file() else Path(sys.modules[spec.model_cls.__module__].__file__)
+    return Path(sys.modules[spec.model_cls.__module__].__file__).parent
 
 
 def _fingerprint(spec) -> str:
-    from vitkit.models.stats import fingerprint
-    return fingerprint(f"{spec.model_cls.__module__}.{spec.model_cls.__qualname__}", spec.config,
-                       spec.data_cfg.input_size)
+    from vitkit.families.stats import fingerprint
+    return fingerprint(spec.model_cls.__qualname__, spec.config, spec.data_cfg.input_size)
 
 
 def _entry(name: str) -> dict[str, Any]:
@@ -151,7 +148,7 @@ def _row(name: str, family: str, entry: dict[str, Any]) -> dict[str, Any]:
 def stats_rows(names: list[str], progress: bool = True) -> list[dict[str, Any]]:
     """``vitkit models`` rows for registered ``names``: from the stats files where current, counted on the meta
     device where an entry is missing or stale (with progress on stderr)."""
-    from vitkit.models.stats import read_all
+    from vitkit.families.stats import read_all
     from vitkit.progress import progress as bar_for
     from vitkit.registry import get_spec
     entries = {name: (family, entry) for family, data in read_all().items()
@@ -169,7 +166,7 @@ def stats_rows(names: list[str], progress: bool = True) -> list[dict[str, Any]]:
 def update(families: list[str] | None = None, progress: bool = True, recount: bool = False) -> list[Path]:
     """Rewrite the stats files of ``families`` (default: every registered family), counting the variants whose
     entry is missing or stale (all of them with ``recount``); returns the files written."""
-    from vitkit.models.stats import read_all, write_family
+    from vitkit.families.stats import read_all, write_family
     from vitkit.progress import progress as bar_for
     from vitkit.registry import get_spec, list_models
     by_family: dict[str, list[str]] = {}
@@ -186,7 +183,7 @@ def update(families: list[str] | None = None, progress: bool = True, recount: bo
         todo = [n for n in names if n not in variants]
         variants.update({n: _entry(n) for n in bar_for(todo, enabled=progress, total=len(todo), desc=family,
                                                         unit="model")})
-        written.append(write_family(family, _module_file(get_spec(names[0])), variants))
+        written.append(write_family(family, _family_folder(get_spec(names[0])), variants))
     return written
 
 
@@ -194,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     parser = argparse.ArgumentParser(prog="python -m vitkit.bench.flops",
                                      description="Precompute parameters and MACs of the registered variants into "
-                                                 "vitkit/models/stats/<family>.json (read by `vitkit models`).")
+                                                 "vitkit/families/<family>/stats.json (read by `vitkit models`).")
     parser.add_argument("--update", nargs="*", metavar="FAMILY", required=True,
                         help="families to rewrite (default: all); entries still current are kept")
     parser.add_argument("--recount", action="store_true", help="count every variant again")

@@ -257,7 +257,7 @@ def summarize(label: str, times: list[float], batch_size: int, first_step_s: flo
 def step_flops(model: nn.Module, input_size: tuple[int, int, int], mode: str) -> int | None:
     """FLOPs per image of one step, counted on a meta-device twin of a vitkit model (None for other models)."""
     from vitkit.deploy.runtime import RuntimeModel
-    from vitkit.models.base import FamilyModel
+    from vitkit.families.contract import FamilyModel
     if isinstance(model, RuntimeModel) and model.source is not None:
         model = model.source  # an exported model computes what its eager source computes
     if not isinstance(model, FamilyModel):

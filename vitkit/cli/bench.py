@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=int, help="input resolution (default: the variant's)")
     parser.add_argument("--set", "--override", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="architecture override passed to create_model, e.g. --set depth=7 (repeatable)")
-    parser.add_argument("--pretrained", help="checkpoint to load (default: random weights)")
+    parser.add_argument("--pretrained", metavar="PATH|true",
+                        help="checkpoint to load, or true: the variant's named weights (default: random weights)")
     parser.add_argument("--dtype", choices=("fp32", "auto", "bf16"), default="fp32",
                         help="fp32 (default: the same numbers on every CPU); bf16 = autocast, fp32 weights; auto: bf16 "
                              "where the device runs it natively, else fp32 (the opt-in fast path)")
@@ -82,7 +83,9 @@ def build_model(args: argparse.Namespace, overrides: dict[str, Any]):
         model = open_export_folder(args.model)
         print(f"{args.model}: {model.runtime}, {model.precision}" + (f" ({model.note})" if model.note else ""))
         return model
-    model = vitkit.create_model(args.model, pretrained=args.pretrained, img_size=args.img_size, **overrides)
+    from vitkit.weights.hub import requests_named_weights
+    pretrained = True if requests_named_weights(args.pretrained) else args.pretrained
+    model = vitkit.create_model(args.model, pretrained=pretrained, img_size=args.img_size, **overrides)
     if not args.pretrained:
         randomize_heads_(model)  # a fresh head is zero: logits would all be 0 and comparisons vacuous
     return model

@@ -14,6 +14,7 @@ EPILOG = """examples:
   vitkit eval runs/c10 --split val --out /tmp/ev
   vitkit eval saved_model/ --set data.name=digits data.img_size=32
   vitkit eval --model deit_tiny_patch16_224 --pretrained w.safetensors --data-config recipe.yaml
+  vitkit eval --model cct_7_3x1_32 --pretrained true --set data.name=cifar10 data.root=DIR   named weights
 
 writes metrics.json, per_class.csv, confusion_matrix.csv and confusion_matrix.png into --out.
 exit status: 0 done, 2 bad arguments or configuration."""
@@ -29,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "vitkit model folder; omit it to use --model/--pretrained")
     parser.add_argument("--model", help="registered variant name, to load --pretrained (or TARGET) into; or a folder "
                                         "written by `vitkit export`, run as exported")
-    parser.add_argument("--pretrained", metavar="PATH", help="checkpoint in any format vitkit reads")
+    parser.add_argument("--pretrained", metavar="PATH|true", help="checkpoint in any format vitkit reads, or true: "
+                                                                 "the --model variant's named weights (downloaded "
+                                                                 "once, verified; `vitkit models --pretrained`)")
     data = parser.add_argument_group("data (layered: model → run config.yaml → --data-config → --set)")
     data.add_argument("--data-config", metavar="YAML", help="a recipe with a data: section, or a bare data section")
     data.add_argument("--set", nargs="+", action="extend", default=[], metavar="data.KEY=VALUE",
@@ -158,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     from vitkit.evaluate.eval_data import build_eval_loader, resolve_data_config
     from vitkit.evaluate.metrics import evaluate, save_eval_artifacts
     from vitkit.deploy.runtime import is_export_folder
-    from vitkit.evaluate.targets import Target, load_target
+    from vitkit.evaluate.targets import NAMED_WEIGHTS_NEED_A_MODEL, Target, load_target
     from vitkit.evaluate.tta import with_tta
     from vitkit.runs import is_run_folder
     from vitkit.hardware import parse_device
@@ -166,9 +169,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--batch-size must be >= 1")
     if args.target and args.pretrained:
         raise ValueError("give either TARGET or --pretrained, not both")
+    from vitkit.weights.hub import requests_named_weights
     device = parse_device(args.device)
     path = args.target or args.pretrained
-    if path and not os.path.exists(path):  # before asking for data: the first thing to fix is the path
+    named = not args.target and requests_named_weights(args.pretrained)  # --pretrained true: the catalog's weights
+    if named and not args.model:
+        raise ValueError(NAMED_WEIGHTS_NEED_A_MODEL)
+    if path and not named and not os.path.exists(path):  # before asking for data: the first thing to fix is the path
         raise FileNotFoundError(f"{path}: no such {'run or model folder' if args.target else 'checkpoint'}")
     if args.data_config and not os.path.isfile(args.data_config):
         raise FileNotFoundError(f"--data-config {args.data_config}: "

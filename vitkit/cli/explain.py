@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("images", nargs="+", metavar="IMAGES_OR_FOLDERS", help="image files and/or folders")
     parser.add_argument("--model", help="registered variant name; optional with a vitkit model or run folder")
-    parser.add_argument("--pretrained", metavar="PATH", help="checkpoint in any format, a model or a run folder")
+    parser.add_argument("--pretrained", metavar="PATH|true",
+                        help="checkpoint in any format, a model or a run folder, or true: the --model variant's named "
+                             "weights")
     parser.add_argument("--method", default="auto", help="comma-separated: attention, rollout, relevance, gradcam "
                                                          "(default: all the model supports)")
     parser.add_argument("--target", type=int, help="class index to explain (default: the predicted class)")

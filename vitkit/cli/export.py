@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a registered variant name, or a vitkit model / run folder")
     parser.add_argument("out", metavar="OUT", help="output folder (must not exist or be empty, unless --force)")
     parser.add_argument("--format", choices=FORMATS, default="onnx", help="export format (default onnx)")
-    parser.add_argument("--pretrained", metavar="PATH", help="weights for a variant name, in any format vitkit reads")
+    parser.add_argument("--pretrained", metavar="PATH|true",
+                        help="weights for a variant name, in any format vitkit reads, or true: the variant's named "
+                             "weights")
     parser.add_argument("--int8", action="store_true",
                         help="int8 through ONNX Runtime, the scheme chosen for this CPU kind (see vitkit.json)")
     parser.add_argument("--calibrate", metavar="DIR_OR_FILES", nargs="+",

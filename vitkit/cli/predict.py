@@ -31,9 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image files and/or folders (searched recursively)")
     parser.add_argument("--model", help="registered variant name (`vitkit models`; optional when --pretrained is "
                                         "a vitkit model or run folder), or a folder written by `vitkit export`")
-    parser.add_argument("--pretrained", metavar="PATH",
-                        help="checkpoint in any format vitkit reads, a vitkit model folder, or a run folder "
-                             "(its checkpoints/best, else last)")
+    parser.add_argument("--pretrained", metavar="PATH|true",
+                        help="checkpoint in any format vitkit reads, a vitkit model folder, a run folder (its "
+                             "checkpoints/best, else last), or true: the --model variant's named weights (downloaded "
+                             "once, verified; `vitkit models --pretrained` lists them)")
     parser.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")

@@ -128,9 +128,9 @@ class ExportResult:
 def metadata_of(model: nn.Module, fmt: str, int8: bool) -> dict[str, Any]:
     import vitkit
     from vitkit.config import to_dict
-    return {"format": fmt, "vitkit_version": vitkit.__version__, "model": getattr(model, "variant_name", None),
+    return {"format": fmt, "vitkit_version": vitkit.__version__, "model": model.variant_name,
             "config": to_dict(model.cfg), "data_cfg": to_dict(dataclasses.asdict(model.data_cfg)),
-            "class_names": getattr(model, "class_names", None), "num_classes": model.num_classes,
+            "class_names": model.class_names, "num_classes": model.num_classes,
             "input": INPUT, "output": OUTPUT, "int8": int8, "file": FILES[fmt]}
 
 
@@ -306,7 +306,7 @@ def _check_request(model: nn.Module, out: str, fmt: str, int8: bool, force: bool
         raise ValueError("--calibrate calibrates int8 quantisation: add --int8")
     if RUNTIMES.get(runtime) != fmt:
         raise ValueError(f"runtime {runtime!r} does not run the {fmt} format")
-    reason = getattr(type(model), "unsupported_exports", {}).get(fmt)  # declared by the family (FamilyModel)
+    reason = type(model).unsupported_exports.get(fmt)  # declared by the family (FamilyModel)
     if reason:
         raise ExportError(f"{get_spec(model.variant_name).family} models cannot be exported to {fmt} yet: {reason}")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not force:
@@ -324,7 +324,7 @@ def _write(model: nn.Module, path: str, fmt: str, opset: int) -> str:
         raise ExportError(f"exporting to {fmt} needs {e.name}: pip install 'vitkit[export]'") from None
     except Exception as e:  # the exporters raise many error types; the first line says what failed
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"{getattr(model, 'variant_name', type(model).__name__)} could not be exported to {fmt}: "
+        raise ExportError(f"{model.variant_name or type(model).__name__} could not be exported to {fmt}: "
                           f"{type(e).__name__}: {first}") from e
 
 

@@ -29,7 +29,10 @@ Runner = Callable[[np.ndarray], np.ndarray]
 
 
 class RuntimeModel(nn.Module):
-    """An exported model as a module: inference only, on the CPU, float32 in and out."""
+    """An exported model as a module: inference only, on the CPU, float32 in and out; a
+    ``vitkit.families.contract.Classifier`` like the family model it was exported from."""
+
+    accepts_any_size = False  # exported for its data_cfg's input size
 
     def __init__(self, run: Runner, meta: dict[str, Any], runtime: str, source: nn.Module | None = None,
                  precision: str = "fp32", note: str | None = None):

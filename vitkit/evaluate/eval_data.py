@@ -70,8 +70,7 @@ def resolve_data_config(model: nn.Module, run_data: dict[str, Any] | None = None
 
 def _check_size(model: nn.Module, cfg: DataConfig) -> None:
     _, H, W = model.data_cfg.input_size
-    dynamic = bool(getattr(getattr(model, "cfg", None), "dynamic_img_size", False))
-    if (H, W) != (cfg.img_size, cfg.img_size) and not dynamic:
+    if (H, W) != (cfg.img_size, cfg.img_size) and not model.accepts_any_size:
         raise ConfigError(f"data.img_size={cfg.img_size} but the model takes {H}x{W} inputs")
 
 
@@ -96,7 +95,7 @@ def build_eval_loader(cfg: DataConfig, model: nn.Module, split: str = "test",
     if int(model.num_classes) != len(splits.classes):
         raise ValueError(f"the model's head has {model.num_classes} classes but data.name={cfg.name} has "
                          f"{len(splits.classes)}")
-    names = getattr(model, "class_names", None)
+    names = model.class_names
     if names and list(names) != list(splits.classes):
         log.warning("the checkpoint's class names differ from data.name=%s's classes; labels are compared by index",
                     cfg.name)

@@ -39,11 +39,9 @@ def resolve_class_names(model: nn.Module) -> list[str]:
     2. the ImageNet-1k list, when ``model.data_cfg.label_set == 'imagenet-1k'`` and the head has 1000 outputs;
     3. ``class_<i>``.
     """
-    num_classes = int(getattr(model, "num_classes", 0))
-    names = getattr(model, "class_names", None)
+    num_classes, names = model.num_classes, model.class_names
     if names and len(names) == num_classes:
         return [str(n) for n in names]
-    data_cfg = getattr(model, "data_cfg", None)
-    if num_classes == 1000 and getattr(data_cfg, "label_set", None) == IMAGENET_1K:
+    if num_classes == 1000 and model.data_cfg.label_set == IMAGENET_1K:
         return imagenet_class_names()
     return [f"class_{i}" for i in range(num_classes)]

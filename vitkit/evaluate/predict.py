@@ -123,7 +123,7 @@ def predict_files(model: nn.Module, paths: Iterable[str | os.PathLike], topk: in
     runs on the device its parameters are on, in eval mode (its previous mode is restored)."""
     if topk < 1 or batch_size < 1:
         raise ValueError(f"topk and batch_size must be >= 1, got {topk} and {batch_size}")
-    if int(getattr(model, "num_classes", 0)) <= 0:
+    if model.num_classes <= 0:
         raise ValueError("the model has no classification head (num_classes=0); nothing to predict")
     files = expand_inputs(paths)
     transform = eval_transform(model.data_cfg)

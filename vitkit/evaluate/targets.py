@@ -17,7 +17,8 @@ from torch import nn
 
 from vitkit.runs import is_run_folder, run_checkpoint
 
-__all__ = ["Target", "load_target", "is_run_folder", "is_vitkit_folder", "run_checkpoint", "default_device"]
+__all__ = ["Target", "load_target", "NAMED_WEIGHTS_NEED_A_MODEL", "is_run_folder", "is_vitkit_folder",
+           "run_checkpoint", "default_device"]
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +55,21 @@ def _read_run_config(run_dir: str) -> dict[str, Any] | None:
     return cfg
 
 
-def load_target(path: str | os.PathLike | None = None, model_name: str | None = None) -> Target:
+def load_target(path: str | os.PathLike | bool | None = None, model_name: str | None = None) -> Target:
     """Build the model to evaluate.
 
     - ``path`` a run folder: its best (else last) checkpoint, plus the run's config.yaml;
     - ``path`` a vitkit model folder: ``vitkit.load_model(path)``;
+    - ``path`` True or the literal ``true`` (``--pretrained true``): ``model_name``'s named weights from the catalog,
+      downloaded once into the verified cache (``vitkit.weights.hub``); ``./true`` is a path;
     - ``model_name`` given: ``vitkit.create_model(model_name, pretrained=...)`` with the checkpoint above or ``path``
       itself in any format vitkit reads (random weights, with a warning, when ``path`` is None).
     """
     import vitkit
-    path = os.fspath(path) if path is not None else None
+    from vitkit.weights.hub import requests_named_weights
+    if requests_named_weights(path):
+        return _named_weights(model_name)
+    path = os.fspath(path) if path not in (None, False) else None  # false: no weights (a recipe's teacher_pretrained)
     if path is not None and not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
     run_dir = path if path is not None and is_run_folder(path) else None
@@ -82,6 +88,21 @@ def load_target(path: str | os.PathLike | None = None, model_name: str | None = 
         log.warning("no weights given: %s is randomly initialised, its predictions are meaningless", model_name)
     described = f"{checkpoint} ({model.variant_name})" if checkpoint else f"{model.variant_name} (random weights)"
     return Target(model, described, run_dir, checkpoint, run_config)
+
+
+NAMED_WEIGHTS_NEED_A_MODEL = ("--pretrained true loads a variant's named weights: name the variant with --model NAME "
+                              "(`vitkit models --pretrained` lists those that have them)")
+
+
+def _named_weights(model_name: str | None) -> Target:
+    """The catalog's named weights of ``model_name`` (``--pretrained true``)."""
+    import vitkit
+    if not model_name:
+        raise ValueError(NAMED_WEIGHTS_NEED_A_MODEL)
+    model = vitkit.create_model(model_name, pretrained=True)
+    weights = vitkit.get_spec(model_name).weights
+    checkpoint = model.load_report.source  # the verified file in the cache
+    return Target(model, f"{checkpoint} ({model_name}, named weights from {weights.url})", checkpoint=checkpoint)
 
 
 def default_device(requested: str | None = None) -> torch.device:

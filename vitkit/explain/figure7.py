@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.layers.attention import record_attention
-from vitkit.models.base import token_grid
+from vitkit.families.contract import token_grid
 
 __all__ = ["Figure7", "figure7", "patch_filter_components", "position_similarity", "mean_attention_distance",
            "plot_figure7"]

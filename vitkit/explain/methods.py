@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.layers.attention import RecordsAttention, record_attention
-from vitkit.models.base import token_grid
+from vitkit.families.contract import token_grid
 
 __all__ = ["Explanation", "METHODS", "explain", "attention_maps", "rollout", "relevance", "gradcam", "upsample",
            "received_attention"]
@@ -82,14 +82,15 @@ def received_attention(attn: Tensor, info: dict, batch: int) -> Tensor | None:
     """(B, heads, h, w): the attention each key position receives, averaged over the queries, on the layer's key
     grid, from what the layer recorded (its ``attn_layout`` and ``info``): window layers (``window``, Swin and DAT's
     local windows), reduced or strided keys (``kv_grid``, PVT, CvT; ``class_token`` keys first), or plain grids
-    (``grid``; MobileViT's ``pixel_groups`` attentions per image are averaged). None when the layout says nothing
+    (``grid``; a layer that attends in ``groups_per_image`` separate groups of an image's positions, e.g. one per
+    pixel offset of a patch, records B · groups maps: they are averaged per image). None when the layout says nothing
     about where its keys are."""
     if "window" in info and "padded_grid" in info:
         from vitkit.layers.window_attention import window_attention_to_grid
         return window_attention_to_grid(attn, info).mean(2)  # (B, h, H, W)
     grid = info.get("kv_grid") or info.get("grid")
-    if grid is not None and attn.shape[0] == batch * info.get("pixel_groups", 0):  # MobileViT: per pixel offset
-        attn = attn.reshape(batch, info["pixel_groups"], *attn.shape[1:]).mean(1)  # (B, heads, N, M)
+    if grid is not None and attn.shape[0] == batch * info.get("groups_per_image", 0):
+        attn = attn.reshape(batch, info["groups_per_image"], *attn.shape[1:]).mean(1)  # (B, heads, N, M)
     if grid is None or attn.shape[0] != batch:
         return None
     keys = attn.mean(-2)[..., int(bool(info.get("class_token", False))):]  # (B, h, M)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from vitkit.evaluate.labels import resolve_class_names
+from vitkit.families.contract import FamilyModel
 from vitkit.evaluate.predict import load_batch
 from vitkit.evaluate.preprocess import eval_transform
 from vitkit.explain.methods import explain, upsample
@@ -44,13 +45,12 @@ def explain_image(model: nn.Module, x: torch.Tensor, methods: Sequence[str], tar
     return item, images
 
 
-def sampling_points(model: nn.Module, batch: torch.Tensor, photo) -> dict[str, "object"]:
-    """Deformable layers (DAT, DAT++): per layer, the photo with every group's sampling points (red dots) and their
-    reference points (white squares) drawn in input pixels; empty for other models."""
-    if not hasattr(model, "deformable_points"):
-        return {}
+def sampling_points(model: FamilyModel, batch: torch.Tensor, photo) -> dict[str, "object"]:
+    """Layers that sample their keys at learned positions (``FamilyModel.sampling_points``): per layer, the photo
+    with every group's sampling points (red dots) and their reference points (white squares) drawn in input pixels;
+    empty for other models."""
     with torch.no_grad():
-        _, points = model.deformable_points(batch)
+        points = model.sampling_points(batch)
     return {layer: draw_points(photo, p["pixels"][0].reshape(-1, 2).numpy(),  # (groups·Hk·Wk, 2) of image 0
                                p["reference_pixels"][0].reshape(-1, 2).numpy())
             for layer, p in points.items()}
@@ -81,7 +81,7 @@ def explain_files(model: nn.Module, files: Sequence[str], methods: Sequence[str]
             image.save(png)
             written.append(png)
         items.append(item)
-    title = f"vitkit explain: {getattr(model, 'variant_name', type(model).__name__)}"
+    title = f"vitkit explain: {model.variant_name or type(model).__name__}"
     report = write_report(os.path.join(out, "report.html"), title, items,
                           [f"methods: {', '.join(methods)}", f"{len(items)} image(s)"])
     return report, written, failed

@@ -25,8 +25,8 @@ DAT++, arXiv 2309.01430, §3), for channels-last feature maps (B, H, W, C):
   points as positions, no position encoding (the official code builds none).
 
 ``convention`` names the coordinate conventions of the two official code versions (everything else is an explicit
-argument): "dat" (LeapLabTHU/DAT@566a593, CVPR 2022) normalises point i of an n-point axis as (i + 0.5) / n · 2 − 1
-for both reference points and queries; "dat_pp" (the repository head, DAT++) puts reference points at
+argument): "over_n" (LeapLabTHU/DAT@566a593, CVPR 2022) normalises point i of an n-point axis as (i + 0.5) / n · 2 − 1
+for both reference points and queries; "over_n_minus_1" (the repository head, DAT++) puts reference points at
 (i + 0.5) / (n − 1) · 2 − 1 and queries at i / (n − 1) · 2 − 1.
 
 The sampling positions and reference points of every call reach the attention recorder (``record_attention``) as
@@ -47,7 +47,7 @@ from vitkit.layers.patch_embed import to_2tuple
 
 __all__ = ["DeformableAttention", "OffsetNetwork", "reference_points", "points_to_pixels", "key_grid"]
 
-Convention = Literal["dat", "dat_pp"]
+Convention = Literal["over_n", "over_n_minus_1"]
 PositionEncoding = Literal["table", "log_cpb", "fixed", "dwc"]
 
 
@@ -62,11 +62,11 @@ def reference_points(n: tuple[int, int], convention: Convention, *, queries: boo
     points of the sampling grid, or with ``queries`` the query positions the bias displacement starts from."""
     axes = []
     for size in n:
-        if convention == "dat_pp" and queries:
+        if convention == "over_n_minus_1" and queries:
             axis = torch.arange(size, dtype=dtype, device=device)
         else:
             axis = torch.linspace(0.5, size - 0.5, size, dtype=dtype, device=device)
-        denominator = size if convention == "dat" else size - 1.0
+        denominator = size if convention == "over_n" else size - 1.0
         axes.append(axis.div(denominator).mul(2.0).sub(1.0))  # the official order of the float operations
     y, x = torch.meshgrid(*axes, indexing="ij")
     return torch.stack((y, x), -1)  # (n_h, n_w, 2)
@@ -119,7 +119,7 @@ class DeformableAttention(RecordsAttention):
     def __init__(self, dim: int, num_heads: int, groups: int, grid: int | tuple[int, int], *, stride: int = 1,
                  offset_kernel: int = 3, offset_padding: int | None = None, offset_range_factor: float = 2.0,
                  position_encoding: PositionEncoding | None = "table", offsets: bool = True,
-                 table_grid: int | tuple[int, int] | None = None, convention: Convention = "dat",
+                 table_grid: int | tuple[int, int] | None = None, convention: Convention = "over_n",
                  attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         if dim % num_heads or num_heads % groups:
@@ -197,14 +197,14 @@ class DeformableAttention(RecordsAttention):
     def deformed_points(self, offset: Tensor, reference: Tensor) -> Tensor:
         """p + Δp with the offset range of the convention (module docstring): (B·g, Hk, Wk, 2)."""
         Hk, Wk, factor = *offset.shape[1:3], self.offset_range_factor
-        if factor > 0 or (factor == 0 and self.convention == "dat_pp"):  # DAT++ bounds for factor >= 0: 0 = no offsets
-            n = (Hk, Wk) if self.convention == "dat" else (Hk - 1.0, Wk - 1.0)
+        if factor > 0 or (factor == 0 and self.convention == "over_n_minus_1"):  # DAT++ bounds for factor >= 0: 0 = no offsets
+            n = (Hk, Wk) if self.convention == "over_n" else (Hk - 1.0, Wk - 1.0)
             scale = torch.tensor([1.0 / n[0], 1.0 / n[1]], device=offset.device)
             return offset.tanh().mul(scale).mul(factor) + reference
         pos = offset + reference
         if factor == 0:  # DAT v1: raw offsets, neither bounded nor squashed
             return pos
-        return pos.tanh() if self.convention == "dat" else pos.clamp(-1.0, 1.0)
+        return pos.tanh() if self.convention == "over_n" else pos.clamp(-1.0, 1.0)
 
     def bias_at(self, pos: Tensor, grid: tuple[int, int]) -> Tensor:
         """φ(B̂; R): the bias of every (query, sampled key) pair, (B, h, H·W, Ns)."""

@@ -13,7 +13,7 @@ from typing import Callable, Literal
 
 from torch import Tensor, nn
 
-__all__ = ["PatchEmbed", "to_2tuple", "check_image_batch"]
+__all__ = ["PatchEmbed", "HybridEmbed", "to_2tuple", "check_image_batch"]
 
 
 def to_2tuple(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -88,3 +88,46 @@ class PatchEmbed(nn.Module):
         x = x.permute(0, 2, 3, 1)  # (B, h, w, D)
         x = self.norm(x)
         return x if self.output_fmt == "NHWC" else x.flatten(1, 2)  # (B, h·w, D)
+
+
+class HybridEmbed(nn.Module):
+    """``backbone`` (a module with ``out_chs``, ``stride`` and ``output_size(n)``, e.g. ``ResNetBackbone``) → conv with
+    kernel = stride = ``patch_size`` → (B, h·w, D) tokens: google-research/vision_transformer
+    ``vit_jax/models_vit.py``@c6de1e5 (the ResNet root and stages, then ``embedding``), timm's ``HybridEmbed``.
+
+    ``patch_size`` is the patch on the feature map; ``grid_size`` the token grid of ``img_size`` (a feature map side
+    that is not a multiple of the patch is floored, as the VALID conv of both does).
+    """
+
+    def __init__(self, backbone: nn.Module, img_size: int | tuple[int, int] = 224, patch_size: int = 1,
+                 in_chans: int = 3, embed_dim: int = 768, strict_img_size: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.in_chans = in_chans
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
+        self.grid_size = self.output_grid(*self.img_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.strict_img_size = strict_img_size
+        self.proj = nn.Conv2d(backbone.out_chs, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def output_grid(self, H: int, W: int) -> tuple[int, int]:
+        """The token grid (h, w) of an H×W input."""
+        return (self.backbone.output_size(H) // self.patch_size[0], self.backbone.output_size(W) // self.patch_size[1])
+
+    def check_input(self, x: Tensor) -> None:
+        check_image_batch(x, self.in_chans)
+
+    def check_size(self, H: int, W: int) -> None:
+        if self.strict_img_size and (H, W) != self.img_size:
+            raise ValueError(f"input is {H}x{W} but the model was built for {self.img_size[0]}x{self.img_size[1]}; "
+                             f"pass img_size= to create_model, or dynamic_img_size=True")
+        if min(self.output_grid(H, W)) < 1:
+            raise ValueError(f"input {H}x{W} is too small: the backbone's {self.backbone.stride}-pixel cells give no "
+                             f"{self.patch_size[0]}x{self.patch_size[1]} patch")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        self.check_size(*x.shape[-2:])
+        x = self.proj(self.backbone(x))  # (B, D, h, w)
+        return x.flatten(2).transpose(1, 2)  # (B, h·w, D)

@@ -133,7 +133,7 @@ def _geometric_resize(grid: Tensor, src: tuple[int, int], dst: tuple[int, int], 
         try:
             from scipy.interpolate import RectBivariateSpline
         except ImportError:  # pragma: no cover - scipy comes with the train and test extras
-            raise ImportError("the 'geometric' relative-position resize (BEiT's) needs scipy: pip install scipy, "
+            raise ImportError("the 'geometric' relative-position resize needs scipy: pip install scipy, "
                               "or choose 'geometric_linear' or 'bicubic'") from None
         out = [torch.from_numpy(RectBivariateSpline(ys, xs, g.double().numpy(), kx=3, ky=3, s=0)(new_y.numpy(),
                                                                                                   new_x.numpy()))

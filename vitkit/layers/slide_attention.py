@@ -56,7 +56,7 @@ class SlideAttention(RecordsAttention):
     def forward(self, x: Tensor) -> Tensor:
         """(B, H, W, C) → (B, H, W, C)."""
         B, H, W, _ = x.shape
-        h, c, n = self.num_heads, self.c, self.kernel * self.kernel
+        h, c = self.num_heads, self.c
         qkv = self.qkv(x).permute(0, 3, 1, 2).reshape(B * h, 3 * c, H, W)  # per head: q, k, v channels
         q = (qkv[:, :c] * self.scale).reshape(B, h, c, 1, H, W)
         k = self.neighbours(qkv[:, c:2 * c]) + self.relative_position_bias_table  # (B, h, c, k², H, W)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from vitkit.layers.patch_embed import to_2tuple
 from vitkit.layers.pos_embed_rel import num_relative_distances, relative_position_index
 
 __all__ = ["WindowAttention", "window_partition", "window_reverse", "padded_grid", "shifted_window_mask",
-           "shifted_window_order", "window_attention_to_grid", "table_window", "check_window_buffers"]
+           "shifted_window_order", "window_attention_to_grid", "table_window"]
 
 _compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
@@ -243,35 +243,3 @@ def table_window(rows: int) -> tuple[int, int] | None:
     """The square W×W window whose relative-position table has ``rows`` = (2W − 1)² rows, or None."""
     side = math.isqrt(rows)
     return ((side + 1) // 2,) * 2 if side * side == rows and side % 2 else None
-
-
-def check_window_buffers(state: dict[str, Tensor], report, source: dict[str, Tensor] | None, *,
-                         shift_of: Callable[[int], int] = lambda window: window // 2, family: str = "Swin") -> None:
-    """A checkpoint's ``relative_position_index`` / ``attn_mask`` buffers must be the ones the window layers compute
-    for the checkpoint's own geometry: ``source``'s (computed from the configuration a vitkit file states), else the
-    geometry their shapes imply: an index of N = W² tokens for a W×W window, a mask of nW windows of N tokens for a
-    square grid of √nW windows shifted by ``shift_of(W)`` (Swin: W // 2; DAT: ⌈W / 2⌉). Anything else is refused
-    (``CheckpointMismatchError`` naming the keys); the loader then replaces them by the model's own."""
-    from vitkit.weights.report import CheckpointMismatchError
-    wrong = []
-    for key, value in state.items():
-        if source is not None and key.endswith(("relative_position_index", "attn_mask")):
-            expected = source.get(key)
-        elif key.endswith("relative_position_index") and value.ndim == 2:
-            side = math.isqrt(value.shape[0])
-            expected = relative_position_index((side, side))
-        elif key.endswith("attn_mask") and value.ndim == 3:
-            side, per_axis = math.isqrt(value.shape[1]), math.isqrt(value.shape[0])
-            shift = shift_of(side)
-            expected = shifted_window_mask((per_axis * side,) * 2, (side, side), (shift, shift)) if 0 < shift < side \
-                else None
-        elif key.endswith(("relative_position_index", "attn_mask")):
-            expected = None
-        else:
-            continue
-        if expected is None or expected.shape != value.shape or not torch.equal(expected.to(value.dtype), value):
-            wrong.append(key)
-    if wrong:
-        raise CheckpointMismatchError(f"{report.source}: {len(wrong)} buffer(s) are not the relative-position index "
-                                      f"/ shifted-window mask {family} computes for their shape (vitkit names): "
-                                      f"{', '.join(wrong[:4])}{' …' if len(wrong) > 4 else ''}")

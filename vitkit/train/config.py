@@ -32,7 +32,9 @@ class ModelSection:
     """Which registered variant to build and how (the arguments of ``vitkit.create_model``)."""
 
     name: str = "vit_tiny_patch16_224"
-    pretrained: str | bool | None = None  # a checkpoint file or folder in any format; true = the catalog weights
+    # a checkpoint file or folder in any format; true (or "true") = the variant's named weights from the catalog,
+    # downloaded once into the verified cache (`vitkit models --pretrained` lists them); "./true" is a path
+    pretrained: str | bool | None = None
     num_classes: int | None = None  # None: the dataset's class count (a new zero-initialised head if they differ)
     img_size: int | None = None  # None: data.img_size (the two are kept equal)
     overrides: dict[str, Any] = field(default_factory=dict)  # architecture overrides, e.g. {depth: 7, embed_dim: 256}
@@ -45,6 +47,7 @@ class ModelSection:
             spec = get_spec(self.name)
         except ValueError as e:
             raise ConfigError(f"model.name: {e}") from None
+        self.pretrained = _named_or_path(self.pretrained, spec, "model.pretrained")
         try:
             check_pos_embed_resize(spec, self.pos_embed_resize, bool(self.pretrained))
         except ValueError as e:
@@ -58,6 +61,21 @@ class ModelSection:
         if self.num_classes is not None:
             arch["num_classes"] = self.num_classes
         from_dict(spec.model_cls.config_cls, arch, where="model.overrides")  # create_model's check, done early
+
+
+def _named_or_path(value: str | bool | None, spec, key: str) -> str | bool | None:
+    """``true`` in any spelling → True: the catalog's named weights, which the variant must have (checked now, before
+    any data is read). Anything else is returned as it is (a path, or null / false: no weights)."""
+    from vitkit.weights.hub import no_named_weights_reason, requests_named_weights
+    if not requests_named_weights(value):
+        return value
+    if spec.weights is None:
+        reason = no_named_weights_reason(spec)
+        raise ConfigError(f"{key}: true asks for the named weights of {spec.name}, which has none"
+                          + (f": {reason}; download the file by hand and give its path" if reason else
+                             "; give a checkpoint path (`vitkit models --pretrained` lists the variants with named "
+                             "weights)"))
+    return True
 
 
 @dataclass
@@ -108,9 +126,18 @@ class DistillConfig:
     alpha: float = 0.5  # loss = (1 - alpha) * base + alpha * distillation (DeiT default 0.5; paper soft: 0.1)
     tau: float = 1.0  # soft-distillation temperature (DeiT default 1.0; paper soft: 3.0)
     teacher: str | None = None  # a vitkit model folder / run folder, or a registered name with teacher_pretrained
-    teacher_pretrained: str | None = None  # weights for a teacher given by name
+    teacher_pretrained: str | bool | None = None  # weights for a teacher given by name; true = its named weights
 
     def validate(self) -> None:
+        from vitkit.weights.hub import requests_named_weights
+        if self.teacher and requests_named_weights(self.teacher_pretrained) and not os.path.isdir(self.teacher):
+            from vitkit.registry import get_spec
+            try:
+                spec = get_spec(self.teacher)
+            except ValueError as e:
+                raise ConfigError(f"train.distillation.teacher: {e}") from None
+            self.teacher_pretrained = _named_or_path(self.teacher_pretrained, spec,
+                                                     "train.distillation.teacher_pretrained")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"train.distillation.alpha: must be in [0, 1], got {self.alpha}")
         if self.tau <= 0:
@@ -218,7 +245,7 @@ def _sync_img_size(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _family_defaults(raw: dict[str, Any]) -> dict[str, Any]:
-    """The chosen variant's training defaults (``register_family(train_defaults=...)``, e.g. BEiT's official
+    """The chosen variant's training defaults (``Family(train_defaults=...)``, e.g. BEiT's official
     ``optim.layer_decay`` 0.65) under the recipe: a key the recipe sets, even to null, wins."""
     model = raw.get("model")
     name = model.get("name") if isinstance(model, dict) else None

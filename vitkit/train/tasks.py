@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.data import MixupCutmix, SoftTargetCrossEntropy
+from vitkit.families.contract import FamilyModel
 
 __all__ = ["Task", "Evaluation", "ClassifyTask", "DistillTask", "distillation_loss", "load_teacher",
            "TeacherInput"]
@@ -137,19 +138,19 @@ class DistillTask:
     def __init__(self, base: ClassifyTask, teacher: nn.Module, kind: str = "hard", alpha: float = 0.5,
                  tau: float = 1.0, teacher_input: TeacherInput | None = None):
         self.base, self.teacher, self.kind, self.alpha, self.tau = base, teacher.eval(), kind, alpha, tau
+        self.two_heads = False  # set by prepare: the student returns (class-head, distillation-head) logits
         self.teacher_input = teacher_input or (lambda x: x)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
 
-    def prepare(self, model: nn.Module) -> None:
-        if hasattr(model, "set_distilled_training"):
-            model.set_distilled_training(True)
+    def prepare(self, model: FamilyModel) -> None:
+        self.two_heads = model.set_distilled_training(True)
 
     def __call__(self, model: nn.Module, batch: Any, g: torch.Generator) -> dict[str, Tensor]:
         images, labels = batch
         images, targets = self.base.mix(images, labels, g)
         out = model(images)
-        logits, logits_dist = out if isinstance(out, tuple) else (out, out)  # (B, K) each
+        logits, logits_dist = out if self.two_heads else (out, out)  # (B, K) each
         with torch.no_grad():
             teacher_logits = self.teacher(self.teacher_input(images))  # (B, K)
         base = self.base.criterion(logits, targets)

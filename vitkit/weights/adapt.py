@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from vitkit.layers.pos_embed import get_pos_embed_resize, resample_pos_embed
-from vitkit.layers.pos_embed_rel import resize_rel_pos_bias_table
+from vitkit.layers.pos_embed_rel import relative_position_index, resize_rel_pos_bias_table
+from vitkit.layers.window_attention import shifted_window_mask
 from vitkit.weights.report import CheckpointMismatchError, LoadReport
 
 __all__ = ["resample_pos_embed_state", "resize_rel_pos_tables", "reconcile_buffers", "adapt_head", "reinit_head",
-           "drop_keys", "upcast", "finish_load"]
+           "drop_keys", "upcast", "adapt_input_channels", "input_channel_weights", "check_window_buffers", "finish_load"]
 
 
 def resample_pos_embed_state(state: dict[str, Tensor], key: str, target: Tensor, num_prefix_tokens: int,
@@ -168,7 +170,7 @@ def check_compatible(model: nn.Module, state: dict[str, Tensor], source: str) ->
     wrong = [k for k in expected if k in given and given[k] != expected[k]]
     if not (missing or unexpected or wrong):
         return
-    name = getattr(model, "variant_name", type(model).__name__)
+    name = model.variant_name or type(model).__name__
     parts = [f"{source} does not fit {name}:"]
     if missing:
         parts.append(f"  missing from the checkpoint ({len(missing)}), model expects:\n{_describe(missing, expected)}")
@@ -183,9 +185,89 @@ def check_compatible(model: nn.Module, state: dict[str, Tensor], source: str) ->
     raise CheckpointMismatchError("\n".join(parts))
 
 
+def input_channel_weights(weight: Tensor, in_chans: int) -> Tensor:
+    """A first layer's (O, C_old, kh, kw) weights for ``in_chans`` input channels from weights trained on C_old, as
+    timm's ``adapt_input_conv`` does: one channel sums the trained channels' filters (a grey image seen as R = G = B
+    gives the trained response); N channels repeat the trained ones cyclically and scale by C_old / N (N equal
+    channels give the trained response)."""
+    old, w = weight.shape[1], weight.float()
+    if in_chans == 1:
+        out = w.sum(dim=1, keepdim=True)  # (O, 1, kh, kw)
+    else:
+        repeats = -(-in_chans // old)
+        out = w.repeat(1, repeats, 1, 1)[:, :in_chans] * (old / in_chans)  # (O, in_chans, kh, kw)
+    return out.to(weight.dtype)
+
+
+def adapt_input_channels(state: dict[str, Tensor], model: nn.Module, report: LoadReport) -> dict[str, Tensor]:
+    """Fit the weights that see the input channels (the family's ``input_weights``) to a model built for another
+    ``in_chans`` (``input_channel_weights``); the report names each. A linear layer over unfolded patches (T2T-ViT's
+    soft split) is viewed as (O, C, k) for it."""
+    targets = model.state_dict()
+    out = dict(state)
+    for key in type(model).input_weights:
+        w, target = state.get(key), targets.get(key)
+        if w is None or target is None or w.shape == target.shape:
+            continue
+        if type(model).fixed_input_channels:
+            raise CheckpointMismatchError(f"{report.source}: {key} {tuple(w.shape)} is for another number of input "
+                                          f"channels than in_chans={model.cfg.in_chans} "
+                                          f"({tuple(target.shape)}): {type(model).fixed_input_channels}")
+        if w.ndim == 4 and w.shape[0] == target.shape[0] and w.shape[2:] == target.shape[2:]:
+            new = input_channel_weights(w, target.shape[1])
+        elif w.ndim == 2 and w.shape[0] == target.shape[0] and w.shape[1] % model.cfg.in_chans == 0:
+            cells = target.shape[1] // model.cfg.in_chans  # kernel cells per channel of the unfolded patch
+            if w.shape[1] % cells:
+                continue
+            old = w.shape[1] // cells
+            new = input_channel_weights(w.reshape(w.shape[0], old, cells, 1), model.cfg.in_chans)
+            new = new.reshape(target.shape)  # (O, C·k)
+        else:
+            continue
+        how = "summed over" if model.cfg.in_chans == 1 else "repeated and scaled from"
+        report.notes.append(f"{key} {tuple(w.shape)} → {tuple(new.shape)}: input channels {how} the checkpoint's "
+                            f"(timm adapt_input_conv), for in_chans={model.cfg.in_chans}")
+        out[key] = new
+    return out
+
+
 def finish_load(model: nn.Module, state: dict[str, Tensor], report: LoadReport) -> None:
-    """Upcast, let the model adapt the state dict (resize, re-initialise), check it strictly and load it."""
+    """Upcast, fit the input channels, let the model adapt the state dict (resize, re-initialise), check it strictly
+    and load it."""
     state = upcast(state, report)
+    state = adapt_input_channels(state, model, report)
     state = model.load_pretrained_state(state, report)
     check_compatible(model, state, report.source)
     model.load_state_dict(state, strict=True)
+
+
+def check_window_buffers(state: dict[str, Tensor], report, source: dict[str, Tensor] | None, *,
+                         label: str, shift_of: Callable[[int], int] = lambda window: window // 2) -> None:
+    """A checkpoint's ``relative_position_index`` / ``attn_mask`` buffers must be the ones the window layers compute
+    for the checkpoint's own geometry: ``source``'s (computed from the configuration a vitkit file states), else the
+    geometry their shapes imply: an index of N = W² tokens for a W×W window, a mask of nW windows of N tokens for a
+    square grid of √nW windows shifted by ``shift_of(W)`` (Swin: W // 2; DAT: ⌈W / 2⌉). Anything else is refused
+    (``CheckpointMismatchError`` naming the keys and the family ``label``); the loader then replaces them by the
+    model's own."""
+    wrong = []
+    for key, value in state.items():
+        if source is not None and key.endswith(("relative_position_index", "attn_mask")):
+            expected = source.get(key)
+        elif key.endswith("relative_position_index") and value.ndim == 2:
+            side = math.isqrt(value.shape[0])
+            expected = relative_position_index((side, side))
+        elif key.endswith("attn_mask") and value.ndim == 3:
+            side, per_axis = math.isqrt(value.shape[1]), math.isqrt(value.shape[0])
+            shift = shift_of(side)
+            expected = shifted_window_mask((per_axis * side,) * 2, (side, side), (shift, shift)) if 0 < shift < side \
+                else None
+        elif key.endswith(("relative_position_index", "attn_mask")):
+            expected = None
+        else:
+            continue
+        if expected is None or expected.shape != value.shape or not torch.equal(expected.to(value.dtype), value):
+            wrong.append(key)
+    if wrong:
+        raise CheckpointMismatchError(f"{report.source}: {len(wrong)} buffer(s) are not the relative-position index "
+                                      f"/ shifted-window mask {label} computes for their shape (vitkit names): "
+                                      f"{', '.join(wrong[:4])}{' …' if len(wrong) > 4 else ''}")

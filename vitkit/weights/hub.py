@@ -4,9 +4,13 @@ Cache root: ``$VITKIT_HOME``, else ``$XDG_CACHE_HOME/vitkit`` (``~/.cache/vitkit
 ``<root>/checkpoints/``. A URL download streams into a ``.partial`` file, is checked (its full sha256 when the catalog
 has one, else the hash prefix in the release file name, e.g. ``-a1311bcf.pth``, as ``torch.hub`` checks it) and only
 then renamed to its final name, so a wrong hash or an interrupted transfer leaves nothing a later call would trust.
-Hugging Face Hub files (``hf-hub:owner/repo``) go through ``huggingface_hub``; their sha256 is recorded beside them
-(``<file>.sha256``) once downloaded. The Hub is asked once, with a short timeout, before ``huggingface_hub`` (which
-retries an unreachable server for ~25 s) is called, so offline use fails in seconds.
+A release published with no hash at all (CCT's, T2T-ViT's files) cannot be checked the first time; the sha256 of that
+first complete download is recorded beside it (``<file>.sha256``) before the file takes its final name, and every
+later use, and any later download of it (after the cached file was deleted), is checked against that record; delete
+the record too to accept a release its authors replaced. Hugging Face Hub files (``hf-hub:owner/repo``) go through
+``huggingface_hub``; their sha256 is recorded beside them once downloaded, and later uses are checked against it. The
+Hub is asked once, with a short timeout, before ``huggingface_hub`` (which retries an unreachable server for ~25 s) is
+called, so offline use fails in seconds.
 
 The cache is verified, not trusted: a cached file is hashed again before every use and compared with the catalog's
 hash, the prefix in its name, or the hash recorded after its verified download; a mismatch is an error that says how
@@ -26,7 +30,7 @@ from pathlib import Path
 from vitkit.weights.report import CheckpointError
 
 __all__ = ["cache_root", "cached_path", "resolve_pretrained", "download_url", "verify_cached", "sha256_file",
-           "DownloadError", "HUB_TIMEOUT"]
+           "requests_named_weights", "no_named_weights_reason", "hash_status", "DownloadError", "HUB_TIMEOUT"]
 
 log = logging.getLogger(__name__)
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,64})\.")  # torch.hub's convention for release file names
@@ -65,6 +69,42 @@ def _record_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+def _write_record(record: Path, hexdigest: str) -> None:
+    """Write ``<file>.sha256`` whole or not at all (a temporary name, then a rename)."""
+    tmp = record.with_name(f"{record.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(hexdigest + "\n")
+        os.replace(tmp, record)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def requests_named_weights(value) -> bool:
+    """True for ``pretrained=True`` and for the literal ``true`` (any case) a command line or a recipe gives as
+    ``--pretrained`` / ``model.pretrained``: the catalog's named weights rather than a path (``./true`` is a path)."""
+    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
+
+
+def no_named_weights_reason(spec) -> str | None:
+    """Why a variant without a ``WeightSpec`` has none although its authors published weights (its family catalog's
+    ``NO_STABLE_SOURCE``: the official page and why no file there can be a catalog entry), or None."""
+    if spec.weights is not None:
+        return None
+    from vitkit.families import no_stable_source
+    return no_stable_source(spec.family, spec.name)
+
+
+def hash_status(weights) -> str:
+    """How a download of ``weights`` is verified, in words (``vitkit models --pretrained``)."""
+    if weights.sha256:
+        return "published sha256"
+    m = _HASH_IN_NAME.search(cached_path(weights).name)
+    if m:
+        return f"sha256 prefix {m.group(1)} in its name"
+    return "sha256 recorded at first download"
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -92,8 +132,12 @@ def verify_cached(weights, path: Path) -> None:
 
 
 def download_url(url: str, dest: Path, expected: tuple[str, bool] | None, progress: bool = True,
-                 timeout: float = 60.0) -> Path:
-    """Stream ``url`` to ``dest`` through a partial file; verify length and hash before the final rename."""
+                 timeout: float = 60.0, record: Path | None = None) -> Path:
+    """Stream ``url`` to ``dest`` through a partial file; verify length and hash before the final rename.
+
+    ``record``: a ``<file>.sha256`` to write the verified file's sha256 into before the rename (a release published
+    without a hash: later uses are checked against it); when it exists already, ``expected`` is its hash and a
+    mismatch names it."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(f"{dest.name}.partial-{os.getpid()}")
     digest = hashlib.sha256()
@@ -105,7 +149,12 @@ def download_url(url: str, dest: Path, expected: tuple[str, bool] | None, progre
             os.fsync(out.fileno())
         if total is not None and received != total:
             raise DownloadError(f"{url}: transfer interrupted ({received} of {total} bytes)")
-        _verify(url, digest.hexdigest(), expected)
+        _verify(url, digest.hexdigest(), expected, record)
+        if record is not None:
+            if expected is None:
+                log.warning("%s has no published hash: its sha256 %s is recorded in %s, and every later use is "
+                            "checked against it", url, digest.hexdigest(), record)
+            _write_record(record, digest.hexdigest())
         os.replace(partial, dest)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         raise DownloadError(f"could not download {url} ({e}); without network, download it elsewhere and put it "
@@ -128,15 +177,21 @@ def _copy(resp, out, digest, total: int | None, progress: bool, name: str) -> in
     return received
 
 
-def _verify(url: str, actual: str, expected: tuple[str, bool] | None) -> None:
+def _verify(url: str, actual: str, expected: tuple[str, bool] | None, record: Path | None = None) -> None:
     if expected is None:
-        log.warning("no hash known for %s; the file is not verified", url)
+        if record is None:
+            log.warning("no hash known for %s; the file is not verified", url)
         return
     want, full = expected
     ok = actual == want if full else actual.startswith(want)
-    if not ok:
-        raise DownloadError(f"{url}: sha256 {actual} does not match the expected "
-                            f"{'hash' if full else 'prefix'} {want}; the file was discarded")
+    if ok:
+        return
+    if record is not None and record.is_file():
+        raise DownloadError(f"{url}: sha256 {actual} does not match the hash recorded at its first download ({want}, "
+                            f"in {record}); the file was discarded. If its authors replaced the release, delete "
+                            f"{record} to accept the new file")
+    raise DownloadError(f"{url}: sha256 {actual} does not match the expected "
+                        f"{'hash' if full else 'prefix'} {want}; the file was discarded")
 
 
 def _hub_reachable(url: str, timeout: float) -> str | None:
@@ -181,6 +236,11 @@ def resolve_pretrained(spec, progress: bool = True) -> str:
     """Local path of ``spec``'s default weights, downloading and verifying them on first use."""
     weights = spec.weights
     if weights is None:
+        reason = no_named_weights_reason(spec)
+        formats = " or ".join(f.name for f in spec.formats) or "any supported format"
+        if reason:
+            raise ValueError(f"{spec.name} has no named weights: {reason}. Download the file by hand and pass its "
+                             f"path as pretrained=PATH (format {formats})")
         raise ValueError(f"{spec.name} has no default pretrained weights registered; pass a checkpoint path as "
                          f"pretrained=PATH (any supported format)")
     dest = cached_path(weights)
@@ -190,4 +250,10 @@ def resolve_pretrained(spec, progress: bool = True) -> str:
         return str(dest)
     if weights.url.startswith("hf-hub:"):
         return str(_hf_download(weights, dest))
-    return str(download_url(weights.url, dest, _expected_hash(weights, dest), progress))
+    expected = _expected_hash(weights, dest)
+    if expected is not None:
+        return str(download_url(weights.url, dest, expected, progress))
+    # no published hash: the first complete download is recorded, a later one must match that record
+    record = _record_path(dest)
+    pinned = (record.read_text().strip().lower(), True) if record.is_file() else None
+    return str(download_url(weights.url, dest, pinned, progress, record=record))

@@ -1,1 +1,0 @@
-"""One file per model family; importing vitkit.registry.list_models() loads them."""
