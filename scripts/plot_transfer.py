@@ -9,7 +9,7 @@ A ``LABEL=RUN`` argument is a run folder; ``LABEL@MINUTES=ACCURACY`` a point; th
 """
 import sys
 
-from vitkit.train.report import plot_accuracy_vs_minutes
+from vitkit.train.run_outputs import plot_accuracy_vs_minutes
 
 if __name__ == "__main__":
     args = sys.argv[1:]

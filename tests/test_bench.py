@@ -14,7 +14,7 @@ from vitkit.bench.machine import GemmProbe, copy_bandwidth
 from vitkit.bench.runner import BenchSettings, benchmark, make_step, summarize
 from vitkit.cli.main import main
 from vitkit.families.vit.formats import from_hf, hf_keymap
-from vitkit.weights.report import LoadReport
+from vitkit.weights.load_report import LoadReport
 
 from conftest import randomize_, require, skip_or_fail
 from test_flops import vit_macs_by_hand

@@ -186,7 +186,7 @@ def simulated_run(tmp_path, monkeypatch, step_s, clock: SimClock | None = None, 
     from vitkit.train.config import resolve
     from vitkit.train.distributed import init_distributed
     from vitkit.train.loop import Trainer
-    from vitkit.train.runtime import runtime
+    from vitkit.train.process import runtime
     clock, run = clock or SimClock(), SimRun([], [], [], 0.0, None)
 
     def timed_step(self, micro_batches, stop_requested, over_budget):
@@ -284,7 +284,7 @@ def test_replanned_keeps_the_past_and_decays_the_rest_from_where_it_is():
 
 
 def test_oversubscription_is_detected_with_its_remedy():
-    from vitkit.train.runtime import oversubscription
+    from vitkit.train.process import oversubscription
     note = oversubscription(threads=2, load=4.1, cores=2)
     assert note.startswith("oversubscribed CPU: load average 4.1 on 2 cores while this run uses 2 threads")
     assert "OMP_WAIT_POLICY=PASSIVE" in note and "train.threads: 1" in note

@@ -11,7 +11,7 @@ from torch import nn
 
 import vitkit
 from vitkit.config import ConfigError
-from vitkit.weights.report import CheckpointMismatchError
+from vitkit.weights.load_report import CheckpointMismatchError
 from vitkit.bench.flops import count_macs, count_params
 from vitkit.layers import RecordsAttention
 from vitkit.families import stats

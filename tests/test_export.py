@@ -197,7 +197,8 @@ def test_a_zero_head_is_checked_on_its_pre_logit_features(tmp_path, capsys):
     assert "min cosine 1.000000" in out and "0.000000" not in out
 
 
-def _parity(precision: str, cosine: float, agree: int, of: int) -> "Parity":
+def _parity(precision: str, cosine: float, agree: int, of: int):
+    """A ``vitkit.deploy.Parity`` record."""
     from vitkit.deploy import Parity
     return Parity(["random batch 3", f"images ({of})"], [0.1, 0.1], [0.999, cosine], [1 / 3, agree / of], [3, of],
                   [False, True], precision=precision)
@@ -261,12 +262,12 @@ def test_the_int8_gate_refuses_a_model_that_disagrees(tmp_path, monkeypatch, cap
 def test_the_int8_scheme_of_each_cpu_kind(kind, tmp_path):
     """Every CPU kind gets a scheme with 7-bit weights: its integer math is exact on every kind (see the next test),
     so the agreement measured on this CPU holds there. Full-range weights saturate without VNNI and, with exact
-    arithmetic, kept only 14 of 16 photos on an AMX Xeon (issue 18)."""
+    arithmetic, kept only 14 of 16 photos on an AMX Xeon."""
     from vitkit.deploy.quantize import choose_scheme
     from vitkit.hardware import simulate_cpu
     with simulate_cpu(kind):
         dynamic, static = choose_scheme(calibrated=False), choose_scheme(calibrated=True)
-        result = export_model(_tiny("vit_tiny_patch16_224"), tmp_path / "q", "onnx", int8=True)
+        export_model(_tiny("vit_tiny_patch16_224"), tmp_path / "q", "onnx", int8=True)
     assert dynamic.seven_bit and static.seven_bit and static.static and not dynamic.static
     assert "mlp/fc2" in dynamic.keep_fp32
     q = json.loads((tmp_path / "q" / "vitkit.json").read_text())["quantization"]

@@ -112,7 +112,7 @@ def test_summary_agrees_with_metrics(finished):
 def test_metrics_rows_after_the_checkpoint_are_replaced_with_a_message(tmp_path, caplog):
     """Rows an interrupted process logged after its last checkpoint are dropped on resume (the resumed run logs
     them again), and the log says so."""
-    from vitkit.train.report import MetricsLog
+    from vitkit.train.run_outputs import MetricsLog
     path = tmp_path / "metrics.csv"
     log_ = MetricsLog(path)
     for step in (1, 2, 3, 4):

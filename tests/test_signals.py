@@ -288,7 +288,7 @@ def test_runtime_cleanup_imports_nothing_it_did_not_need():
     """A run without deterministic mode never calls torch.use_deterministic_algorithms, which imports
     torch._inductor and sympy (the import the issue's signal interrupted, then the cleanup's that failed)."""
     code = ("import sys, torch\nfrom vitkit.train.config import TrainSection\n"
-            "from vitkit.train.runtime import runtime\n"
+            "from vitkit.train.process import runtime\n"
             "with runtime(TrainSection(steps=1, threads=1), torch.device('cpu')):\n    pass\n"
             "print('sympy' in sys.modules, torch.get_num_threads())")
     torch_threads = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],

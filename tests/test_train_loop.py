@@ -17,7 +17,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import vitkit
 from vitkit.train import NonFiniteLossError, train
 from vitkit.train.distributed import StepBatchSampler, stream_seed
-from vitkit.train.report import COLUMNS
+from vitkit.train.run_outputs import COLUMNS
 from vitkit.train.tasks import ClassifyTask
 
 
@@ -548,7 +548,7 @@ def test_test_curve_and_the_transfer_plot_script_end_to_end(tmp_path):
 
 
 def test_plot_accuracy_vs_minutes(tmp_path):
-    from vitkit.train.report import plot_accuracy_vs_minutes
+    from vitkit.train.run_outputs import plot_accuracy_vs_minutes
     for name, accs in (("a", "0.5,0.7"), ("b", "0.2,0.3")):
         (tmp_path / name).mkdir()
         rows = [f"1,{100 * i},{60.0 * (i + 1)},{acc}" for i, acc in enumerate(accs.split(","))]

@@ -4,8 +4,8 @@ and vitkit's own model folders (``save_pretrained`` / ``load_model``).
 Families are discovered, not listed: every folder of ``vitkit.families`` is imported once, and each declares a
 ``Family`` (``FAMILY`` in its ``__init__.py``) with its variant table (plain data), its data configs, its checkpoint
 formats (owned by its ``formats`` module), its named public weights, a tiny configuration for tests and a reference
-table of published sizes. Registration checks the family contract (``vitkit.families.contract.check_contract``) and validates every variant's
-config, so a broken family fails at import, not at build time.
+table of published sizes. Registration checks the family contract (``vitkit.families.contract.check_contract``) and
+validates every variant's config, so a broken family fails when it is read, not at build time.
 
 ``create_model`` validates overrides against the family's config dataclass before anything is built, reads a
 ``pretrained`` checkpoint in any format the family registers, lets the checkpoint fill in what it implies (the head
@@ -36,7 +36,7 @@ from vitkit.specs import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION
 from vitkit.weights import FORMAT_VERSION, Loaded, checkpoint_view, detect_format, read_checkpoint, unwrap
 from vitkit.weights.adapt import finish_load
 from vitkit.weights.io import follow_umask, read_raw
-from vitkit.weights.report import CheckpointError, CheckpointMismatchError, LoadReport
+from vitkit.weights.load_report import CheckpointError, CheckpointMismatchError, LoadReport
 
 __all__ = ["PreprocessConfig", "WeightSpec", "ModelSpec", "Reference", "SourceFormat",
            "list_models", "list_families", "get_spec", "create_model", "save_pretrained", "load_model",

@@ -1,4 +1,4 @@
-"""The run-folder layout (DESIGN.md "Run folders"), shared by training, which writes it, and evaluation, prediction,
+"""The run-folder layout, shared by training, which writes it, and evaluation, prediction,
 conversion and export, which read it: ``RUN_DIR/config.yaml``, ``metrics.csv``, ``summary.json`` and
 ``checkpoints/{last,best}/`` (each a vitkit model folder; ``last`` also holds the training state)."""
 from __future__ import annotations

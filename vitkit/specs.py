@@ -129,7 +129,7 @@ class Reference:
     gmacs: float
     source: str
     params_tol: float = 0.006  # absolute, in millions: tables print two decimals
-    macs_rtol: float = 0.01  # papers' "FLOPs" agree with counted MACs to about 1% (architectures.md §0)
+    macs_rtol: float = 0.01  # papers' "FLOPs" agree with counted MACs to about 1% (their rounding)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ Convention (the papers' "FLOPs"): the ViT, DeiT, Swin, PVT, CvT, T2T and DAT tab
 one image's forward pass, so ``count_macs`` returns FLOPs / 2 as counted by ``torch.utils.flop_counter
 .FlopCounterMode``: convolutions, dense layers and matrix products, **including the two attention products**
 (Q·Kᵀ and A·V, 2·N²·D per block for ViT). Softmax, LayerNorm, GELU, additions and the bias of each layer are not
-counted. This reproduces ViT-B/16 = 17.56 G and DeiT-Ti⚗ = 1.26 G (research/architectures.md §1.1-1.2).
+counted. This reproduces ViT-B/16 = 17.56 G and DeiT-Ti⚗ = 1.26 G (the sizes of the ViT paper's Table 1 and
+DeiT's Table 1, counted as timm counts them).
 
 How the attention products are counted: ``FlopCounterMode`` has formulas for the CUDA flash/efficient kernels but not
 for the CPU flash kernel that ``scaled_dot_product_attention`` dispatches to (it counts 0 there). The count therefore

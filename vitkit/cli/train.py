@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from vitkit.train import NonFiniteLossError, resume, train
-    from vitkit.train.runtime import process_age
+    from vitkit.train.process import process_age
     clock_start = time.perf_counter() - process_age()  # a time budget is this command's wall clock
     try:
         if args.resume:

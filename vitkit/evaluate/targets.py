@@ -1,6 +1,6 @@
 """What to evaluate: a training run folder, a vitkit model folder, or a registered name plus any checkpoint.
 
-Run folders (``runs/<name>/``, see DESIGN.md) hold ``config.yaml`` and ``checkpoints/{best,last}/``, each a vitkit
+Run folders (``runs/<name>/``, laid out in ``vitkit.runs``) hold ``config.yaml`` and ``checkpoints/{best,last}/``, each a vitkit
 model folder; ``best`` is preferred because it is the checkpoint the run selected on its validation split.
 """
 from __future__ import annotations

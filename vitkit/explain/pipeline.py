@@ -15,7 +15,7 @@ from vitkit.evaluate.predict import load_batch
 from vitkit.evaluate.preprocess import eval_transform
 from vitkit.explain.methods import explain, upsample
 from vitkit.explain.render import denormalize, draw_points, overlay, to_data_uri
-from vitkit.explain.report import ImageReport, heat_png, write_report
+from vitkit.explain.html_page import ImageReport, heat_png, write_report
 
 __all__ = ["explain_files", "explain_image", "load_images", "sampling_points"]
 

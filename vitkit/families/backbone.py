@@ -1,10 +1,10 @@
 """Every family as a backbone, timm-compatible where timm has the API: ``feature_info``, ``features_only`` models
 returning NCHW maps, and activation checkpointing per block.
 
-``feature_info`` is read off ``forward_intermediates`` of a twin of the model on the meta device (shapes only), at the
-model's native size, so it cannot disagree with what the model returns: one entry per block (token models) or stage (pyramid
-models), with timm's keys ``num_chs`` (channels of the map), ``reduction`` (input pixels per map cell) and ``module``
-(the block's or stage's name). ``FeatureExtractor`` (``create_model(..., features_only=True)``) returns the chosen
+``feature_info`` is read off ``forward_intermediates`` of a twin of the model on the meta device (shapes only), at
+the model's native size, so it cannot disagree with what the model returns: one entry per block (token models) or
+stage (pyramid models), with timm's keys ``num_chs`` (channels of the map), ``reduction`` (input pixels per map
+cell) and ``module`` (the block's or stage's name). ``FeatureExtractor`` (``create_model(..., features_only=True)``) returns the chosen
 entries as (B, C, H, W) maps for every family: token models' block outputs are laid out on their patch grid with the
 prefix tokens (class, distillation) dropped, as ``FamilyModel.feature_map`` does.
 """

@@ -4,9 +4,10 @@ Every family's model class derives from ``FamilyModel`` and implements its abstr
 when the registry reads a family's declaration) refuses a class that lacks one, so optimiser, task, benchmark and
 explanation code can call them without ``hasattr`` fallbacks. What only some families have is an optional capability
 with a neutral default here (``set_distilled_training``, ``sampling_points``, ``accepts_any_size``), so shared code
-never asks which family it holds. The helpers below are shared by the families: ``select_indices`` (which blocks or stages
-``forward_intermediates`` returns), ``staged_layer_id`` (layer-wise learning-rate decay for staged models) and
-``zero_init_`` (the ViT paper's zero-initialised classifier, App. B.1.1).
+never asks which family it holds. The helpers below are shared by the families: ``select_indices`` (which blocks or
+stages ``forward_intermediates`` returns), ``staged_layer_id`` (layer-wise learning-rate decay for staged models),
+``StagedBlocks`` (the blocks of staged models) and ``zero_init_`` (the ViT paper's zero-initialised classifier,
+App. B.1.1).
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from torch import Tensor, nn
 from vitkit.layers.patch_embed import check_image_batch
 from vitkit.specs import PreprocessConfig, Reference, ResizeRule, SourceFormat, WeightSpec
 
-__all__ = ["Classifier", "Family", "FamilyModel", "LinearHead", "check_contract", "select_indices", "staged_layer_id", "block_layer_id",
-           "block_outputs", "zero_init_", "trunc_normal_linears_", "check_input", "token_grid", "tokens_to_map"]
+__all__ = ["Classifier", "Family", "FamilyModel", "LinearHead", "StagedBlocks", "check_contract", "select_indices",
+           "staged_layer_id", "block_layer_id", "block_outputs", "zero_init_", "trunc_normal_linears_", "check_input",
+           "token_grid", "tokens_to_map"]
 
 
 @runtime_checkable
@@ -80,7 +82,9 @@ class FamilyModel(nn.Module, metaclass=abc.ABCMeta):
 
     @abc.abstractmethod
     def forward_features(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) images → the features before pooling: (B, N, D) tokens or a (B, D, h, w) / (B, h, w, D) map."""
+        """(B, C, H, W) images → the features before pooling, in every family (B, prefix + h·w, D) tokens: the prefix
+        tokens (``num_prefix_tokens``: class, distillation) first, then the last grid's positions in row-major order
+        (a pyramid model's last-stage map, flattened). ``feature_map`` lays them out as (B, D, h, w)."""
 
     @abc.abstractmethod
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -115,11 +119,11 @@ class FamilyModel(nn.Module, metaclass=abc.ABCMeta):
         centre); None for a model without them."""
         return None
 
-    @abc.abstractmethod
     def feature_map(self, features: Tensor, image_hw: tuple[int, int]) -> Tensor:
         """The output of ``forward_features`` for an ``image_hw`` input as a (B, C, h, w) map of its spatial tokens
-        (prefix tokens dropped; a view, so gradients flow), for Grad-CAM and feature extraction. Token families use
-        ``tokens_to_map``."""
+        (prefix tokens dropped; a view, so gradients flow), for Grad-CAM and feature extraction. A family whose
+        grid cannot be told from the token count and the image's aspect ratio overrides it."""
+        return tokens_to_map(features, self.num_prefix_tokens, image_hw)
 
     # ---------------------------------------------------------------------------------------------- the head
     @abc.abstractmethod
@@ -199,6 +203,21 @@ class FamilyModel(nn.Module, metaclass=abc.ABCMeta):
         """True when ``forward`` takes inputs of another size than ``cfg.img_size`` (tables resampled at forward
         time); False (the default) when another size needs a model built for it."""
         return False
+
+
+class StagedBlocks:
+    """``named_blocks`` and ``feature_names`` of a staged model whose stages are ``self.<stages_attr>[i]``, each
+    holding its ``blocks``: list it before ``FamilyModel``, as ``MyModel(StagedBlocks, LinearHead, FamilyModel)``."""
+
+    stages_attr: ClassVar[str] = "stages"
+
+    def named_blocks(self) -> list[tuple[str, nn.Module]]:
+        stages = getattr(self, self.stages_attr)
+        return [(f"{self.stages_attr}.{i}.blocks.{j}", blk) for i, stage in enumerate(stages)
+                for j, blk in enumerate(stage.blocks)]
+
+    def feature_names(self) -> list[str]:
+        return [f"{self.stages_attr}.{i}" for i in range(len(getattr(self, self.stages_attr)))]
 
 
 class LinearHead:

@@ -22,7 +22,7 @@ from vitkit.train.checkpoint import read_train_state_meta
 from vitkit.train.config import RESUME_SETTABLE, RecipeConfig, dump_yaml, load_recipe, resolve
 from vitkit.train.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
 from vitkit.train.loop import NonFiniteLossError, RunResult, RunState, Trainer
-from vitkit.train.runtime import runtime
+from vitkit.train.process import runtime
 
 __all__ = ["train", "resume", "check_run_dir", "load_recipe", "resolve", "RecipeConfig", "RunResult", "RunState",
            "Trainer", "NonFiniteLossError", "ConfigError"]

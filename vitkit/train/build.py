@@ -16,7 +16,7 @@ from vitkit.data import (AugmentConfig, DataConfig, MixupCutmix, Splits, Transfo
                          build_splits, build_train_transform, collate_skip_none)
 from vitkit.train.config import OptimConfig, RecipeConfig, TrainSection
 from vitkit.train.distributed import DistInfo, StepBatchSampler
-from vitkit.train.runtime import ignore_signals_in_worker
+from vitkit.train.process import ignore_signals_in_worker
 from vitkit.train.schedule import WarmupSchedule
 from vitkit.train.tasks import ClassifyTask, DistillTask, TeacherInput, load_teacher
 

@@ -1,6 +1,6 @@
 """Checkpoints in safetensors + JSON only (no pickle), written atomically, with everything exact resume needs.
 
-Layout (``DESIGN.md``): ``RUN_DIR/checkpoints/{last,best}/`` each hold ``model.safetensors`` + ``config.json``
+Layout (``vitkit.runs``): ``RUN_DIR/checkpoints/{last,best}/`` each hold ``model.safetensors`` + ``config.json``
 (``vitkit.save_pretrained``, so ``vitkit.load_model(folder)`` works); ``last/`` also holds
 ``train_state.safetensors`` (optimizer state, EMA weights, RNG states as tensors) and ``train_state.json`` (step,
 data position, best metric, optimizer hyper-parameters, scaler, scalar RNG state, time used).

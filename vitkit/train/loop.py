@@ -45,9 +45,9 @@ from vitkit.train.config import RecipeConfig
 from vitkit.train.distributed import DistInfo, all_reduce_sum, broadcast_float, stream_seed
 from vitkit.train.ema import ModelEma
 from vitkit.train.optim import build_optimizer
-from vitkit.train.report import MetricsLog, TensorBoard, environment, write_plots
+from vitkit.train.run_outputs import MetricsLog, TensorBoard, environment, write_plots
 from vitkit.hardware import amp_dtype, precision_line, resolve_amp
-from vitkit.train.runtime import StopFlag, autocast, load_average, oversubscription
+from vitkit.train.process import StopFlag, autocast, load_average, oversubscription
 from vitkit.train.schedule import set_lr
 
 __all__ = ["Trainer", "RunState", "RunResult", "NonFiniteLossError"]
@@ -510,7 +510,7 @@ class Trainer:
         self.bar.refresh()
 
     def _check_cpu(self) -> None:
-        """Warn (once) when other processes compete for this run's CPU cores (``runtime.oversubscription``)."""
+        """Warn (once) when other processes compete for this run's CPU cores (``vitkit.train.process.oversubscription``)."""
         if self.device.type == "cpu" and self.reporting:
             note = oversubscription(self.threads, load_average(), wait_policy=os.environ.get("OMP_WAIT_POLICY"))
             if note:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from vitkit.specs import CheckpointView, ModelSpec, SourceFormat
 from vitkit.weights.io import RawCheckpoint, follow_umask, read_raw
-from vitkit.weights.report import CheckpointError, CheckpointMismatchError, LoadReport, UnsafeCheckpointError
+from vitkit.weights.load_report import CheckpointError, CheckpointMismatchError, LoadReport, UnsafeCheckpointError
 
 __all__ = ["Loaded", "follow_umask", "read_checkpoint", "unwrap", "checkpoint_view", "detect_format", "CheckpointError",
            "CheckpointMismatchError", "UnsafeCheckpointError", "LoadReport", "FORMAT_VERSION"]

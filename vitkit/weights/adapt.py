@@ -11,10 +11,11 @@ from torch import Tensor, nn
 from vitkit.layers.pos_embed import get_pos_embed_resize, resample_pos_embed
 from vitkit.layers.pos_embed_rel import relative_position_index, resize_rel_pos_bias_table
 from vitkit.layers.window_attention import shifted_window_mask
-from vitkit.weights.report import CheckpointMismatchError, LoadReport
+from vitkit.weights.load_report import CheckpointMismatchError, LoadReport
 
 __all__ = ["resample_pos_embed_state", "resize_rel_pos_tables", "reconcile_buffers", "adapt_head", "reinit_head",
-           "drop_keys", "upcast", "adapt_input_channels", "input_channel_weights", "check_window_buffers", "finish_load"]
+           "drop_keys", "upcast", "adapt_input_channels", "input_channel_weights", "check_window_buffers",
+           "finish_load"]
 
 
 def resample_pos_embed_state(state: dict[str, Tensor], key: str, target: Tensor, num_prefix_tokens: int,

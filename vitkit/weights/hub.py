@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from vitkit.weights.report import CheckpointError
+from vitkit.weights.load_report import CheckpointError
 
 __all__ = ["cache_root", "cached_path", "resolve_pretrained", "download_url", "verify_cached", "sha256_file",
            "requests_named_weights", "no_named_weights_reason", "hash_status", "DownloadError", "HUB_TIMEOUT"]

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitkit.weights.report import CheckpointError, UnsafeCheckpointError
+from vitkit.weights.load_report import CheckpointError, UnsafeCheckpointError
 
 __all__ = ["RawCheckpoint", "read_raw", "sniff", "follow_umask"]
 

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from vitkit.weights.report import CheckpointError, LoadReport
+from vitkit.weights.load_report import CheckpointError, LoadReport
 
 __all__ = ["Rename", "Fuse", "Drop", "KeyMap", "conv_hwio_to_oihw", "dense_io_to_oi"]
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Collection, Mapping
 
 from vitkit.specs import CheckpointView
 from vitkit.weights.keymap import KeyMap
-from vitkit.weights.report import CheckpointError
+from vitkit.weights.load_report import CheckpointError
 
 __all__ = ["TransformersLayout", "HF_ACTIVATIONS", "TWIN_ACTIVATIONS", "hf_activation", "head_hints", "strip_base",
            "write_twin"]

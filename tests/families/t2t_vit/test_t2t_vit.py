@@ -19,7 +19,7 @@ from vitkit.families.t2t_vit.model import t2t_grid
 from vitkit.layers import favor_attention, implied_attention, sinusoid_table
 from vitkit.layers.performer import log_features
 from vitkit.weights import CheckpointError
-from vitkit.weights.report import CheckpointMismatchError
+from vitkit.weights.load_report import CheckpointMismatchError
 
 from conftest import eval_forward, golden_close, max_diff, randomize_, tiny_overrides
 

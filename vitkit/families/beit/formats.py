@@ -12,12 +12,13 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from vitkit.families.vit.formats import RESIZE_CHOICES
 from vitkit.specs import CheckpointView, ResizeRule, SourceFormat
 from vitkit.weights.keymap import Fuse, KeyMap, Rename
-from vitkit.weights.report import CheckpointError
+from vitkit.weights.load_report import CheckpointError
+from vitkit.weights.transformers_layout import TransformersLayout, write_twin
 
 __all__ = ["FORMATS", "RESIZE", "RESIZE_CHOICES", "OFFICIAL", "hf_keymap", "to_transformers"]
 
@@ -136,23 +137,16 @@ def hf_keymap(layout: str) -> KeyMap:
     return KeyMap(_HF_COMMON + (_HF_V4 if layout == "4" else _HF_V5), name=f"transformers {layout}.x BEiT")
 
 
-def _strip_base(key: str) -> str:
-    return key[len("beit."):] if key.startswith("beit.") else key
-
-
-def from_hf(state: dict[str, Tensor], report) -> dict[str, Tensor]:
-    """transformers BEiT (either layout, with or without the ``beit.`` base prefix) → vitkit."""
-    state = {_strip_base(k): v for k, v in state.items()}
-    layout = "4" if any(k.startswith("encoder.") for k in state) else "5"
-    return hf_keymap(layout).forward(state, report)
-
-
-def _looks_like_hf(view: CheckpointView) -> bool:
-    if view.model_type is not None:
-        return view.model_type == "beit"
-    keys = {_strip_base(k) for k in view.keys}
+def _signature(keys: set[str]) -> bool:
+    """A BEiT state dict without config.json: ViT's patch embedding names plus layer scale, bias tables or q/v
+    biases (a transformers ViT has none of them)."""
     return "embeddings.patch_embeddings.projection.weight" in keys and any(
         "lambda_1" in k or "relative_position_bias" in k or k.endswith("attention.q_proj.bias") for k in keys)
+
+
+LAYOUT = TransformersLayout("BEiT", ("beit.",), ("beit",), lambda keys: hf_keymap(
+    "4" if any(k.startswith("encoder.") for k in keys) else "5"), _signature)
+from_hf = LAYOUT.convert  # transformers BEiT (either layout, with or without the base prefix) → vitkit
 
 
 def hf_hints(state: Mapping[str, Any], config: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -216,15 +210,10 @@ def to_transformers(model: nn.Module) -> nn.Module:
     from transformers import BeitForImageClassification
     hf = BeitForImageClassification(transformers_config(model))
     layout = "4" if any(".encoder.layer." in k for k in hf.state_dict()) else "5"
-    state = hf_keymap(layout).inverse({k: v.detach() for k, v in model.state_dict().items()},
-                                      skip=[r"relative_position_index$"])
-    state = {(k if k.startswith("classifier.") else "beit." + k): v for k, v in state.items()}
-    hf.load_state_dict(state, strict=True)
-    p = next(model.parameters())
-    return hf.to(device=p.device, dtype=p.dtype).eval()
+    return write_twin(model, hf, hf_keymap(layout), LAYOUT.bases[0], skip=(r"relative_position_index$",))
 
 
-HF_FORMAT = SourceFormat("hf", _looks_like_hf, from_hf, hf_hints, infer=hf_infer, twin=to_transformers,
+HF_FORMAT = SourceFormat("hf", LAYOUT.detect, LAYOUT.convert, hf_hints, infer=hf_infer, twin=to_transformers,
                          description="transformers BEiT folder or state dict (4.x and 5.x key layouts)")
 
 # Detection order: the most specific signature first.

@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.config import ConfigError, check_ranges
-from vitkit.families.contract import (FamilyModel, LinearHead, block_layer_id, block_outputs, select_indices,
-                                      tokens_to_map)
+from vitkit.families.contract import (FamilyModel, LinearHead, block_layer_id, block_outputs, select_indices)
 from vitkit.layers import Attention, Block, drop_path_rates, resample_pos_embed, sinusoid_table, to_2tuple
 
 __all__ = ["CCTConfig", "CCT", "ConvTokenizer"]
@@ -213,9 +212,6 @@ class CCT(LinearHead, FamilyModel):
     def readout_weights(self, features: Tensor) -> Tensor:
         """(B, N): the sequence-pooling weights softmax(g(x_L)), what the head reads of each token."""
         return self.attn_pool(features).softmax(dim=1).squeeze(-1)
-
-    def feature_map(self, features: Tensor, image_hw: tuple[int, int]) -> Tensor:
-        return tokens_to_map(features, 0, image_hw)  # (B, D, h, w)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.pool(x)

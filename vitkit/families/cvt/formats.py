@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from vitkit.specs import CheckpointView, SourceFormat
 from vitkit.weights.keymap import KeyMap, Rename
-from vitkit.weights.report import CheckpointError
+from vitkit.weights.load_report import CheckpointError
 from vitkit.weights.transformers_layout import TransformersLayout, head_hints, strip_base, write_twin
 
 __all__ = ["FORMATS", "OFFICIAL", "HF", "LAYOUT", "to_transformers"]

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from vitkit.config import ConfigError, check_ranges
-from vitkit.families.contract import (FamilyModel, LinearHead, select_indices, staged_layer_id, tokens_to_map,
-                                      trunc_normal_linears_)
+from vitkit.families.contract import (FamilyModel, LinearHead, StagedBlocks, select_indices, staged_layer_id,
+                                      tokens_to_map, trunc_normal_linears_)
 from vitkit.layers import Block, ConvNormAct, Mlp, PatchEmbed, RecordsAttention, attend, drop_path_rates, to_2tuple
 
 __all__ = ["CvTConfig", "ConvolutionalVisionTransformer", "ConvProjection", "ConvAttention"]
@@ -256,7 +256,7 @@ class CvTStage(nn.Module):
         return split_map(x, grid, self.cls_token is not None)[1]
 
 
-class ConvolutionalVisionTransformer(LinearHead, FamilyModel):
+class ConvolutionalVisionTransformer(StagedBlocks, LinearHead, FamilyModel):
     input_weights = ("stages.0.patch_embed.proj.weight",)
     config_cls = CvTConfig
     intermediates = "pyramid"
@@ -332,13 +332,6 @@ class ConvolutionalVisionTransformer(LinearHead, FamilyModel):
         x = x[:, 0] if self.class_token else x.mean(dim=1)  # (B, D): official forward_features
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
-
-    def named_blocks(self) -> list[tuple[str, nn.Module]]:
-        return [(f"stages.{i}.blocks.{j}", blk) for i, stage in enumerate(self.stages)
-                for j, blk in enumerate(stage.blocks)]
-
-    def feature_names(self) -> list[str]:
-        return [f"stages.{i}" for i in range(len(self.stages))]
 
     def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None,
                               norm: bool = False) -> list[Tensor]:

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.config import ConfigError, check_ranges, from_dict
-from vitkit.families.contract import (FamilyModel, LinearHead, block_outputs, select_indices, staged_layer_id,
-                                      zero_init_)
+from vitkit.families.contract import (FamilyModel, LinearHead, StagedBlocks, block_outputs, select_indices,
+                                      staged_layer_id, zero_init_)
 from vitkit.layers import Block, DWConvMlp, Mlp, PatchEmbed, record_attention, to_2tuple
 from vitkit.layers.deformable_attention import DeformableAttention, points_to_pixels
 from vitkit.layers.pos_embed_rel import relative_position_index
@@ -208,7 +208,7 @@ class DATStage(nn.Module):
         return self.blocks(x)  # (B, H_i, W_i, C_i)
 
 
-class DAT(LinearHead, FamilyModel):
+class DAT(StagedBlocks, LinearHead, FamilyModel):
     config_cls = DATConfig
     intermediates = "pyramid"
     convention = "over_n"  # coordinate conventions of the deformable attention (vitkit.layers.deformable_attention)
@@ -326,25 +326,15 @@ class DAT(LinearHead, FamilyModel):
         return self.stem(x)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) images → (B, h, w, D) normalised last-stage features (channels-last)."""
+        """(B, C, H, W) images → (B, h·w, D) normalised last-stage tokens (the contract's layout)."""
         x = self.embed(x)
         for stage in self.stages:
             x = stage(x)
-        return self.norm(x)
-
-    def feature_map(self, features: Tensor, image_hw: tuple[int, int]) -> Tensor:
-        return features.permute(0, 3, 1, 2)  # (B, h, w, D) channels-last → (B, D, h, w)
+        return self.norm(x).flatten(1, 2)  # (B, h, w, D) → (B, h·w, D)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = x.mean(dim=(1, 2))  # (B, D): cls_norm, then global average pooling
+        x = x.mean(dim=1)  # (B, D): cls_norm, then global average pooling
         return x if pre_logits else self.head(x)
-
-    def named_blocks(self) -> list[tuple[str, nn.Module]]:
-        return [(f"stages.{i}.blocks.{j}", blk) for i, stage in enumerate(self.stages)
-                for j, blk in enumerate(stage.blocks)]
-
-    def feature_names(self) -> list[str]:
-        return [f"stages.{i}" for i in range(len(self.stages))]
 
     def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None,
                               norm: bool = False) -> list[Tensor]:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from vitkit.specs import CheckpointView, SourceFormat
 from vitkit.weights.keymap import Fuse, KeyMap, Rename
-from vitkit.weights.report import CheckpointError
+from vitkit.weights.load_report import CheckpointError
 from vitkit.weights.transformers_layout import TransformersLayout, head_hints, write_twin
 
 __all__ = ["OFFICIAL", "TIMM", "HF", "LAYOUT", "FORMATS", "OFFICIAL_DATA_CFG", "TIMM_DATA_CFG", "to_official",

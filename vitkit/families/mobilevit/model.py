@@ -220,11 +220,11 @@ class MobileViTBlock(nn.Module):
 
 
 def global_pool(x: Tensor, kind: str) -> Tensor:
-    """ml-cvnets ``GlobalPool`` (7771756 ``cvnets/layers/global_pool.py``) over (B, C, H, W) → (B, C): "mean", "abs"
-    (mean of |x|) or "rms" as it computes it, mean(x²)^-½ (the inverse of the root mean square)."""
+    """ml-cvnets ``GlobalPool`` (7771756 ``cvnets/layers/global_pool.py``) over the positions, (B, h·w, C) → (B, C):
+    "mean", "abs" (mean of |x|) or "rms" as it computes it, mean(x²)^-½ (the inverse of the root mean square)."""
     if kind == "rms":
-        return x.pow(2).mean(dim=(-2, -1)).pow(-0.5)
-    return (x.abs() if kind == "abs" else x).mean(dim=(-2, -1))
+        return x.pow(2).mean(dim=1).pow(-0.5)
+    return (x.abs() if kind == "abs" else x).mean(dim=1)
 
 
 # ------------------------------------------------------------------------------------------------------- model
@@ -291,17 +291,14 @@ class MobileViT(LinearHead, FamilyModel):
 
     # --------------------------------------------------------------------------------------------------- forward
     def forward_features(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) → (B, num_features, H/32, W/32), after the final 1x1 conv (ceil-divided sizes; the maps are
-        in channels-last memory, see ``embed``)."""
-        return self.final_conv(self.stages(self.embed(x)))
+        """(B, C, H, W) → (B, h·w, num_features) tokens of the last map (h, w = H/32, W/32 ceil-divided), after the
+        final 1x1 conv (the contract's layout; the maps are in channels-last memory, see ``embed``)."""
+        return self.final_conv(self.stages(self.embed(x))).flatten(2).transpose(1, 2)  # (B, C, h, w) → (B, h·w, C)
 
     def embed(self, x: Tensor) -> Tensor:
         """The stem. The maps are kept in channels-last memory from here on (same values): oneDNN's convolutions
         are faster on it, the 1x1 convs are plain matrix products, and unfolding then moves whole pixel vectors."""
         return self.stem(x.contiguous(memory_format=torch.channels_last))
-
-    def feature_map(self, features: Tensor, image_hw: tuple[int, int]) -> Tensor:
-        return features  # already the (B, num_features, h, w) map the head pools
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = global_pool(x, self.cfg.global_pool)  # (B, num_features)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from vitkit.specs import CheckpointView, SourceFormat
 from vitkit.weights.keymap import Fuse, KeyMap, Rename
-from vitkit.weights.report import CheckpointError
+from vitkit.weights.load_report import CheckpointError
 from vitkit.weights.transformers_layout import (TWIN_ACTIVATIONS, TransformersLayout, head_hints, hf_activation,
                                                 strip_base, write_twin)
 

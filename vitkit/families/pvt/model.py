@@ -39,8 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from vitkit.config import ConfigError, check_ranges
-from vitkit.families.contract import (FamilyModel, LinearHead, select_indices, staged_layer_id, trunc_normal_linears_,
-                                      zero_init_)
+from vitkit.families.contract import (FamilyModel, LinearHead, StagedBlocks, select_indices, staged_layer_id,
+                                      trunc_normal_linears_, zero_init_)
 from vitkit.layers import (Block, Mlp, PatchEmbed, SpatialReductionAttention, drop_path_rates, resample_pos_embed,
                            to_2tuple)
 
@@ -131,7 +131,7 @@ def sra_block(cfg: PyramidConfig, i: int, drop_path: float, mlp: nn.Module, proj
     return Block(dim, drop_path=drop_path, norm_eps=cfg.norm_eps, attn=attn, mlp=mlp)
 
 
-class PyramidModel(LinearHead, FamilyModel):
+class PyramidModel(StagedBlocks, LinearHead, FamilyModel):
     """What PVT v1 and v2 share: the stem ``patch_embed``, four ``stages``, one classifier ``head``, the per-stage
     pyramid of ``forward_intermediates`` and Swin's layer numbering for layer-wise learning-rate decay."""
 
@@ -172,13 +172,6 @@ class PyramidModel(LinearHead, FamilyModel):
     @property
     def num_layer_ids(self) -> int:
         return sum(self.cfg.depths) + 2
-
-    def named_blocks(self) -> list[tuple[str, nn.Module]]:
-        return [(f"stages.{i}.blocks.{j}", blk) for i, stage in enumerate(self.stages)
-                for j, blk in enumerate(stage.blocks)]
-
-    def feature_names(self) -> list[str]:
-        return [f"stages.{i}" for i in range(len(self.stages))]
 
     def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None,
                               norm: bool = False) -> list[Tensor]:

@@ -97,21 +97,19 @@ class PyramidVisionTransformerV2(PyramidModel):
         return set()  # no position embedding or class token (the official list names none that exist; timm's is empty)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) images → (B, C_4, H/32, W/32) last-stage map, after its LayerNorm."""
+        """(B, C, H, W) images → (B, h·w, C_4) tokens of the last stage, after its LayerNorm (the contract's
+        layout)."""
         x = self.embed(x)  # (B, H/4, W/4, C_1)
         for stage in self.stages:
             x = stage(x)  # (B, C_i, H_i, W_i)
-        return x
-
-    def feature_map(self, features: Tensor, image_hw: tuple[int, int]) -> Tensor:
-        return features  # already the (B, C, h, w) map of the last stage
+        return x.flatten(2).transpose(1, 2)  # (B, C_4, h, w) → (B, h·w, C_4)
 
     def stage_map(self, i: int, out: Tensor, norm: bool) -> Tensor:
         """Stages return (B, C, H, W) maps after their own LayerNorm, so ``norm`` changes nothing."""
         return out
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.head_drop(x.mean(dim=(-2, -1)))  # (B, C) the mean of the last stage's tokens
+        x = self.head_drop(x.mean(dim=1))  # (B, C) the mean of the last stage's tokens
         return x if pre_logits else self.head(x)
 
     def load_pretrained_state(self, state: dict[str, Tensor], report) -> dict[str, Tensor]:

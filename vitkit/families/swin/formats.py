@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from vitkit.specs import CheckpointView, ResizeRule, SourceFormat
 from vitkit.weights.keymap import Drop, Fuse, KeyMap, Rename
-from vitkit.weights.report import CheckpointError
+from vitkit.weights.load_report import CheckpointError
 from vitkit.weights.transformers_layout import (HF_ACTIVATIONS, TWIN_ACTIVATIONS, TransformersLayout, head_hints,
                                                write_twin)
 

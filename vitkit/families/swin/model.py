@@ -32,8 +32,8 @@ from vitkit.layers import Block, PatchEmbed, to_2tuple
 from vitkit.layers.pos_embed_rel import relative_position_index
 from vitkit.layers.window_attention import (WindowAttention, padded_grid, shifted_window_mask,
                                             table_window)
-from vitkit.families.contract import (FamilyModel, LinearHead, block_outputs, select_indices, staged_layer_id,
-                                trunc_normal_linears_, zero_init_)
+from vitkit.families.contract import (FamilyModel, LinearHead, StagedBlocks, block_outputs, select_indices,
+                                      staged_layer_id, trunc_normal_linears_, zero_init_)
 
 __all__ = ["SwinConfig", "SwinTransformer", "PatchMerging", "block_geometry"]
 
@@ -169,8 +169,9 @@ class SwinStage(nn.Module):
         return self.blocks(self.downsample(x))  # (B, H_i, W_i, C_i)
 
 
-class SwinTransformer(LinearHead, FamilyModel):
+class SwinTransformer(StagedBlocks, LinearHead, FamilyModel):
     config_cls = SwinConfig
+    stages_attr = "layers"
     intermediates = "pyramid"
     input_weights = ("patch_embed.proj.weight",)
 
@@ -238,14 +239,11 @@ class SwinTransformer(LinearHead, FamilyModel):
         return self.pos_drop(x)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) images → (B, h, w, D) normalised last-stage features (channels-last)."""
-        return self.norm(self.layers(self.embed(x)))
-
-    def feature_map(self, features: Tensor, image_hw: tuple[int, int]) -> Tensor:
-        return features.permute(0, 3, 1, 2)  # (B, h, w, D) channels-last → (B, D, h, w)
+        """(B, C, H, W) images → (B, h·w, D) normalised last-stage tokens (the contract's layout)."""
+        return self.norm(self.layers(self.embed(x))).flatten(1, 2)  # (B, h, w, D) → (B, h·w, D)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = x.mean(dim=(1, 2))  # (B, D) global average pooling
+        x = x.mean(dim=1)  # (B, D) global average pooling
         return x if pre_logits else self.head(x)
 
     def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None,
@@ -257,13 +255,6 @@ class SwinTransformer(LinearHead, FamilyModel):
         if norm and wanted[-1] == len(self.layers) - 1:
             outs[-1] = self.norm(outs[-1])
         return [y.permute(0, 3, 1, 2).contiguous() for y in outs]  # (B, C_i, H_i, W_i)
-
-    def named_blocks(self) -> list[tuple[str, nn.Module]]:
-        return [(f"layers.{i}.blocks.{j}", blk) for i, stage in enumerate(self.layers)
-                for j, blk in enumerate(stage.blocks)]
-
-    def feature_names(self) -> list[str]:
-        return [f"layers.{i}" for i in range(len(self.layers))]
 
     # ------------------------------------------------------------------------------------------ weight loading
     def load_pretrained_state(self, state: dict[str, Tensor], report) -> dict[str, Tensor]:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from vitkit.config import ConfigError, check_ranges
 from vitkit.families.contract import (FamilyModel, LinearHead, block_layer_id, block_outputs, select_indices,
-                                      tokens_to_map, trunc_normal_linears_)
+                                      trunc_normal_linears_)
 from vitkit.families.t2t_vit.formats import RESIZE
 from vitkit.layers import (Attention, Block, Mlp, RecordsAttention, attend, drop_path_rates, favor_attention,
                            orthogonal_features, sinusoid_table, to_2tuple)
@@ -270,9 +270,6 @@ class T2TViT(LinearHead, FamilyModel):
         """(B, C, H, W) → (B, 1 + h·w, D) normalised tokens."""
         return self.norm(self.blocks(self.embed(x)))
 
-    def feature_map(self, features: Tensor, image_hw: tuple[int, int]) -> Tensor:
-        return tokens_to_map(features, self.num_prefix_tokens, image_hw)  # (B, D, h, w)
-
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = x[:, 0]  # (B, D) class token
         return x if pre_logits else self.head(x)
@@ -300,7 +297,7 @@ class T2TViT(LinearHead, FamilyModel):
         return adapt_head(state, "head", self.head, report)
 
     def _check_tokens_type(self, state: dict[str, Tensor], source: str) -> None:
-        from vitkit.weights.report import CheckpointMismatchError
+        from vitkit.weights.load_report import CheckpointMismatchError
         held = ("performer" if "tokens_to_token.attention1.attn.kqv.weight" in state else
                 "transformer" if "tokens_to_token.attention1.attn.qkv.weight" in state else None)
         if held is not None and held != self.cfg.tokens_type:

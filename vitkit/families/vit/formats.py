@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from vitkit.families.vit.jax import JAX_FORMAT
 from vitkit.specs import CheckpointView, ResizeRule, SourceFormat
 from vitkit.weights.keymap import Drop, Fuse, KeyMap, Rename
-from vitkit.weights.report import CheckpointError
+from vitkit.weights.transformers_layout import (TWIN_ACTIVATIONS, TransformersLayout, head_hints, hf_activation,
+                                               strip_base, write_twin)
 
 __all__ = ["FORMATS", "RESIZE", "RESIZE_CHOICES", "TIMM_FORMAT", "HF_FORMAT", "HF_RESIZE_SOURCE", "from_timm",
            "timm_hints", "looks_like_timm_vit", "hf_keymap", "from_hf", "to_transformers", "transformers_config"]
@@ -124,48 +125,32 @@ def hf_keymap(layout: str, distilled: bool) -> KeyMap:
     return KeyMap(_EMBED + (_V4 if layout == "4" else _V5) + _HEADS[distilled], name=f"transformers {layout}.x ViT")
 
 
-_BASES = ("vit.", "deit.")
+def _keymap_for(keys) -> KeyMap:
+    """The table for a prefix-stripped set of keys: 4.x (``encoder.layer.``) or 5.x names, with the WithTeacher
+    heads when ``cls_classifier`` is there."""
+    return hf_keymap("4" if any(k.startswith("encoder.layer.") for k in keys) else "5", "cls_classifier.weight" in keys)
 
 
-def _strip_base(key: str) -> str:
-    return key[len(key.split(".", 1)[0]) + 1:] if key.startswith(_BASES) else key
-
-
-def from_hf(state: dict[str, Tensor], report) -> dict[str, Tensor]:
-    """transformers ViT/DeiT (either layout, with or without the ``vit.``/``deit.`` base prefix) → vitkit."""
-    state = {_strip_base(k): v for k, v in state.items()}
-    layout = "4" if any(k.startswith("encoder.layer.") for k in state) else "5"
-    return hf_keymap(layout, "cls_classifier.weight" in state).forward(state, report)
-
-
-def _looks_like_hf(view: CheckpointView) -> bool:
-    if view.model_type is not None:
-        return view.model_type in ("vit", "deit")
-    return any(_strip_base(k).startswith("embeddings.patch_embeddings.") for k in view.keys)
-
-
-_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+LAYOUT = TransformersLayout("ViT", ("vit.", "deit."), ("vit", "deit"), _keymap_for,
+                           lambda keys: any(k.startswith("embeddings.patch_embeddings.") for k in keys))
+from_hf = LAYOUT.convert  # transformers ViT/DeiT (either layout, with or without the base prefix) → vitkit
 
 
 def hf_hints(state: dict[str, Tensor], config: Mapping[str, Any] | None) -> dict[str, Any]:
     """Architecture from config.json (when there is one); head, pooler and distillation head from the tensors."""
     hints: dict[str, Any] = {}
     if config:
-        act = config.get("hidden_act", "gelu")
-        if act not in _ACT:
-            raise CheckpointError(f"transformers hidden_act {act!r} is not supported for ViT")
+        act = hf_activation(config, "ViT")
         D = config.get("hidden_size", 768)
         hints = dict(embed_dim=D, depth=config.get("num_hidden_layers", 12),
                      num_heads=config.get("num_attention_heads", 12),
                      mlp_ratio=config.get("intermediate_size", 4 * D) / D, patch_size=config.get("patch_size", 16),
                      in_chans=config.get("num_channels", 3), qkv_bias=config.get("qkv_bias", True),
-                     norm_eps=float(config.get("layer_norm_eps", 1e-12)), act_layer=_ACT[act])
-    head = state.get("classifier.weight", state.get("cls_classifier.weight"))
-    if head is not None:
-        hints["num_classes"] = int(head.shape[0])
+                     norm_eps=float(config.get("layer_norm_eps", 1e-12)), act_layer=act)
+    hints.update(head_hints(state, "classifier.weight" if "classifier.weight" in state else "cls_classifier.weight"))
     if any(k.endswith("embeddings.distillation_token") for k in state) and "cls_classifier.weight" not in state:
         hints["dist_head"] = False  # DeiTForImageClassification / DeiTModel: no head on the distillation token
-    pooler = next((v for k, v in state.items() if _strip_base(k) == "pooler.dense.weight"), None)
+    pooler = strip_base(state, LAYOUT.bases).get("pooler.dense.weight")
     if pooler is not None:
         hints["representation_size"] = int(pooler.shape[0])
     return hints
@@ -194,7 +179,7 @@ def _registered_hybrid(width: int, img: int) -> str:
 def hf_infer(view: CheckpointView) -> tuple[str, dict[str, Any]] | None:
     """A transformers folder describes its architecture: a registered name of its family plus its image size."""
     config = view.config or {}
-    if config.get("model_type") not in ("vit", "deit"):
+    if config.get("model_type") not in LAYOUT.model_types:
         return None
     img = config.get("image_size", 224)
     img = img if isinstance(img, int) else (int(img[0]), int(img[1]))  # transformers accepts (H, W) too
@@ -204,9 +189,6 @@ def hf_infer(view: CheckpointView) -> tuple[str, dict[str, Any]] | None:
 
 
 # ------------------------------------------------------------------------------------------- transformers twin
-_TWIN_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
-
-
 def _is_distilled(model: nn.Module) -> bool:
     return getattr(model, "num_dist_tokens", 0) > 0
 
@@ -218,7 +200,7 @@ def transformers_config(model: nn.Module):
     cfg = model.cfg
     unsupported = {"global_pool": cfg.global_pool != "token", "class_token": not cfg.class_token,
                    "fc_norm": bool(cfg.fc_norm), "representation_size": bool(cfg.representation_size),
-                   "init_values": bool(cfg.init_values), "act_layer": cfg.act_layer not in _TWIN_ACT,
+                   "init_values": bool(cfg.init_values), "act_layer": cfg.act_layer not in TWIN_ACTIVATIONS,
                    "dist_head": _is_distilled(model) and not cfg.dist_head, "resnet": hasattr(cfg, "resnet"),
                    "add_position_embedding": not cfg.add_position_embedding, "qk_scale": cfg.qk_scale is not None}
     bad = [k for k, v in unsupported.items() if v]
@@ -227,7 +209,7 @@ def transformers_config(model: nn.Module):
     config_cls = DeiTConfig if _is_distilled(model) else ViTConfig
     return config_cls(
         hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
-        intermediate_size=model.blocks[0].mlp.fc1.out_features, hidden_act=_TWIN_ACT[cfg.act_layer],
+        intermediate_size=model.blocks[0].mlp.fc1.out_features, hidden_act=TWIN_ACTIVATIONS[cfg.act_layer],
         image_size=tuple(model.patch_embed.img_size), patch_size=cfg.patch_size, num_channels=cfg.in_chans,
         qkv_bias=cfg.qkv_bias, layer_norm_eps=cfg.norm_eps, num_labels=cfg.num_classes,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -240,17 +222,12 @@ def to_transformers(model: nn.Module) -> nn.Module:
     from transformers import DeiTForImageClassificationWithTeacher, ViTForImageClassification
     distilled = _is_distilled(model)
     hf = (DeiTForImageClassificationWithTeacher if distilled else ViTForImageClassification)(transformers_config(model))
-    base = hf.base_model_prefix + "."
     layout = "4" if any(".encoder.layer." in k for k in hf.state_dict()) else "5"
-    state = hf_keymap(layout, distilled).inverse({k: v.detach() for k, v in model.state_dict().items()})
-    state = {(k if k.startswith(("classifier.", "cls_classifier.", "distillation_classifier.")) else base + k): v
-             for k, v in state.items()}
-    hf.load_state_dict(state, strict=True)
-    p = next(model.parameters())
-    return hf.to(device=p.device, dtype=p.dtype).eval()
+    return write_twin(model, hf, hf_keymap(layout, distilled), hf.base_model_prefix + ".",
+                      ("classifier.", "cls_classifier.", "distillation_classifier."))
 
 
-HF_FORMAT = SourceFormat("hf", _looks_like_hf, from_hf, hf_hints, infer=hf_infer, twin=to_transformers,
+HF_FORMAT = SourceFormat("hf", LAYOUT.detect, LAYOUT.convert, hf_hints, infer=hf_infer, twin=to_transformers,
                          description="transformers ViT/DeiT folder or state dict (4.x and 5.x key layouts)")
 
 # Detection order: the most specific signature first.

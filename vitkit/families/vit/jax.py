@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from vitkit.specs import CheckpointView, SourceFormat
-from vitkit.weights.report import CheckpointError, LoadReport
+from vitkit.weights.load_report import CheckpointError, LoadReport
 
 __all__ = ["JAX_FORMAT", "vit_from_jax", "jax_hints", "looks_like_jax"]
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from vitkit.config import ConfigError, check_ranges
 from vitkit.families.contract import (FamilyModel, LinearHead, block_layer_id, block_outputs, select_indices,
-                                      tokens_to_map, trunc_normal_linears_, zero_init_)
+                                      trunc_normal_linears_, zero_init_)
 from vitkit.layers import (Attention, Block, HybridEmbed, PatchEmbed, ResNetBackbone, drop_path_rates,
                            resample_pos_embed, to_2tuple)
 
@@ -270,9 +270,6 @@ class VisionTransformer(LinearHead, FamilyModel):
         if self.pos_embed is None:
             return None
         return self.pos_embed[0, self.num_prefix_tokens:], self.patch_embed.grid_size  # (h·w, D)
-
-    def feature_map(self, features: Tensor, image_hw: tuple[int, int]) -> Tensor:
-        return tokens_to_map(features, self.num_prefix_tokens, image_hw)  # (B, D, h, w)
 
     def readout_weights(self, features: Tensor) -> Tensor:
         """The class token, or every patch token equally for global average pooling (App. D.3)."""
