@@ -1,4 +1,4 @@
-"""Budgets hold (issue 9, item 3; issue 18, items 8 and 10): the plan's arithmetic (``vitkit.train.budget``); a real
+"""Budgets hold: the plan's arithmetic (``vitkit.train.budget``); a real
 time-budgeted ``vitkit train`` process that ends within its budget although its test split alone would take longer
 than the budget, showing step lines and metrics rows from the first steps and never the placeholder step count; and
 runs on a simulated clock, exact whatever the machine's load, through a noisy machine and a neighbour that makes
@@ -143,7 +143,7 @@ def test_a_budget_spent_before_planning_still_limits_the_end(tmp_path):
     assert result.summary["planned_steps"] == 1 and result.summary["test"]["num_samples"] < 200_000
 
 
-# ------------------------------------------------------------------------------- a simulated clock (issue 18)
+# ------------------------------------------------------------------------------- a simulated clock
 # The trainer runs on a simulated clock: only steps take time, as long as ``step_s(step, now)`` says, so a budgeted
 # run and a noisy neighbour are replayed exactly, whatever the machine's load. The model is not trained (the step is
 # replaced by its bookkeeping); what is tested is the plan, the schedule and where the run ends.
@@ -244,7 +244,7 @@ def test_a_transient_slowdown_does_not_restart_the_schedule(tmp_path, monkeypatc
 
 
 def test_the_plan_holds_still_on_a_noisy_machine(tmp_path, monkeypatch):
-    """Step times varying +-20% from step to step (about the noise that made the issue's plan, then timed over 10
+    """Step times varying +-20% from step to step (about the noise that once made the plan, then timed over 10
     steps, jump between 34,000 and 41,000 steps from one log line to the next) move the planned length by less than
     10% in all, and rarely."""
     run = simulated_run(tmp_path, monkeypatch, neighbour(0.2, 1.0, 0.0, 0.0, jitter=0.2))

@@ -1,5 +1,5 @@
 """The command line as a new user meets it: every command's --help, the bare command, --version, `python -m vitkit`,
-each in a fresh subprocess (issue 9, item 1), and the front-end's speed (torch is imported only when a command runs).
+each in a fresh subprocess, and the front-end's speed (torch is imported only when a command runs).
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def test_demo_expectations_agree_between_readme_recipe_and_output():
 
 
 def test_console_script_lists_every_command():
-    """The `vitkit` script pyproject's [project.scripts] installs next to the interpreter (issue 14, item 11)."""
+    """The `vitkit` script pyproject's [project.scripts] installs next to the interpreter."""
     from pathlib import Path
 
     from conftest import skip_or_fail

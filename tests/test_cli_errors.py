@@ -1,4 +1,4 @@
-"""One line, not a traceback, for every user mistake, in every command (issue 9, items 5, 7, 8, 11; issue 18, item 6).
+"""One line, not a traceback, for every user mistake, in every command.
 
 Each case runs ``python -m vitkit ...`` in its own fresh folder and must exit with status 2, print exactly one line
 on stderr (``vitkit COMMAND: error: ...`` naming the key, flag or file at fault), no traceback, and leave the folder
@@ -79,7 +79,7 @@ CASES: dict[str, Case] = {
     "convert into a model folder": Case(("convert", "model", "other"), "pass --force"),
     "convert into a non-model folder": Case(("convert", "model", "notes", "--force"), "not a vitkit model folder"),
     "convert --img-size big": Case(("convert", "model", "out", "--img-size", "big"), "--img-size"),
-    # issue 18, item 6: paths, names and values that escaped the rule
+    # paths, names and values that escaped the rule once
     "predict MISSING": Case(("predict", "missing.png", "--pretrained", "model"), "missing.png: no such file or folder"),
     "predict an empty folder": Case(("predict", "empty", "--pretrained", "model"), "no image files (.jpg"),
     "predict --pretrained MISSING": Case(("predict", "img.png", "--pretrained", "nope"), "nope: no such file"),
@@ -248,7 +248,7 @@ def test_offline_cifar_download_says_where_to_put_the_files(tmp_path):
 
 
 def test_a_bad_image_in_predict_is_reported_once(tmp_path, capfd):
-    """The error row is the report: no second copy as a log warning (issue 9, item 11)."""
+    """The error row is the report: no second copy as a log warning."""
     from vitkit.cli.main import main
     model = vitkit.create_model("vit_tiny_patch16_224", patch_size=4, depth=1, embed_dim=24, num_heads=2,
                                 img_size=16, num_classes=3)
@@ -264,7 +264,7 @@ def test_a_bad_image_in_predict_is_reported_once(tmp_path, capfd):
 
 
 def test_model_filters_ignore_case(capsys):
-    """`vitkit models 'Swin*'` lists the Swin variants, as timm's filter would (issue 18, item 6)."""
+    """`vitkit models 'Swin*'` lists the Swin variants, as timm's filter would."""
     from vitkit.cli.main import main
     assert vitkit.list_models("Swin*") == vitkit.list_models("swin*") != []
     assert main(["models", "Swin*", "--format", "csv"]) == 0

@@ -2,7 +2,7 @@
 checkpoints/best and the run's data section by itself and reproduce the training loop's own test report.
 
 Both sides run in fp32 (``train.amp: none``, ``--amp none``): ``auto`` is bf16 on a CPU with native bf16, where the
-training loop's test batches of 32 and eval's of 64 round differently (issue 18)."""
+training loop's test batches of 32 and eval's of 64 round differently."""
 from __future__ import annotations
 
 import json

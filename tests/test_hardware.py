@@ -1,4 +1,4 @@
-"""Mixed precision chosen by the hardware (issue 9, item 2): ``auto`` is bf16 where the device runs it natively and
+"""Mixed precision chosen by the hardware: ``auto`` is bf16 where the device runs it natively and
 fp32 elsewhere, in train, eval, predict and bench alike; both branches are tested by replacing the probe. Devices
 that do not exist are one-line errors naming the flag (item 7)."""
 from __future__ import annotations

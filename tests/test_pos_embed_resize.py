@@ -1,4 +1,4 @@
-"""Another input size, for every family and every source format it loads (issue 19): a checkpoint's position tables
+"""Another input size, for every family and every source format it loads: a checkpoint's position tables
 are resized the way its own source's code resizes them, checked against that code's output, and the load report
 names the scheme and the file@commit it follows.
 

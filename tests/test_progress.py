@@ -1,4 +1,4 @@
-"""Honest waits (issue 9, item 10): long operations show a bar on a terminal and periodic plain lines elsewhere (no
+"""Honest waits: long operations show a bar on a terminal and periodic plain lines elsewhere (no
 carriage returns in logs), and `vitkit bench --machine` is bounded and reports as it goes."""
 from __future__ import annotations
 

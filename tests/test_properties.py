@@ -1,4 +1,4 @@
-"""Property-based tests (issue 9, item 12), bounded so the default suite stays fast: random recipe dictionaries and
+"""Property-based tests, bounded so the default suite stays fast: random recipe dictionaries and
 ``--set`` strings either validate or raise ``ConfigError`` (never another exception, never a run folder left
 behind); random bytes as checkpoint files and as images give the documented one-line errors, never a traceback or
 a hang."""

@@ -1,4 +1,4 @@
-"""What commands leave on disk (issue 9): nothing before everything is checked, failed starts that the same command
+"""What commands leave on disk: nothing before everything is checked, failed starts that the same command
 may reuse (item 5); no history lost on resume (item 6); conversions that never overwrite silently, accept run folders
 and follow the user's umask (item 8)."""
 from __future__ import annotations

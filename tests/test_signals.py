@@ -1,4 +1,4 @@
-"""Signals work everywhere (issue 9, item 4): SIGINT/SIGTERM during an evaluation stop a run within seconds with
+"""Signals work everywhere: SIGINT/SIGTERM during an evaluation stop a run within seconds with
 ``checkpoints/last`` saved, and the interrupted validation runs first when resumed, so the resumed run's metrics
 equal an uninterrupted run's; a second Ctrl-C exits with one line saying what was and was not saved.
 
@@ -265,7 +265,7 @@ def test_signal_sweep_dense(tmp_path, offset, signum):
 
 
 def test_a_cleanup_failing_after_the_signal_does_not_replace_the_line(tmp_path, monkeypatch, capsys):
-    """The rare traceback of the issue: the signal interrupts an import, then a ``finally`` touches the half-imported
+    """A rare traceback seen once: the signal interrupts an import, then a ``finally`` touches the half-imported
     module and raises AttributeError. The one line names the signal, not that failure."""
     import vitkit.cli.train as cli_train
     from vitkit.cli.main import main
@@ -286,7 +286,7 @@ def test_a_cleanup_failing_after_the_signal_does_not_replace_the_line(tmp_path, 
 
 def test_runtime_cleanup_imports_nothing_it_did_not_need():
     """A run without deterministic mode never calls torch.use_deterministic_algorithms, which imports
-    torch._inductor and sympy (the import the issue's signal interrupted, then the cleanup's that failed)."""
+    torch._inductor and sympy (the import a signal once interrupted, then the cleanup's that failed)."""
     code = ("import sys, torch\nfrom vitkit.train.config import TrainSection\n"
             "from vitkit.train.process import runtime\n"
             "with runtime(TrainSection(steps=1, threads=1), torch.device('cpu')):\n    pass\n"

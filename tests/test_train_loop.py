@@ -23,7 +23,7 @@ from vitkit.train.tasks import ClassifyTask
 
 def recipe(**sections) -> dict:
     """A 6-step run of a 1-block ViT on 128 fake images. Pinned to fp32 (``amp: none``): the tests compare with
-    float32 references, and ``auto`` would be bf16 on a CPU with native bf16 (issue 18)."""
+    float32 references, and ``auto`` would be bf16 on a CPU with native bf16."""
     base = {"model": {"name": "vit_tiny_patch16_224",
                       "overrides": {"patch_size": 4, "depth": 1, "embed_dim": 24, "num_heads": 2}},
             "data": {"name": "fake", "img_size": 16, "train_limit": 128, "test_limit": 32, "num_workers": 0,
@@ -53,7 +53,7 @@ def test_run_folder_layout_and_reports(tmp_path):
         assert (run / f).is_file(), f
     assert not (run / "checkpoints" / "best" / "train_state.json").exists()
     rows = list(csv.DictReader(open(run / "metrics.csv")))
-    # a training row every log.every_steps steps (issue 9: rows from the first steps), an evaluation row per epoch;
+    # a training row every log.every_steps steps (rows from the first steps), an evaluation row per epoch;
     # step 6 ends an epoch, so its training numbers go into the evaluation row
     assert list(rows[0]) == COLUMNS and [int(r["step"]) for r in rows] == [2, 3, 4, 6]
     assert all(r["lr"] and r["elapsed_s"] and r["train_loss"] for r in rows)
@@ -242,7 +242,7 @@ def test_time_budget_plan_is_laid_out_once_and_survives_a_resume(tmp_path, caplo
     plans = [m for m in caplog.messages if m.startswith("time budget")]
     state = json.loads((run / "checkpoints" / "last" / "train_state.json").read_text())
     planned = state["state"]["total_steps"]
-    # one plan message; the plan then follows the measured speed (issue 9), so the saved length is the latest one
+    # one plan message; the plan then follows the measured speed, so the saved length is the latest one
     laid_out = int(re.search(r"laid out over (\d+) steps", plans[0]).group(1)) if len(plans) == 1 else None
     assert first.status == "interrupted" and laid_out is not None and 0.5 < planned / laid_out < 2, (plans, planned)
     assert state["state"]["planned"] and state["schedule"]["total_steps"] == planned

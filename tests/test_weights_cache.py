@@ -1,4 +1,4 @@
-"""The weights cache is verified, not trusted (issue 9, item 9): a cached file is hashed again before use and a
+"""The weights cache is verified, not trusted: a cached file is hashed again before use and a
 mismatch is refused with the way to repair it; Hub downloads record their hash; offline, the Hub fails in seconds.
 
 Every server here is on 127.0.0.1 (a tiny stand-in for the Hub's resolve endpoint, or a port that refuses or never

@@ -218,7 +218,7 @@ def test_another_window_resizes_tables_as_official_load_pretrained():
     table = load_file_official()["layers.2.blocks.1.attn.relative_position_bias_table"]
     expected = resize_rel_pos_bias_table(table, (4, 4), (5, 5), method="geometric")
     assert torch.equal(geometric.layers[2].blocks[1].attn.relative_position_bias_table.detach(), expected)
-    assert 1e-4 < max_diff(_logits(geometric, x), bicubic) < 1.0  # the two methods differ, as the issue says
+    assert 1e-4 < max_diff(_logits(geometric, x), bicubic) < 1.0  # the two methods differ
 
 
 def test_timm_file_at_a_second_resolution_resizes_as_timm():
