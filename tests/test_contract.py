@@ -67,7 +67,10 @@ def test_tiny_forward_backward(name):
     logits = model(x)
     logits = logits[0] if isinstance(logits, tuple) else logits
     assert logits.shape == (2, 7)
-    logits.pow(2).sum().backward()
+    loss = logits.pow(2).sum()
+    if model.mim_vocab_size:  # the masked-image-modelling head's parameters train through masked_token_logits
+        loss = loss + model.masked_token_logits(x, _mask(model, x)).pow(2).sum()
+    loss.backward()
     for pname, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None, f"{pname} got no gradient"
@@ -93,6 +96,31 @@ def test_head_and_pre_logits(name):
     model.reset_classifier(3)
     assert all(h.out_features == 3 and not h.weight.any() for h in model.classifiers())
     assert model(x).shape == (2, 3) and model.num_classes == 3
+
+
+def _mask(model: FamilyModel, x: torch.Tensor) -> torch.Tensor:
+    """A (B, N) bool mask over the patch positions of ``forward_features``' tokens: a different third per image."""
+    with torch.no_grad():
+        n = model.forward_features(x).shape[1] - model.num_prefix_tokens
+    return torch.stack([torch.arange(n) % 3 == b % 3 for b in range(x.shape[0])])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_masked_token_logits_or_a_one_line_refusal(name):
+    """The optional masked-image-modelling capability: (M, mim_vocab_size) logits, one row per masked position; a
+    model without the head refuses in one line."""
+    model = _tiny(name).eval()
+    x = _input(model)
+    mask = _mask(model, x)
+    if not model.mim_vocab_size:
+        with pytest.raises(ValueError, match="masked-image-modelling head") as err:
+            model.masked_token_logits(x, mask)
+        assert "\n" not in str(err.value)
+        return
+    with torch.no_grad():
+        logits = model.masked_token_logits(x, mask)
+        assert logits.shape == (int(mask.sum()), model.mim_vocab_size) and torch.isfinite(logits).all()
+        assert torch.equal(model.masked_token_logits(x, mask), logits)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -175,8 +203,13 @@ def test_another_input_size_builds_runs_and_loads(name, tmp_path):
     big = vitkit.create_model(name, pretrained=str(tmp_path / "small"), img_size=(2 * H, 2 * W),
                               **{k: v for k, v in spec.tiny.items() if k != "img_size"})
     assert big.data_cfg.input_size == (C, 2 * H, 2 * W)
-    out = _logits(big, _input(small, scale=2))
-    assert out.shape == (2, small.num_classes) and torch.isfinite(out).all()
+    x = _input(small, scale=2)
+    out = _logits(big, x)
+    assert out.shape == _logits(small, _input(small)).shape and torch.isfinite(out).all()  # (2, classes or features)
+    if big.mim_vocab_size:
+        with torch.no_grad():
+            mask = _mask(big, x)
+            assert big.masked_token_logits(x, mask).shape == (int(mask.sum()), big.mim_vocab_size)
     report = big.load_report
     assert report.resized or report.notes, "the load report says nothing about the new input size"
 

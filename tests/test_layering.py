@@ -28,6 +28,7 @@ CASES = [
     ("vitkit.deploy", FAMILY_PACKAGES),
     ("vitkit.bench", FAMILY_PACKAGES),
     ("vitkit.cli.main", FAMILY_PACKAGES),
+    ("vitkit.tokenizers", ("vitkit.registry", "vitkit.train", *FAMILY_PACKAGES)),
 ]
 
 

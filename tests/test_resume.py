@@ -95,7 +95,7 @@ def saved_step(run: Path) -> int:
     return json.loads((run / "checkpoints" / "last" / "train_state.json").read_text())["state"]["step"]
 
 
-def assert_same_run(run: Path, ref: Path) -> None:
+def assert_same_run(run: Path, ref: Path, steps: int = STEPS) -> None:
     for name in ("model.safetensors", "train_state.safetensors"):
         a, b = load_file(str(run / "checkpoints" / "last" / name)), load_file(str(ref / "checkpoints" / "last" / name))
         assert a.keys() == b.keys()
@@ -105,10 +105,10 @@ def assert_same_run(run: Path, ref: Path) -> None:
         load_file(str(ref / "checkpoints/best/model.safetensors"))
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
     rows = [list(csv.DictReader(open(r / "metrics.csv"))) for r in (run, ref)]
-    keys = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_top1", "lr")
+    keys = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_top1", "val_mim_top1", "lr")
     assert [[r[k] for k in keys] for r in rows[0]] == [[r[k] for k in keys] for r in rows[1]]
     summary = [json.loads((r / "summary.json").read_text()) for r in (run, ref)]
-    assert summary[0]["test"] == summary[1]["test"] and summary[0]["steps"] == STEPS
+    assert summary[0]["test"] == summary[1]["test"] and summary[0]["steps"] == steps
 
 
 @pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGTERM],

@@ -19,7 +19,8 @@ __all__ = ["create_model", "list_models", "get_spec", "load_model", "save_pretra
            "PreprocessConfig", "__version__"]
 
 
-_SUBMODULES = {"registry", "layers", "models", "weights", "explain", "deploy", "bench", "data", "train", "evaluate"}
+_SUBMODULES = {"registry", "layers", "models", "weights", "explain", "deploy", "bench", "data", "train", "evaluate",
+               "tokenizers"}
 
 
 def __getattr__(name: str) -> Any:

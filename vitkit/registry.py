@@ -238,7 +238,8 @@ def create_model(name: str, pretrained: str | bool | None = None, num_classes: i
         _check_hints(spec, loaded.config_hints, os.fspath(pretrained))
     hints = {k: v for k, v in (loaded.config_hints if loaded else {}).items() if k not in explicit}
     if "num_classes" in explicit and loaded and loaded.config_hints.get("num_classes") != explicit["num_classes"]:
-        hints.pop("representation_size", None)  # a new task replaces the whole pre-training head (App. B.1.1)
+        for key in _FAMILIES[spec.family].task_fields:  # a new task: the variant's head, not the checkpoint's
+            hints.pop(key, None)
     cfg = from_dict(spec.model_cls.config_cls, {**spec.config, **hints, **explicit}, where=name)
     model = spec.model_cls(cfg)
     model.variant_name = name

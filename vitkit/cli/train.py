@@ -46,10 +46,12 @@ def _print_result(result) -> None:
     test, val = s.get("test") or {}, s.get("val") or {}
     print(f"\nrun finished: {result.step} steps in {_duration(s.get('wall_time_s', 0))} "
           f"({s.get('images_per_s') or 0:.0f} training images/s)")
+    label = "masked-token top-1" if "mim_top1" in (test or val) else "top-1"
     if val:
-        print(f"  validation top-1 {val.get('top1', float('nan')):.4f} (final weights)")
+        print(f"  validation {label} {val.get('top1', val.get('mim_top1', float('nan'))):.4f} (final weights)")
     if test:
-        print(f"  test top-1 {test['top1']:.4f}" + (f", top-5 {test['top5']:.4f}" if test.get("top5") else "") +
+        print(f"  test {label} {test.get('top1', test.get('mim_top1', float('nan'))):.4f}" +
+              (f", top-5 {test['top5']:.4f}" if test.get("top5") else "") +
               f" on {test['num_samples']} images, {test['weights']} weights")
     d = result.run_dir
     model = d / "checkpoints" / ("best" if (d / "checkpoints" / "best").is_dir() else "last")

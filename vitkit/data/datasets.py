@@ -239,6 +239,28 @@ class ImageFolder(Dataset):
         return f"ImageFolder({str(self.root)!r}, n={len(self)}, classes={len(self.classes)})"
 
 
+class UnlabelledImages(ImageFolder):
+    """Every image under ``root`` (any depth, sorted by path), each with label 0 of the one class ``"unlabelled"``:
+    the input of training without labels (masked-image modelling), whose targets come from the images."""
+
+    def __init__(self, root: str | os.PathLike, extensions: tuple[str, ...] = IMG_EXTENSIONS):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        self.classes = ["unlabelled"]
+        exts = tuple(e.lower() for e in extensions)
+        walk = sorted(os.walk(self.root, followlinks=True))  # sorted by folder path
+        self.samples = [(os.path.join(folder, f), 0) for folder, _, files in walk
+                        for f in sorted(files) if f.lower().endswith(exts)]
+        if not self.samples:
+            raise FileNotFoundError(f"no images with extensions {extensions} under {self.root}")
+        self.targets = [0] * len(self.samples)
+        self._warned: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"UnlabelledImages({str(self.root)!r}, n={len(self)})"
+
+
 def collate_skip_none(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack ``(image, label)`` items, dropping ``None`` ones; an all-``None`` batch gives empty tensors
     ``(torch.empty(0), torch.empty(0, dtype=torch.long))``, which a training loop should skip."""

@@ -16,7 +16,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..config import ConfigError
-from .datasets import CIFAR10, CIFAR100, Digits, FakeData, ImageFolder, Subset, stratified_pick
+from .datasets import CIFAR10, CIFAR100, Digits, FakeData, ImageFolder, Subset, UnlabelledImages, stratified_pick
 
 __all__ = ["DataConfig", "Splits", "train_val_split", "limit", "build_splits"]
 
@@ -25,8 +25,8 @@ __all__ = ["DataConfig", "Splits", "train_val_split", "limit", "build_splits"]
 class DataConfig:
     """The recipe's ``data:`` section."""
 
-    name: Literal["cifar10", "cifar100", "folder", "digits", "fake"] = "cifar10"
-    root: str | None = None  # required for cifar10/cifar100/folder; folder expects root/train/<class>/...
+    name: Literal["cifar10", "cifar100", "folder", "images", "digits", "fake"] = "cifar10"
+    root: str | None = None  # required but for digits/fake; folder: root/train/<class>/...; images: any tree of images
     download: bool = False  # cifar only: fetch the canonical tarball into root
     img_size: int = 224  # model input size; CIFAR's 32×32 images are resized to it
     val_fraction: float = 0.02  # ViT paper: 2% of the training set held out; 0 = no validation split
@@ -42,7 +42,7 @@ class DataConfig:
     test_limit: int | None = None  # use only the first N test items
 
     def validate(self) -> None:
-        if self.name in ("cifar10", "cifar100", "folder") and not self.root:
+        if self.name in ("cifar10", "cifar100", "folder", "images") and not self.root:
             raise ConfigError(f"data.root: required for data.name={self.name!r}")
         if self.download and self.name not in ("cifar10", "cifar100"):
             raise ConfigError(f"data.download: only cifar10/cifar100 can be downloaded, not {self.name!r}")
@@ -114,6 +114,8 @@ def _sources(cfg: DataConfig):
         return _cifar(cfg)
     if cfg.name == "folder":
         return _folder(cfg)
+    if cfg.name == "images":  # no labels: the validation images are carved out of these (val_fraction)
+        return UnlabelledImages(cfg.root), None, None
     if cfg.name == "digits":
         return Digits("train"), None, Digits("test")
     # fake: noise at the model's input size, 10 classes; the limits set the sizes

@@ -3,11 +3,11 @@
 Every family's model class derives from ``FamilyModel`` and implements its abstract methods; ``check_contract`` (run
 when the registry reads a family's declaration) refuses a class that lacks one, so optimiser, task, benchmark and
 explanation code can call them without ``hasattr`` fallbacks. What only some families have is an optional capability
-with a neutral default here (``set_distilled_training``, ``sampling_points``, ``accepts_any_size``), so shared code
-never asks which family it holds. The helpers below are shared by the families: ``select_indices`` (which blocks or
-stages ``forward_intermediates`` returns), ``staged_layer_id`` (layer-wise learning-rate decay for staged models),
-``StagedBlocks`` (the blocks of staged models) and ``zero_init_`` (the ViT paper's zero-initialised classifier,
-App. B.1.1).
+with a neutral default here (``set_distilled_training``, ``sampling_points``, ``accepts_any_size``,
+``mim_vocab_size`` / ``masked_token_logits``), so shared code never asks which family it holds. The helpers below are
+shared by the families: ``select_indices`` (which blocks or stages ``forward_intermediates`` returns),
+``staged_layer_id`` (layer-wise learning-rate decay for staged models), ``StagedBlocks`` (the blocks of staged models)
+and ``zero_init_`` (the ViT paper's zero-initialised classifier, App. B.1.1).
 """
 from __future__ import annotations
 
@@ -76,8 +76,13 @@ class FamilyModel(nn.Module, metaclass=abc.ABCMeta):
     load_report: Any = None
 
     # ------------------------------------------------------------------------------------------------ forward
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Logits (B, num_classes); with a (B, N) boolean ``mask`` over the patches, the masked-image-modelling
+        logits at the masked positions (``masked_token_logits``), so wrappers (DDP, ``torch.compile``) see one
+        forward."""
         check_input(x, self.cfg.in_chans)
+        if mask is not None:
+            return self.masked_token_logits(x, mask)
         return self.forward_head(self.forward_features(x))
 
     @abc.abstractmethod
@@ -203,6 +208,20 @@ class FamilyModel(nn.Module, metaclass=abc.ABCMeta):
         """True when ``forward`` takes inputs of another size than ``cfg.img_size`` (tables resampled at forward
         time); False (the default) when another size needs a model built for it."""
         return False
+
+    @property
+    def mim_vocab_size(self) -> int:
+        """The number of visual tokens the masked-image-modelling head predicts (``masked_token_logits``); 0 (the
+        default): the model has no such head."""
+        return 0
+
+    def masked_token_logits(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Masked image modelling: (B, C, H, W) images and a (B, N) bool ``mask`` over the N patch positions
+        (row-major, the order of ``forward_features``' tokens after the prefix) → (M, ``mim_vocab_size``) logits of
+        the M masked positions, in the order ``features[mask]`` takes them (image by image, row-major). The masked
+        patches' embeddings are replaced by a learned mask token before the encoder. Default: no such head, a
+        one-line ValueError."""
+        raise ValueError(f"{type(self).__name__} has no masked-image-modelling head (mim_vocab_size is 0)")
 
 
 class StagedBlocks:
@@ -374,7 +393,9 @@ class Family:
     its official fine-tuning uses; ``resize``: source (format, or ``format/origin``) → how that source's code resizes
     position tables; ``resize_choices``: the schemes ``create_model(pos_embed_resize=)`` may pick instead;
     ``model_classes``: variants built by another class that meets the contract (DeiT's plain variants are ViTs);
-    ``parent``: the family whose folder this one builds on (a declared sub-family), if any.
+    ``parent``: the family whose folder this one builds on (a declared sub-family), if any; ``task_fields``:
+    config fields that belong to the pre-training task rather than the trunk (a pre-training head, its pooling):
+    a checkpoint loaded for another number of classes does not impose them, the variant's own values hold.
     """
 
     name: str
@@ -392,6 +413,7 @@ class Family:
     resize_choices: tuple[str, ...] = ()
     model_classes: Mapping[str, type] = field(default_factory=dict)
     parent: str | None = None
+    task_fields: tuple[str, ...] = ()
 
     def model_class(self, variant: str) -> type:
         return self.model_classes.get(variant, self.model_cls)

@@ -3,6 +3,7 @@ config sections it uses."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import logging
 import math
 from dataclasses import dataclass
@@ -12,13 +13,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import vitkit
+from vitkit.runs import is_run_folder, run_checkpoint
 from vitkit.data import (AugmentConfig, DataConfig, MixupCutmix, Splits, TransformDataset, build_eval_transform,
                          build_splits, build_train_transform, collate_skip_none)
 from vitkit.train.config import OptimConfig, RecipeConfig, TrainSection
 from vitkit.train.distributed import DistInfo, StepBatchSampler
 from vitkit.train.process import ignore_signals_in_worker
 from vitkit.train.schedule import WarmupSchedule
-from vitkit.train.tasks import ClassifyTask, DistillTask, TeacherInput, load_teacher
+from vitkit.train.tasks import (ClassifyTask, DistillTask, MaskedImageModellingTask, TeacherInput, TokenizerInput,
+                                load_teacher)
 
 __all__ = ["Data", "build_model", "build_data", "build_splits", "build_task", "build_schedule", "peak_lr",
            "eval_loader",
@@ -29,10 +32,18 @@ log = logging.getLogger(__name__)
 
 def build_model(cfg: RecipeConfig, num_classes: int) -> nn.Module:
     """``create_model`` from the recipe's model section; preprocessing in ``model.data_cfg`` becomes what training
-    used (so a saved model is evaluated and predicted as it was trained)."""
+    used (so a saved model is evaluated and predicted as it was trained). Masked-image modelling builds the model
+    without a classifier and with a head over the tokenizer's vocabulary."""
     m = cfg.model
-    model = vitkit.create_model(m.name, pretrained=m.pretrained, num_classes=m.num_classes or num_classes,
-                                img_size=cfg.data.img_size, pos_embed_resize=m.pos_embed_resize, **m.overrides)
+    overrides = dict(m.overrides)
+    if cfg.train.task == "mim":
+        num_classes = 0
+        overrides.setdefault("mim_vocab_size", load_tokenizer(cfg.train.mim.tokenizer).vocab_size)
+    pretrained = m.pretrained
+    if isinstance(pretrained, str) and is_run_folder(pretrained):  # e.g. a pre-training run: its best, else last
+        pretrained = run_checkpoint(pretrained)
+    model = vitkit.create_model(m.name, pretrained=pretrained, num_classes=m.num_classes or num_classes,
+                                img_size=cfg.data.img_size, pos_embed_resize=m.pos_embed_resize, **overrides)
     mean, std = data_stats(cfg.data, model)
     model.data_cfg = dataclasses.replace(model.data_cfg, mean=mean, std=std, interpolation=cfg.data.interpolation,
                                          crop_pct=cfg.data.crop_pct, crop_mode=cfg.data.crop_mode, label_set=None)
@@ -89,7 +100,36 @@ def _mixup(aug: AugmentConfig, num_classes: int) -> MixupCutmix | None:
                        num_classes)
 
 
+def load_tokenizer(path: str) -> nn.Module:
+    """A visual tokenizer (``vitkit.tokenizers``): a VQ tokenizer folder, a DALL-E ``encoder.pkl`` (its tensors read
+    without running its code) or that encoder converted to ``.safetensors``."""
+    from vitkit.tokenizers import VQVAE, DalleEncoder
+    if os.path.isdir(path):
+        return VQVAE.load(path)
+    if path.endswith(".safetensors"):
+        return DalleEncoder.load_safetensors(path)
+    return DalleEncoder.from_pickle(path)
+
+
+def build_mim_task(cfg: RecipeConfig, model: nn.Module, device: torch.device) -> MaskedImageModellingTask:
+    """Blockwise masks over the model's patch grid (read off ``feature_info``: the input size over the last map's
+    reduction) and the tokenizer's view of each image at that grid."""
+    from vitkit.data.masking import BlockwiseMasking
+    mim = cfg.train.mim
+    tokenizer = load_tokenizer(mim.tokenizer).to(device)
+    _, H, W = model.data_cfg.input_size
+    reduction = model.feature_info[-1]["reduction"]
+    grid = (H // reduction, W // reduction)
+    masking = BlockwiseMasking(grid, round(mim.mask_ratio * grid[0] * grid[1]), mim.min_block_patches,
+                               mim.max_block_patches, mim.min_aspect)
+    size = (grid[0] * tokenizer.downsample, grid[1] * tokenizer.downsample)
+    view = TokenizerInput(tuple(model.data_cfg.mean), tuple(model.data_cfg.std), size)
+    return MaskedImageModellingTask(tokenizer, masking, view, mim.eval_seed)
+
+
 def build_task(cfg: RecipeConfig, model: nn.Module, device: torch.device):
+    if cfg.train.task == "mim":
+        return build_mim_task(cfg, model, device)
     classify = ClassifyTask(model.num_classes, _mixup(cfg.augment, model.num_classes), cfg.augment.label_smoothing)
     if cfg.train.task == "classify":
         return classify

@@ -145,6 +145,31 @@ class DistillConfig:
 
 
 @dataclass
+class MimConfig:
+    """Masked image modelling (Bao et al. 2021, "BEiT", §2.3), used when ``train.task: mim``: blockwise masks of the
+    patch grid (microsoft/unilm beit/masking_generator.py), the targets a visual tokenizer's ids of each image."""
+
+    tokenizer: str | None = None  # a vitkit VQ tokenizer folder, or a DALL-E encoder.pkl (vitkit.tokenizers)
+    mask_ratio: float = 0.4  # of the patches masked per image (BEiT: 75 of 196 at 224/16)
+    min_block_patches: int = 16  # the smallest block (BEiT: --min_mask_patches_per_block 16)
+    max_block_patches: int | None = None  # None: up to the remaining budget
+    min_aspect: float = 0.3  # block aspect ratios in [min_aspect, 1 / min_aspect]
+    eval_seed: int = 0  # the validation masks: the same every evaluation
+
+    def validate(self) -> None:
+        if self.tokenizer is not None and not os.path.exists(self.tokenizer):
+            raise ConfigError(f"train.mim.tokenizer: {self.tokenizer}: no such file or folder")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"train.mim.mask_ratio: must be in (0, 1), got {self.mask_ratio}")
+        if self.min_block_patches <= 0:
+            raise ConfigError(f"train.mim.min_block_patches: must be positive, got {self.min_block_patches}")
+        if self.max_block_patches is not None and self.max_block_patches < self.min_block_patches:
+            raise ConfigError("train.mim.max_block_patches: must be >= min_block_patches")
+        if not 0.0 < self.min_aspect <= 1.0:
+            raise ConfigError(f"train.mim.min_aspect: must be in (0, 1], got {self.min_aspect}")
+
+
+@dataclass
 class TrainSection:
     """Length, batch, precision, determinism, evaluation and checkpoint cadence."""
 
@@ -168,8 +193,9 @@ class TrainSection:
     eval_tta: Literal["none", "hflip"] = "none"  # hflip: validate and test on the mean logits of image + mirror
     checkpoint_every_steps: int = 0  # periodic checkpoints/last/; 0 = at each validation only
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    task: Literal["classify", "distill"] = "classify"
+    task: Literal["classify", "distill", "mim"] = "classify"
     distillation: DistillConfig = field(default_factory=DistillConfig)
+    mim: MimConfig = field(default_factory=MimConfig)
 
     def validate(self) -> None:
         if self.steps is None and self.epochs is None and self.time_budget_minutes is None:
@@ -196,6 +222,9 @@ class TrainSection:
             raise ConfigError(f"train.amp: fp16 needs a CUDA device (GradScaler); use bf16 on {self.device}")
         if self.task == "distill" and not self.distillation.teacher:
             raise ConfigError("train.distillation.teacher: required when train.task is 'distill'")
+        if self.task == "mim" and not self.mim.tokenizer:
+            raise ConfigError("train.mim.tokenizer: required when train.task is 'mim' (a VQ tokenizer folder "
+                              "trained with `python -m vitkit.tokenizers`, or a DALL-E encoder.pkl)")
 
 
 @dataclass

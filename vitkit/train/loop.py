@@ -152,7 +152,7 @@ class Trainer:
         self.amp = amp_dtype(self.precision)
         splits = build_splits(cfg.data)
         self.model = self._build_model(len(splits.classes), resume_from).to(device)
-        self.model.class_names = list(splits.classes)
+        self.model.class_names = list(splits.classes) if self.model.num_classes else None
         self.data = build_data(cfg, splits, self.model, info, pin_memory=device.type == "cuda")
         self.task = build_task(cfg, self.model, device)
         self.task.prepare(self.model)
@@ -349,7 +349,10 @@ class Trainer:
         stop = bool(m["stop"] or m["budget"])
         final = stop or self.state.step >= self.state.total_steps
         eval_due = not m["stop"] and self._eval_due(epoch_end, final)  # a signal: checkpoint now, validate later
-        self._log_step(m, row=not eval_due)
+        pending = bool(m["stop"]) and self._eval_due(epoch_end, self.state.step >= self.state.total_steps)
+        if pending:  # this step's validation was due: the resumed run runs it first, and writes the step's row
+            self.state.eval_pending = True
+        self._log_step(m, row=not (eval_due or pending))
         signalled = False
         if eval_due:
             signalled = self._validate(m["lr"])
@@ -466,7 +469,7 @@ class Trainer:
         self._log_eval(row)
 
     def _log_eval(self, row: dict[str, Any]) -> None:
-        parts = [f"{k} {row[k]:.4f}" for k in ("train_loss", "val_loss", "val_top1", "test_top1")
+        parts = [f"{k} {row[k]:.4f}" for k in ("train_loss", "val_loss", "val_top1", "val_mim_top1", "test_top1")
                  if row.get(k) is not None]
         msg = f"step {row['step']} (epoch {row['epoch']}): " + "  ".join(parts)
         self.bar.write(msg) if self.show_bar else log.info("%s", msg)
@@ -722,7 +725,8 @@ class Trainer:
             if self.state.test_images is not None and self.state.test_images < len(dataset):
                 dataset = torch.utils.data.Subset(dataset, range(self.state.test_images))  # the budget's limit
             test = self._evaluate(dataset, model)
-            save_eval_artifacts(test.details, self.run_dir / "eval" / "test", self.data.classes)
+            if test.details is not None:  # a classification's confusion matrix and per-class report
+                save_eval_artifacts(test.details, self.run_dir / "eval" / "test", self.data.classes)
         summary = self._summary(test, weights)
         write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         self._plots()
@@ -753,4 +757,5 @@ def _clock(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-_ROW_KEYS = {"val_loss", "val_top1", "val_top5", "test_loss", "test_top1", "test_top5"}
+_ROW_KEYS = {"val_loss", "val_top1", "val_top5", "val_mim_top1", "test_loss", "test_top1", "test_top5",
+             "test_mim_top1"}

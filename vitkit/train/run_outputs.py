@@ -18,7 +18,7 @@ __all__ = ["MetricsLog", "TensorBoard", "write_plots", "environment", "COLUMNS"]
 log = logging.getLogger(__name__)
 
 COLUMNS = ["epoch", "step", "elapsed_s", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5",
-           "test_loss", "test_top1", "test_top5", "lr", "images_per_s"]
+           "test_loss", "test_top1", "test_top5", "lr", "images_per_s", "val_mim_top1", "test_mim_top1"]
 
 
 class MetricsLog:

@@ -2,8 +2,8 @@
 
 A task turns ``(model, batch, generator)`` into a dict holding the scalar ``loss`` to minimise and summed metrics
 (``correct``, ``count``); the loop only backpropagates ``loss`` and averages the rest. A task also evaluates a model on
-a held-out loader and names the metric ``best/`` is selected on. Masked-image modelling will be a third task here,
-not a fork of the loop.
+a held-out loader and names the metric ``best/`` is selected on. Classification, distillation and masked-image
+modelling are three tasks of the one loop.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from vitkit.data import MixupCutmix, SoftTargetCrossEntropy
 from vitkit.families.contract import FamilyModel
 
 __all__ = ["Task", "Evaluation", "ClassifyTask", "DistillTask", "distillation_loss", "load_teacher",
-           "TeacherInput"]
+           "TeacherInput", "MaskedImageModellingTask", "TokenizerInput"]
 
 log = logging.getLogger(__name__)
 
@@ -171,3 +171,87 @@ def load_teacher(teacher: str, pretrained: str | None = None) -> nn.Module:
     if os.path.isdir(teacher):
         return load_target(teacher).model
     return load_target(pretrained, teacher).model
+
+
+# ------------------------------------------------------------------------------------- masked image modelling
+@dataclass
+class TokenizerInput:
+    """The tokenizer's view of a training batch: the model's normalisation undone (raw RGB in [0, 1]) and the image
+    resized to ``size`` = the patch grid × the tokenizer's downsampling (BEiT: 14 × 8 = 112 px for 224/16)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    size: tuple[int, int]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        mean, std = (torch.tensor(v, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+                     for v in (self.mean, self.std))
+        raw = x.float() * std + mean  # (B, 3, H, W) in [0, 1]
+        if tuple(raw.shape[-2:]) != self.size:
+            raw = F.interpolate(raw, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        return raw.clamp(0.0, 1.0)
+
+
+class MaskedImageModellingTask:
+    """BEiT's pre-training objective (Bao et al. 2021, §2.3 eq. 1): for each image, a blockwise mask M of about 40%
+    of its patches (``vitkit.data.BlockwiseMasking``, drawn from the step's generator, so a resumed run draws the same
+    masks), the masked patches replaced by the model's mask token, and cross-entropy between the model's logits at
+    the masked positions and the visual tokenizer's ids of the whole image there:
+
+        max Σ_x E_M [ Σ_{i ∈ M} log p_MIM(z_i | x^M) ]
+
+    ``mim_top1`` (the share of masked positions whose id is predicted) selects ``best/``."""
+
+    metric, higher_is_better = "mim_top1", True
+
+    def __init__(self, tokenizer: nn.Module, masking, tokenizer_input: TokenizerInput, eval_seed: int = 0):
+        self.tokenizer, self.masking, self.tokenizer_input, self.eval_seed = tokenizer, masking, tokenizer_input, \
+            eval_seed
+        for p in self.tokenizer.parameters():
+            p.requires_grad_(False)
+
+    def prepare(self, model: FamilyModel) -> None:
+        if model.mim_vocab_size != self.tokenizer.vocab_size:
+            raise ValueError(f"the model predicts {model.mim_vocab_size} visual tokens but the tokenizer has "
+                             f"{self.tokenizer.vocab_size}: build it with mim_vocab_size={self.tokenizer.vocab_size}")
+
+    def masks(self, batch: int, g: torch.Generator, device: torch.device) -> Tensor:
+        """(B, N) bool: one blockwise mask per image, row-major over the patch grid."""
+        return torch.stack([self.masking(g).flatten() for _ in range(batch)]).to(device)
+
+    def targets(self, images: Tensor) -> Tensor:
+        """(B, N) token ids of the unmasked images."""
+        self.tokenizer.eval()
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+            return self.tokenizer.tokenize(self.tokenizer_input(images)).flatten(1)
+
+    def _step(self, model: nn.Module, images: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        labels = self.targets(images)[mask]  # (M,) ids at the masked positions, image by image, row-major
+        logits = model(images, mask=mask)  # (M, V): FamilyModel.forward with a mask, through any wrapper
+        return {"loss": F.cross_entropy(logits.float(), labels),
+                "correct": (logits.detach().argmax(dim=-1) == labels).sum(), "count": torch.tensor(labels.numel())}
+
+    def __call__(self, model: nn.Module, batch: Any, g: torch.Generator) -> dict[str, Tensor]:
+        images, _ = batch
+        return self._step(model, images, self.masks(images.shape[0], g, images.device))
+
+    def evaluate(self, model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None,
+                 class_names: list[str] | None = None) -> Evaluation:
+        """Mean masked-token cross-entropy and accuracy over ``loader``, with masks from a generator seeded by
+        ``eval_seed`` (the same masks at every evaluation)."""
+        from vitkit.train.process import autocast
+        was_training = model.training
+        model.eval()
+        g = torch.Generator().manual_seed(self.eval_seed)
+        loss_sum, correct, count, images_seen = 0.0, 0, 0, 0
+        with torch.no_grad():
+            for images, _ in loader:
+                images = images.to(device)
+                with autocast(device, amp_dtype):
+                    out = self._step(model, images, self.masks(images.shape[0], g, device))
+                n = int(out["count"])
+                loss_sum, correct, count = loss_sum + float(out["loss"]) * n, correct + int(out["correct"]), count + n
+                images_seen += images.shape[0]
+        model.train(was_training)
+        metrics = {"loss": loss_sum / max(count, 1), "mim_top1": correct / max(count, 1)}  # a fraction, as top1
+        return Evaluation(metrics, None, images_seen)

@@ -319,6 +319,9 @@ def test_data_configs_follow_the_official_evaluation():
 def test_named_weights_are_timm_hub_repositories():
     for name in vitkit.list_models("beit*"):
         w = vitkit.get_spec(name).weights
+        if name.endswith("_8k_vocab"):  # the pre-training releases carry no hash and timm does not port them
+            assert w is None
+            continue
         assert w.url == f"hf-hub:timm/{name}.in22k_ft_in22k_in1k" and vitkit.get_spec(name).format(w.source_format)
 
 

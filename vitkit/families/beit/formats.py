@@ -4,8 +4,10 @@ buffers), transformers' ``BeitForImageClassification`` / ``BeitForMaskedImageMod
 and the transformers twin built from the same tables; and how each source resizes the position tables.
 
 vitkit's BEiT keeps timm's names except two: LayerScale is ``blocks.{i}.ls{1,2}.gamma`` (official ``gamma_{1,2}``) and a
-block's bias table lives in its attention's ``rel_pos`` module. The pre-training parts (``mask_token``, ``lm_head``)
-keep their names here; ``Beit.load_pretrained_state`` drops them with the rest of the pre-training → fine-tuning steps.
+block's bias table lives in its attention's ``rel_pos`` module. The pre-training parts (official and timm
+``mask_token``, ``lm_head``; transformers ``embeddings.mask_token``, ``lm_head``, and the top-level ``layernorm`` as
+``norm``) keep those names: a model with the masked-image-modelling head (``mim_vocab_size``) keeps them,
+``Beit.load_pretrained_state`` drops them for any other with the rest of the pre-training → fine-tuning steps.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from vitkit.weights.keymap import Fuse, KeyMap, Rename
 from vitkit.weights.load_report import CheckpointError
 from vitkit.weights.transformers_layout import TransformersLayout, write_twin
 
-__all__ = ["FORMATS", "RESIZE", "RESIZE_CHOICES", "OFFICIAL", "hf_keymap", "to_transformers"]
+__all__ = ["FORMATS", "RESIZE", "RESIZE_CHOICES", "OFFICIAL", "hf_keymap", "to_transformers",
+           "to_transformers_mim"]
 
 # ------------------------------------------------------------------------------------------- official and timm
 OFFICIAL = KeyMap([
@@ -60,8 +63,8 @@ def _structure_hints(names: set[str]) -> dict[str, Any]:
     hints: dict[str, Any] = {}
     if "pos_embed" in names:
         hints["use_abs_pos_emb"] = True
-    if not (per_block or shared):
-        hints["use_rel_pos_bias"] = False
+    if not (per_block or shared):  # e.g. beit_base_patch16_224_pt1k_800ep: --disable_rel_pos_bias --abs_pos_emb
+        hints["use_rel_pos_bias"] = hints["use_shared_rel_pos_bias"] = False
     if per_block and shared:
         hints["use_shared_rel_pos_bias"] = True
     if "blocks.0.ls1.gamma" not in names:
@@ -152,6 +155,10 @@ from_hf = LAYOUT.convert  # transformers BEiT (either layout, with or without th
 def hf_hints(state: Mapping[str, Any], config: Mapping[str, Any] | None) -> dict[str, Any]:
     """Dimensions from config.json (transformers ``BeitConfig``; its defaults where a key is absent), the switches
     (position embeddings, shared/per-block tables, layer scale, pooling) and the head size from the tensors."""
+    if "lm_head.weight" in state and any(k.endswith("layernorm.weight") and k != "layernorm.weight" for k in state):
+        raise CheckpointError("a transformers BeitForMaskedImageModeling with use_mean_pooling=False norms the tokens "
+                              "twice (the trunk's beit.layernorm, then the task model's layernorm); BEiT's "
+                              "pre-training model (modeling_pretrain.py) and vitkit's norm them once")
     hints = _structure_hints(_layout_names(from_hf, state))
     head = next((v for k, v in state.items() if k == "classifier.weight"), None)
     if head is not None:
@@ -168,13 +175,17 @@ def hf_hints(state: Mapping[str, Any], config: Mapping[str, Any] | None) -> dict
 
 
 def hf_infer(view: CheckpointView) -> tuple[str, dict[str, Any]] | None:
-    """A transformers folder describes its architecture: the BEiT variant of its width nearest its image size."""
+    """A transformers folder describes its architecture: the BEiT variant of its width nearest its image size; a
+    ``BeitForMaskedImageModeling`` folder (``lm_head``) the pre-training variant of its width, with its vocabulary."""
     config = view.config or {}
     if config.get("model_type") != "beit":
         return None
     img = config.get("image_size", 224)
     img = img if isinstance(img, int) else (int(img[0]), int(img[1]))
     size = "large" if config.get("hidden_size", 768) > 768 else "base"
+    lm_head = view.shapes.get("lm_head.weight")
+    if lm_head is not None:
+        return f"beit_{size}_patch16_224_8k_vocab", {"img_size": img, "mim_vocab_size": int(lm_head[0])}
     resolutions = (224, 384) if size == "base" else (224, 384, 512)
     res = min(resolutions, key=lambda r: abs(r - (img if isinstance(img, int) else max(img))))
     return f"beit_{size}_patch16_{res}", {"img_size": img}
@@ -199,22 +210,42 @@ def transformers_config(model: nn.Module):
         layer_norm_eps=cfg.norm_eps, layer_scale_init_value=cfg.init_values or 0.0,
         use_absolute_position_embeddings=cfg.use_abs_pos_emb, use_relative_position_bias=cfg.use_rel_pos_bias,
         use_shared_relative_position_bias=cfg.use_shared_rel_pos_bias, use_mean_pooling=mean_pool,
-        use_mask_token=False, num_labels=cfg.num_classes, drop_path_rate=0.0, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0)
+        use_mask_token=bool(cfg.mim_vocab_size), vocab_size=cfg.mim_vocab_size or 8192, num_labels=cfg.num_classes,
+        drop_path_rate=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def to_transformers(model: nn.Module) -> nn.Module:
     """``BeitForImageClassification`` holding a vitkit BEiT's weights, written through the inverse of the rename
     table that reads transformers files (index buffers left out: transformers computes them); eval mode, same device
-    and dtype."""
+    and dtype. It computes ``forward``: a masked-image-modelling model's twin has its mask token but not its
+    ``lm_head``, which ``forward`` does not use (``to_transformers_mim`` builds that one)."""
     from transformers import BeitForImageClassification
     hf = BeitForImageClassification(transformers_config(model))
     layout = "4" if any(".encoder.layer." in k for k in hf.state_dict()) else "5"
-    return write_twin(model, hf, hf_keymap(layout), LAYOUT.bases[0], skip=(r"relative_position_index$",))
+    return write_twin(model, hf, hf_keymap(layout), LAYOUT.bases[0], skip=(r"relative_position_index$", r"^lm_head\."))
+
+
+def to_transformers_mim(model: nn.Module) -> nn.Module:
+    """``BeitForMaskedImageModeling`` holding a vitkit BEiT's weights (a model with ``mim_vocab_size`` > 0): its
+    ``logits[bool_masked_pos]`` are vitkit's ``masked_token_logits``. transformers' MIM model norms every token with
+    its own top-level ``layernorm`` (the trunk's is the identity under ``use_mean_pooling``) and has no classifier."""
+    from transformers import BeitForMaskedImageModeling
+    cfg = model.cfg
+    if not cfg.mim_vocab_size or cfg.num_classes:
+        raise ValueError(f"transformers' BeitForMaskedImageModeling has a masked-image-modelling head and no "
+                         f"classifier; this model has mim_vocab_size={cfg.mim_vocab_size}, "
+                         f"num_classes={cfg.num_classes}")
+    config = transformers_config(model)
+    config.use_mean_pooling = True  # the trunk's final norm is the identity; the task model's layernorm is vitkit's
+    hf = BeitForMaskedImageModeling(config)
+    layout = "4" if any(".encoder.layer." in k for k in hf.state_dict()) else "5"
+    return write_twin(model, hf, hf_keymap(layout), LAYOUT.bases[0], top_level=("lm_head.", "layernorm."),
+                      skip=(r"relative_position_index$",))
 
 
 HF_FORMAT = SourceFormat("hf", LAYOUT.detect, LAYOUT.convert, hf_hints, infer=hf_infer, twin=to_transformers,
-                         description="transformers BEiT folder or state dict (4.x and 5.x key layouts)")
+                         description="transformers BEiT folder or state dict (4.x and 5.x key layouts; "
+                                     "BeitForImageClassification, BeitModel, BeitForMaskedImageModeling)")
 
 # Detection order: the most specific signature first.
 FORMATS = (HF_FORMAT, OFFICIAL_FORMAT, TIMM_FORMAT)

@@ -15,4 +15,4 @@ __all__ = ["FAMILY", "PlainDeiTConfig", "DeiTConfig", "DeiT", "DistilledVisionTr
 FAMILY = Family("deit", "DeiT", "Touvron et al. 2021, arXiv 2012.12877", DistilledVisionTransformer, catalog.VARIANTS,
                 catalog.DATA_CFGS, formats=FORMATS, weights=catalog.WEIGHTS, references=catalog.REFERENCES,
                 tiny=catalog.tiny, resize=RESIZE, resize_choices=RESIZE_CHOICES,
-                model_classes={name: DeiT for name in catalog.PLAIN}, parent="vit")
+                model_classes={name: DeiT for name in catalog.PLAIN}, parent="vit", task_fields=("representation_size",))

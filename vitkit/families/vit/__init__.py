@@ -16,4 +16,5 @@ __all__ = ["FAMILY", "ViTConfig", "VisionTransformer", "HybridConfig", "HybridVi
 FAMILY = Family("vit", "ViT", "Dosovitskiy et al. 2020, arXiv 2010.11929", VisionTransformer, catalog.VARIANTS,
                 catalog.DATA_CFGS, formats=FORMATS, weights=catalog.WEIGHTS, references=catalog.REFERENCES,
                 tiny=catalog.tiny, resize=RESIZE, resize_choices=RESIZE_CHOICES,
-                model_classes={name: HybridVisionTransformer for name in catalog.HYBRIDS})
+                model_classes={name: HybridVisionTransformer for name in catalog.HYBRIDS},
+                task_fields=("representation_size",))  # a new task replaces the pre-training head (App. B.1.1)
