@@ -28,13 +28,13 @@ def test_synthetic_shapes_are_what_the_masks_say():
 
 @pytest.mark.parametrize("backbone", sorted(example.BACKBONES))
 def test_a_feature_pyramid_learns_to_segment(backbone):
-    """120 steps (a few seconds) lift the held-out mean IoU well above the all-background answer's, on maps the
-    backbone's feature_info describes."""
+    """100 steps of 8 images (a few seconds) lift the held-out mean IoU well above the all-background answer's, on
+    maps the backbone's feature_info describes."""
     torch.manual_seed(0)
     model = example.build(backbone)
     maps = model.backbone(torch.zeros(1, 3, 64, 64))
     assert [m.shape[1] for m in maps] == [f["num_chs"] for f in model.backbone.feature_info]
     _, masks = example.held_out()
     _, background_miou = example.scores(torch.zeros_like(masks), masks)
-    result = example.train(backbone, steps=120)
+    result = example.train(backbone, steps=100, batch=8)
     assert result.mean_iou > background_miou + 0.08, (result.line(), background_miou)

@@ -73,14 +73,26 @@ def test_the_tokenizer_view_is_the_raw_image_at_the_tokenizer_grid():
     assert TokenizerInput(mean, std, (8, 8))(x).shape == (2, 3, 8, 8)
 
 
-def test_mim_run_interrupted_and_resumed_equals_an_uninterrupted_one(images, tokenizer, tmp_path):
-    """SIGINT after the first periodic checkpoint, ``--resume``, and the same weights, optimiser state and masked-token
-    metrics as a run that was never stopped: the masks come from the step's generator."""
-    recipe = tmp_path / "mim.yaml"
-    recipe.write_text(yaml.safe_dump(_recipe(images, tokenizer)))
-    ref = tmp_path / "ref"
+@pytest.fixture(scope="module")
+def recipe(images, tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("recipe") / "mim.yaml"
+    path.write_text(yaml.safe_dump(_recipe(images, tokenizer)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(recipe, tmp_path_factory):
+    """The uninterrupted pre-training run."""
+    ref = tmp_path_factory.mktemp("ref") / "run"
     done = run_to_end("train", str(recipe), "--out", str(ref))
     assert done.returncode == 0, done.stderr
+    return ref
+
+
+def test_mim_run_interrupted_and_resumed_equals_an_uninterrupted_one(recipe, reference, tmp_path):
+    """SIGINT after the first periodic checkpoint, ``--resume``, and the same weights, optimiser state and masked-token
+    metrics as a run that was never stopped: the masks come from the step's generator."""
+    ref = reference
     summary = json.loads((ref / "summary.json").read_text())
     assert summary["val"]["mim_top1"] > 0 and summary["best"]["mim_top1"] is not None  # masked tokens predicted
 
@@ -104,14 +116,11 @@ def test_mim_run_interrupted_and_resumed_equals_an_uninterrupted_one(images, tok
     assert_same_run(run, ref, STEPS)
 
 
-def test_fine_tuning_from_the_pretraining_run_folder(images, tokenizer, tmp_path):
+def test_fine_tuning_from_the_pretraining_run_folder(reference):
     """``model.pretrained`` = the MIM run folder: a classifier starts from its trunk; the report drops the MIM head,
     copies the shared table into every block, and the recipe gets BEiT's layer decay 0.65."""
     from vitkit.train.config import resolve
-    recipe = tmp_path / "mim.yaml"
-    recipe.write_text(yaml.safe_dump(_recipe(images, tokenizer, steps=2, eval_every=0, checkpoint_every_steps=0)))
-    pre = tmp_path / "pre"
-    assert run_to_end("train", str(recipe), "--out", str(pre)).returncode == 0
+    pre = reference
     cfg = resolve({"model": {"name": "beit_base_patch16_224", "pretrained": str(pre), "overrides": dict(BEIT)},
                    "data": {"name": "digits", "img_size": 32}, "train": {"steps": 1}})
     assert cfg.optim.layer_decay == 0.65
@@ -120,7 +129,8 @@ def test_fine_tuning_from_the_pretraining_run_folder(images, tokenizer, tmp_path
     notes = "\n".join(model.load_report.summary().splitlines())
     assert model.mim_vocab_size == 0 and model.num_classes == 10 and model.cfg.use_rel_pos_bias
     assert "lm_head" in notes and "copied into each of the 2 blocks" in notes, notes
-    trunk = vitkit.load_model(str(pre / "checkpoints" / "last"))
+    from vitkit.runs import run_checkpoint
+    trunk = vitkit.load_model(run_checkpoint(pre))  # the run's best (else last): what model.pretrained took
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():  # the same encoder: the copied tables compute what the shared one did
         a = trunk.eval().forward_intermediates(x, indices=[-1])[0]
