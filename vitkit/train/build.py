@@ -3,6 +3,7 @@ config sections it uses."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import logging
 import math
@@ -100,9 +101,11 @@ def _mixup(aug: AugmentConfig, num_classes: int) -> MixupCutmix | None:
                        num_classes)
 
 
+@functools.lru_cache(maxsize=2)
 def load_tokenizer(path: str) -> nn.Module:
     """A visual tokenizer (``vitkit.tokenizers``): a VQ tokenizer folder, a DALL-E ``encoder.pkl`` (its tensors read
-    without running its code) or that encoder converted to ``.safetensors``."""
+    without running its code) or that encoder converted to ``.safetensors``. Read once per process: the model's
+    vocabulary and the task's targets come from the same file."""
     from vitkit.tokenizers import VQVAE, DalleEncoder
     if os.path.isdir(path):
         return VQVAE.load(path)

@@ -205,8 +205,8 @@ class MaskedImageModellingTask:
     metric, higher_is_better = "mim_top1", True
 
     def __init__(self, tokenizer: nn.Module, masking, tokenizer_input: TokenizerInput, eval_seed: int = 0):
-        self.tokenizer, self.masking, self.tokenizer_input, self.eval_seed = tokenizer, masking, tokenizer_input, \
-            eval_seed
+        self.tokenizer, self.masking, self.tokenizer_input = tokenizer, masking, tokenizer_input
+        self.eval_seed = eval_seed
         for p in self.tokenizer.parameters():
             p.requires_grad_(False)
 

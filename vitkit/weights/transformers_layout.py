@@ -87,7 +87,7 @@ def write_twin(model, hf, keymap: KeyMap, base: str, top_level: tuple[str, ...] 
     inverse of the rename table that reads transformers files: every key gets the base-model prefix ``base`` but the
     task head's (``top_level``); ``skip``: vitkit keys transformers does not store (computed buffers). Returns ``hf``
     in eval mode, on the model's device and dtype."""
-    state = keymap.inverse({k: v.detach() for k, v in model.state_dict().items()}, **({"skip": skip} if skip else {}))
+    state = keymap.inverse({k: v.detach() for k, v in model.state_dict().items()}, skip=skip)
     hf.load_state_dict({(k if k.startswith(top_level) else base + k): v for k, v in state.items()}, strict=True)
     p = next(model.parameters())
     return hf.to(device=p.device, dtype=p.dtype).eval()

@@ -20,24 +20,20 @@ from vitkit.layers import DWConvMlp
 from vitkit.layers.deformable_attention import points_to_pixels, reference_points
 from vitkit.weights import CheckpointMismatchError
 
-from conftest import max_diff, randomize_
+from conftest import golden_close, max_diff, randomize_
 
 DATA = Path(__file__).parent / "data"
 CASES = ("official_dat_v1_options", "official_dat_v1_dwc_pes")
 
 
-def _case(name: str) -> tuple[dict, dict]:
-    return json.loads((DATA / name / "case.json").read_text()), load_file(str(DATA / name / "io.safetensors"))
+def _case(name: str, data: Path = DATA) -> tuple[dict, dict]:
+    return json.loads((data / name / "case.json").read_text()), load_file(str(data / name / "io.safetensors"))
 
 
-def _load(name: str, **overrides):
-    meta, _ = _case(name)
-    return vitkit.create_model(meta["vitkit_model"], pretrained=str(DATA / name / "checkpoint.pth"),
+def _load(name: str, data: Path = DATA, **overrides):
+    meta, _ = _case(name, data)
+    return vitkit.create_model(meta["vitkit_model"], pretrained=str(data / name / "checkpoint.pth"),
                                num_classes=meta["num_classes"], **{**meta["kwargs"], **overrides}).eval()
-
-
-def _close(out: torch.Tensor, ref: torch.Tensor) -> bool:
-    return bool(((out - ref).abs() <= 1e-4 + 1e-4 * ref.abs()).all())
 
 
 def _outputs(model, x):
@@ -63,7 +59,7 @@ def test_official_reference_cases(name):
     meta, io = _case(name)
     model = _load(name)
     logits, pre = _outputs(model, io["pixel_values"].float())
-    assert _close(logits, io["logits"]) and _close(pre, io["pre_logits"]), max_diff(logits, io["logits"])
+    assert golden_close(logits, io["logits"]) and golden_close(pre, io["pre_logits"]), max_diff(logits, io["logits"])
     report = model.load_report
     assert report.format == "official" and report.upcast and not report.resized and not report.reinitialized
     assert any("checked equal to vitkit's" in n for n in report.notes)  # window blocks: their buffers are in the file
@@ -76,7 +72,7 @@ def test_official_load_pretrained_resize_v1():
     _, io = _case("official_dat_v1_options")
     model = _load("official_dat_v1_options", img_size=192, window_sizes=(6, 6, 6, 3))
     logits, pre = _outputs(model, io["pixel_values_192"].float())
-    assert _close(logits, io["logits_192"]) and _close(pre, io["pre_logits_192"]), max_diff(logits, io["logits_192"])
+    assert golden_close(logits, io["logits_192"]) and golden_close(pre, io["pre_logits_192"]), max_diff(logits, io["logits_192"])
     resized = " ".join(model.load_report.resized)
     assert "relative_position_bias_table (49, 1) → (121, 1)" in resized and "rpe_table (4, 7, 7) → (4, 11, 11)" in resized
     assert any("recomputed" in n for n in model.load_report.notes)
@@ -91,7 +87,7 @@ def test_ablation_cases_at_a_second_size(name, size, resized):
     meta, io = _case(name)
     model = _load(name, img_size=size, window_sizes=(6, 6, 3, 3))
     logits, pre = _outputs(model, io[f"pixel_values_{size}"].float())
-    assert _close(logits, io[f"logits_{size}"]) and _close(pre, io[f"pre_logits_{size}"]), \
+    assert golden_close(logits, io[f"logits_{size}"]) and golden_close(pre, io[f"pre_logits_{size}"]), \
         max_diff(logits, io[f"logits_{size}"])
     assert set(resized) <= set(model.load_report.resized)
 
@@ -111,7 +107,7 @@ def test_deformable_points_are_the_official_forward_outputs():
     model = _load("official_dat_v1_options")
     with torch.no_grad():
         logits, points = model.deformable_points(io["pixel_values"].float())
-    assert _close(logits, io["logits"])
+    assert golden_close(logits, io["logits"])
     assert sorted(points) == ["stages.2.blocks.0.attn", "stages.3.blocks.1.attn"]
     for name, got in points.items():
         i, j = name.split(".")[1], name.split(".")[3]
@@ -168,7 +164,7 @@ def test_official_buffers_are_checked_not_trusted(tmp_path):
     torch.save({"model": bare}, tmp_path / "bare.pth")
     model = vitkit.create_model("dat_tiny", pretrained=str(tmp_path / "bare.pth"), num_classes=10,
                                 **meta["kwargs"]).eval()
-    assert _close(_outputs(model, io["pixel_values"].float())[0], io["logits"])
+    assert golden_close(_outputs(model, io["pixel_values"].float())[0], io["logits"])
 
 
 # ================================================================================================ configuration

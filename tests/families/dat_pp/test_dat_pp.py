@@ -5,15 +5,15 @@ from DAT v1, neighbourhood attention against a brute-force masked attention writ
 point conventions and its inherited ``sampling_points``, configs."""
 from __future__ import annotations
 
+import functools
 import json
-import subprocess
 import sys
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 import vitkit
 from vitkit.config import ConfigError
@@ -24,40 +24,19 @@ from vitkit.layers.neighborhood_attention import (neighborhood_attention, neighb
                                                   neighborhood_attention_to_grid)
 from vitkit.weights import CheckpointMismatchError
 
-from conftest import max_diff, randomize_
+from conftest import golden_close, max_diff, randomize_
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dat"))  # DAT v1's test module holds the shared helpers
+import test_dat as dat_tests  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 DAT_DATA = Path(__file__).parents[1] / "dat" / "data"  # DAT v1's reference cases
 CASES = ("official_dat_pp_options", "official_dat_pp_runtime_size", "official_dat_pp_ablations")
 
 
-def _case(name: str) -> tuple[dict, dict]:
-    return json.loads((DATA / name / "case.json").read_text()), load_file(str(DATA / name / "io.safetensors"))
-
-
-def _load(name: str, **overrides):
-    meta, _ = _case(name)
-    return vitkit.create_model(meta["vitkit_model"], pretrained=str(DATA / name / "checkpoint.pth"),
-                               num_classes=meta["num_classes"], **{**meta["kwargs"], **overrides}).eval()
-
-
-def _close(out: torch.Tensor, ref: torch.Tensor) -> bool:
-    return bool(((out - ref).abs() <= 1e-4 + 1e-4 * ref.abs()).all())
-
-
-def _outputs(model, x):
-    with torch.no_grad():
-        feats = model.forward_features(x)
-        return model.forward_head(feats), model.forward_head(feats, pre_logits=True)
-
-
-def _same_points(got: dict, expected: dict) -> None:
-    """Two ``{layer: points}`` dicts hold the same layers, keys, grids and (bit for bit) the same tensors."""
-    assert sorted(got) == sorted(expected)
-    for layer, points in expected.items():
-        assert sorted(got[layer]) == sorted(points) and got[layer]["grid"] == points["grid"]
-        for key in ("positions", "references", "pixels", "reference_pixels"):
-            torch.testing.assert_close(got[layer][key], points[key], atol=0, rtol=0)
+_case = functools.partial(dat_tests._case, data=DATA)
+_load = functools.partial(dat_tests._load, data=DATA)
+_outputs, _same_points = dat_tests._outputs, dat_tests._same_points
 
 
 # ============================================================================================ official reference
@@ -68,7 +47,7 @@ def test_official_reference_cases(name):
     meta, io = _case(name)
     model = _load(name)
     logits, pre = _outputs(model, io["pixel_values"].float())
-    assert _close(logits, io["logits"]) and _close(pre, io["pre_logits"]), max_diff(logits, io["logits"])
+    assert golden_close(logits, io["logits"]) and golden_close(pre, io["pre_logits"]), max_diff(logits, io["logits"])
     report = model.load_report
     assert report.format == "official" and report.upcast and not report.resized and not report.reinitialized
     if name == "official_dat_pp_options":  # window blocks: their index and mask buffers are in the file
@@ -86,7 +65,7 @@ def test_ablation_cases_at_a_second_size(name, size, resized):
     meta, io = _case(name)
     model = _load(name, img_size=size)
     logits, pre = _outputs(model, io[f"pixel_values_{size}"].float())
-    assert _close(logits, io[f"logits_{size}"]) and _close(pre, io[f"pre_logits_{size}"]), \
+    assert golden_close(logits, io[f"logits_{size}"]) and golden_close(pre, io[f"pre_logits_{size}"]), \
         max_diff(logits, io[f"logits_{size}"])
     assert set(resized) <= set(model.load_report.resized)
 
@@ -113,7 +92,7 @@ def test_dat_pp_runs_at_another_size_with_its_tables():
     _, io = _case("official_dat_pp_runtime_size")
     model = _load("official_dat_pp_runtime_size", img_size=96, table_img_size=64)
     logits, pre = _outputs(model, io["pixel_values_96"].float())
-    assert _close(logits, io["logits_96"]) and _close(pre, io["pre_logits_96"])
+    assert golden_close(logits, io["logits_96"]) and golden_close(pre, io["pre_logits_96"])
     assert not model.load_report.resized
     # without table_img_size the tables are built for 96 and the official load_pretrained resize is applied
     resized = _load("official_dat_pp_runtime_size", img_size=96)
