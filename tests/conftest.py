@@ -26,6 +26,19 @@ REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(int(os.environ.get("VITKIT_TEST_THREADS", "1")))
 
 
+def _pin_xdist_worker() -> None:
+    """Under ``pytest -n N`` (``make test``), worker k keeps to core k (mod the cores it may use), and so do the
+    processes its tests start (``vitkit train`` subprocesses, torchrun): ``default_threads`` reads the affinity mask,
+    so none of them runs more threads than its core, and no OpenMP thread spins on a core another worker is using."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
+
+
+_pin_xdist_worker()
+
+
 # --------------------------------------------------------------------------------------------------- golden cases
 def golden_root_path() -> Path:
     env = os.environ.get("VITKIT_GOLDEN")

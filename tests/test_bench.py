@@ -211,6 +211,7 @@ def test_bench_cli_compile_with_inductor(capsys):
     assert "compiled" in capsys.readouterr().out
 
 
+@pytest.mark.serial
 def test_bench_cli_machine_bounded(tmp_path, capsys, monkeypatch):
     """--machine at one thread, with small GEMMs (256) and a small copy (8 MB) instead of 2048-4096 and 1 GB; its
     fp32 GEMM rate against the best of ten 256x256 products timed here."""

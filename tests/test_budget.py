@@ -87,6 +87,7 @@ RECIPE = {
 }
 
 
+@pytest.mark.serial
 def test_budgeted_run_ends_within_its_budget(tmp_path):
     """200,000 test images would take minutes to score: the plan drops the test curve, limits the final test, and
     the process (interpreter start included) ends within its 30-second budget, loaded machine or not.
@@ -133,6 +134,7 @@ def test_data_limits_bound_every_split():
         DataConfig(name="digits", val_limit=0).validate()
 
 
+@pytest.mark.serial
 def test_a_budget_spent_before_planning_still_limits_the_end(tmp_path):
     """A run whose budget is gone before it could be planned (here 0.6 s: less than building it) stops after one step
     and tests on what fits, not on the whole 200,000-image test split."""

@@ -70,6 +70,7 @@ def test_version():
     assert vitkit.__version__ == metadata.version("vitkit")
 
 
+@pytest.mark.serial
 def test_help_is_fast_and_does_not_import_torch():
     """`vitkit --help` answers in under 1 s: the front-end imports torch only when a command needs it."""
     from timing import overloaded

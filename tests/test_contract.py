@@ -1,6 +1,7 @@
 """The family contract, checked for every registered variant of every family (parametrised over ``list_models()``,
-so a family cannot register and skip it): published size, tiny forward/backward, the head, attention recording,
-layer ids, weight-decay names, intermediates, save/load and ``vitkit convert`` round trips, another input size."""
+so a family cannot register and skip it): every variant's published size; then, once per distinct tiny model that
+the variants build (``DISTINCT``), tiny forward/backward, the head, attention recording, layer ids, weight-decay names,
+intermediates, save/load and ``vitkit convert`` round trips, another input size and the backbone checks."""
 from __future__ import annotations
 
 import math
@@ -26,7 +27,8 @@ NAMES = vitkit.list_models()
 
 def _distinct_models(names: list[str]) -> list[str]:
     """One name per distinct tiny model (model class and resolved config): names whose tiny configurations build the
-    same model (e.g. ViT-S/16 at 224 and 384 once shrunk) share the slower backbone checks below."""
+    same model (e.g. ViT-S/16 at 224 and 384 once shrunk) would repeat the same computation, so they share the checks
+    of tiny models below."""
     import json
     seen: dict[tuple[str, str], str] = {}
     for name in names:
@@ -76,7 +78,7 @@ def test_size_matches_the_published_reference(name):
 
 
 # ----------------------------------------------------------------------------------------------- tiny size
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", DISTINCT)
 def test_tiny_forward_backward(name):
     model = _tiny(name, num_classes=7).train()
     x = _input(model)
@@ -96,7 +98,7 @@ def test_tiny_forward_backward(name):
         assert torch.equal(model(x), model(x))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", DISTINCT)
 def test_head_and_pre_logits(name):
     model = _tiny(name, num_classes=5).eval()
     x = _input(model)
@@ -121,7 +123,7 @@ def _mask(model: FamilyModel, x: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.arange(n) % 3 == b % 3 for b in range(x.shape[0])])
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", DISTINCT)
 def test_masked_token_logits_or_a_one_line_refusal(name):
     """The optional masked-image-modelling capability: (M, mim_vocab_size) logits, one row per masked position; a
     model without the head refuses in one line."""
@@ -139,14 +141,14 @@ def test_masked_token_logits_or_a_one_line_refusal(name):
         assert torch.equal(model.masked_token_logits(x, mask), logits)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", DISTINCT)
 def test_bad_input_is_a_value_error(name):
     model = _tiny(name)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         model(_input(model)[0])
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", DISTINCT)
 def test_record_attention_every_layer(name):
     model = _tiny(name).eval()
     x = _input(model)
@@ -161,7 +163,7 @@ def test_record_attention_every_layer(name):
     assert max_diff(recorded, _logits(model, x)) < 1e-4  # recording does not change the function
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", DISTINCT)
 def test_layer_ids_and_weight_decay_names(name):
     model = _tiny(name)
     ids = [model.layer_id(n) for n, _ in model.named_parameters()]
@@ -176,7 +178,7 @@ def test_layer_ids_and_weight_decay_names(name):
             f"no_weight_decay() names {entry!r}, which is no parameter"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", DISTINCT)
 def test_forward_intermediates(name):
     model = _tiny(name).eval()
     x = _input(model)
@@ -195,7 +197,7 @@ def test_forward_intermediates(name):
         model.forward_intermediates(x, indices=[len(every)])
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", DISTINCT)
 def test_save_pretrained_and_convert_round_trips(name, tmp_path):
     from vitkit.cli.main import main
     model = _tiny(name).eval()
@@ -208,7 +210,7 @@ def test_save_pretrained_and_convert_round_trips(name, tmp_path):
     assert torch.equal(_logits(converted, x), _logits(model, x))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", DISTINCT)
 def test_another_input_size_builds_runs_and_loads(name, tmp_path):
     """A tiny model at twice its input size runs, and the smaller model's weights load into it (position embeddings
     and bias tables resized and reported, where the family has any)."""

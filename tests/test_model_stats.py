@@ -57,6 +57,7 @@ def test_cli_rows_from_files_equal_counted_rows():
     assert rows("deit_tiny*") == [model_stats(n).as_dict() for n in names]
 
 
+@pytest.mark.serial
 def test_listing_every_model_is_fast_and_does_not_import_torch():
     code = ("import sys, time; t = time.perf_counter(); from vitkit.cli.main import main; main(['models']); "
             "print('torch' in sys.modules, time.perf_counter() - t, file=sys.stderr)")

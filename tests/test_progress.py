@@ -45,6 +45,7 @@ def test_units_scale():
     assert "1.2M/3.5M B (36%)" in p._line()
 
 
+@pytest.mark.serial
 def test_machine_limits_are_bounded_and_report_progress():
     from vitkit.bench.machine import machine_limits
     said = []

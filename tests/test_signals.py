@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.serial  # signals sent at moments and answers timed: alone, never beside another worker
+
 SLOW_EVAL = {
     "model": {"name": "vit_tiny_patch16_224", "overrides": {"patch_size": 4, "depth": 1, "embed_dim": 24,
                                                             "num_heads": 2}},

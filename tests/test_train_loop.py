@@ -213,6 +213,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     assert all(torch.isfinite(v).all() for v in weights(run).values())
 
 
+@pytest.mark.serial
 def test_time_budget_plan_is_laid_out_once_and_survives_a_resume(tmp_path, caplog):
     """The budget is calibrated on steps 4-8 and the schedule laid out over the steps that fit; a run stopped by
     SIGTERM after that (sent from inside the run at step 9) and resumed keeps the plan: it does not calibrate again,

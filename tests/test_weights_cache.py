@@ -144,6 +144,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("how", ["refused", "no answer", "HF_HUB_OFFLINE"])
 def test_offline_hub_fails_in_seconds(home, monkeypatch, how):
     pytest.importorskip("huggingface_hub")

@@ -2,9 +2,11 @@
 
 Examples:
     vitkit bench vit_base_patch16_224 --batch-size 8 --compare transformers
+    vitkit bench vit_base_patch16_224 --batch-size 8 --runtime best --compare transformers
     vitkit bench vit_base_patch16_224 --img-size 32 --set patch_size=4 --set embed_dim=256 --set depth=7 \\
         --set num_heads=4 --set mlp_ratio=2 --set num_classes=10 --mode train --compare transformers
     vitkit bench --machine --json machine.json
+    vitkit bench vit_large_patch16_224 --memory ddp,fsdp,fsdp_ac --batch-size 4 --nproc 2
 """
 from __future__ import annotations
 
@@ -50,11 +52,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="eager (default), onnxruntime, openvino, torch-export, or several comma-separated: each "
                              "is exported (parity-checked) and timed in the same interleaved rounds; 'onnxruntime-int8' "
                              "adds the int8 ONNX Runtime model; 'openvino' computes in fp32 on every CPU, "
-                             "'openvino-bf16' asks OpenVINO for bf16 (checked like int8: agreement with fp32)")
+                             "'openvino-bf16' asks OpenVINO for bf16 (checked like int8: agreement with fp32); "
+                             "'best' alone: the fastest path on this CPU that keeps >= 99%% top-1 agreement with "
+                             "eager fp32 on real images (chosen in a short timing of --warmup/--iters rounds, the "
+                             "table printed), then benchmarked")
+    parser.add_argument("--agreement-images", metavar="DIR",
+                        help="with --runtime best: also measure agreement on the images in DIR (up to 2,000), besides "
+                             "the shipped photos and, for --pretrained RUN trained on CIFAR-10, 2,000 test images")
     parser.add_argument("--machine", action="store_true", help="measure the machine's GEMM peak and copy bandwidth")
     parser.add_argument("--seconds", type=float, default=30.0,
                         help="time allowed for --machine (default 30; progress is printed as it goes)")
     parser.add_argument("--json", metavar="OUT", help="write every number (and the settings) to this JSON file")
+    parser.add_argument("--memory", metavar="STRATEGY[,STRATEGY...]",
+                        help="per-process peak memory of a training step (forward, backward, AdamW) under single, "
+                             "ddp, fsdp and/or fsdp_ac (FSDP + activation checkpointing), measured in --nproc gloo "
+                             "processes on this CPU (--batch-size images each, --dtype fp32 or bf16) and modelled "
+                             "(vitkit.bench.memory)")
+    parser.add_argument("--nproc", type=int, default=2, help="processes for --memory (default 2)")
+    parser.add_argument("--memory-limit", type=float, default=20.0, metavar="GIB",
+                        help="--memory refuses to start above this many GiB for all processes (default 20)")
 
 
 def environment() -> dict[str, Any]:
@@ -166,9 +182,30 @@ def _runtimes(args: argparse.Namespace, model) -> dict:
     return out
 
 
+def _best(args: argparse.Namespace, model, report: dict[str, Any]) -> dict:
+    """``--runtime best``: choose the path (``vitkit.deploy.best``), print the table; the chosen path as the one
+    runtime besides eager fp32 (none when eager fp32 is chosen)."""
+    from vitkit.deploy import best
+    from vitkit.runs import is_run_folder
+    if args.dtype != "fp32" or args.device != "cpu" or args.mode != "infer" or args.compile:
+        raise ValueError("--runtime best chooses among CPU inference paths: --device cpu --mode infer --dtype fp32, "
+                         "no --compile")
+    if args.agreement_images and not os.path.isdir(args.agreement_images):
+        raise FileNotFoundError(f"--agreement-images {args.agreement_images}: no such folder")
+    run = args.pretrained if args.pretrained and is_run_folder(args.pretrained) else None
+    images = best.agreement_images(model, best.read_run_data(run), args.agreement_images)
+    timer = best.default_timer(args.warmup, args.iters, args.quiet, args.max_wait)  # bench's own rounds and --quiet
+    choice = best.select_fastest(model, images, args.batch_size, timer)
+    print("\n".join(choice.table_lines()), flush=True)
+    report["best"] = choice.as_dict()
+    return {} if choice.module is model else {choice.chosen: choice.module}
+
+
 def _run_model(args: argparse.Namespace, report: dict[str, Any]) -> None:
     from vitkit.bench.compare import compare_to_transformers
-    from vitkit.bench.runner import BenchSettings, benchmark
+    from vitkit.bench.runner import BenchSettings, benchmark, step_flops
+    if args.agreement_images and args.runtime != "best":
+        raise ValueError("--agreement-images goes with --runtime best")
     dtype = _dtype(args)
     settings = BenchSettings(batch_size=args.batch_size, dtype=dtype, compile=args.compile, mode=args.mode,
                              warmup=args.warmup, iters=args.iters, device=args.device, probes=args.probes,
@@ -182,14 +219,20 @@ def _run_model(args: argparse.Namespace, report: dict[str, Any]) -> None:
     print(f"{args.model} {'x'.join(map(str, input_size))}, batch {args.batch_size}, {dtype}"
           f"{' (auto)' if args.dtype == 'auto' else ''}, "
           f"{'compiled' if args.compile else 'eager'}, {args.mode}, {report['env']['threads']} threads")
-    others = _runtimes(args, model)
-    if others and not args.compare:
+    others = _best(args, model, report) if args.runtime == "best" else _runtimes(args, model)
+    if others and not args.compare and args.runtime != "best":
         raise ValueError("--runtime with exported runtimes is a comparison: add --compare transformers")
     if args.compare:
         cmp = compare_to_transformers(model, settings, input_size, others=others)
         report["comparison"] = cmp.as_dict()
         results = [cmp.ours, *cmp.others.values(), cmp.theirs]
         peak = cmp.peak_gflops_median
+    elif others:  # best, not eager fp32: the chosen path alone
+        (label, chosen), = others.items()
+        res = benchmark(chosen, settings, input_size, label=label, flops_per_image=step_flops(model, input_size,
+                                                                                               args.mode))
+        report["result"] = res.as_dict()
+        results, peak = [res], res.peak_gflops
     else:
         res = benchmark(model, settings, input_size)
         report["result"] = res.as_dict()
@@ -208,6 +251,25 @@ def _run_model(args: argparse.Namespace, report: dict[str, Any]) -> None:
         for name, ratio in cmp.ratios().items():
             if name != "vitkit":
                 print(f"{name} / transformers images/s: {ratio:.3f}   max |logits diff|: {cmp.other_diffs[name]:.2e}")
+
+
+def _run_memory(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    from vitkit.bench.memory import measure, measurement_lines
+    from vitkit.config import parse_overrides
+    given = [flag for flag, on in (("--dtype auto", args.dtype == "auto"), ("--compile", args.compile),
+                                   ("--compare", args.compare), ("--runtime", args.runtime != "eager"),
+                                   ("--pretrained", args.pretrained), ("--device", args.device != "cpu")) if on]
+    if given:
+        raise ValueError(f"--memory measures an eager fp32 or bf16 training step on the CPU: drop {', '.join(given)}")
+    if args.img_size:
+        args.overrides = [*args.overrides, f"img_size={args.img_size}"]
+    rows = measure(args.model, [s.strip() for s in args.memory.split(",") if s.strip()], args.batch_size,
+                   args.nproc, args.dtype, parse_overrides(args.overrides), threads=args.threads or 1,
+                   limit_gib=args.memory_limit)
+    print(f"{args.model}: training step, batch {args.batch_size} per process, {args.dtype}, {args.nproc} "
+          f"process(es), gloo; MiB per process (largest over the processes)")
+    print("\n".join(measurement_lines(rows)))
+    report["memory"] = [{**dataclasses.asdict(r), "error": r.error} for r in rows]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -229,7 +291,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"machine: {report['env']['cpu']}; torch {torch.__version__}, {report['env']['threads']} threads")
     if args.machine:
         _run_machine(args, report)
-    if args.model:
+    if args.memory:
+        _run_memory(args, report)
+    elif args.model:
         _run_model(args, report)
     report["env"]["loadavg_end"] = list(os.getloadavg())
     print(f"load average: start {report['env']['loadavg_start']}, end {report['env']['loadavg_end']}")

@@ -61,17 +61,58 @@ def add_amp_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     from vitkit.deploy.names import RUNTIMES
-    parser.add_argument("--runtime", choices=tuple(RUNTIMES), default="eager",
+    parser.add_argument("--runtime", choices=(*RUNTIMES, "best"), default="eager",
                         help="run the model in eager PyTorch (default) or exported (parity-checked) to ONNX Runtime, "
                              "OpenVINO or torch.export; exported runtimes run on the CPU in fp32 (--amp is ignored), "
-                             "openvino-bf16 in bf16 where the CPU has it; an export folder runs in its own runtime")
+                             "openvino-bf16 in bf16 where the CPU has it; an export folder runs in its own runtime. "
+                             "best (opt-in): the fastest path on this CPU (eager fp32/bf16, ONNX Runtime fp32/int8, "
+                             "OpenVINO, torch.export) that keeps >= 99%% top-1 agreement with eager fp32 on real "
+                             "images, measured now; the table it chose from is printed")
     parser.add_argument("--int8", action="store_true",
                         help="with --runtime onnxruntime: int8 weights (the scheme chosen per CPU; see vitkit export)")
+    add_agreement_argument(parser)
 
 
-def apply_runtime(args: argparse.Namespace, model, device):
+def add_agreement_argument(parser, flag: str = "--runtime best") -> None:
+    parser.add_argument("--agreement-images", metavar="DIR",
+                        help=f"with {flag}: also measure agreement on the images in DIR (up to 2,000), besides the "
+                             f"shipped photos and, for a run trained on CIFAR-10, 2,000 of its test images")
+
+
+def check_best_arguments(args: argparse.Namespace) -> None:
+    """``--runtime best`` chooses the precision and the runtime itself; ``--agreement-images`` only goes with it."""
+    if args.runtime != "best":
+        if args.agreement_images:
+            raise ValueError("--agreement-images goes with --runtime best")
+        return
+    given = [flag for flag, on in (("--int8", args.int8), ("--amp", getattr(args, "amp", None))) if on]
+    if given:
+        raise ValueError(f"--runtime best chooses the precision itself (int8, bf16 or fp32); drop {', '.join(given)}")
+    if args.agreement_images and not os.path.isdir(args.agreement_images):
+        raise FileNotFoundError(f"--agreement-images {args.agreement_images}: no such folder")
+
+
+def run_best(args: argparse.Namespace, model, run_data: dict[str, Any] | None, batch_size: int, out=None):
+    """``--runtime best``: the fastest path that keeps the model's answers (``vitkit.deploy.best``); prints the table
+    it chose from to ``out`` (default stdout) and keeps the choice in ``args.best``."""
+    from vitkit.deploy import best
+    images = best.agreement_images(model, run_data, args.agreement_images)
+    choice = best.select_fastest(model.cpu().eval(), images, batch_size, best.default_timer())
+    print("\n".join(choice.table_lines()), file=out, flush=True)
+    args.best = choice
+    return choice.module
+
+
+def apply_runtime(args: argparse.Namespace, model, device, run_data: dict[str, Any] | None = None,
+                  batch_size: int = 16, out=None):
     """``model`` itself for ``--runtime eager``; else the model exported to that runtime (a ``RuntimeModel``), after
-    checking the request fits (CPU only; int8 only through ONNX Runtime)."""
+    checking the request fits (CPU only; int8 only through ONNX Runtime); for ``best`` the path ``run_best`` chose
+    (``run_data``: the data section of the run the model comes from; ``batch_size``: the batch it will run in)."""
+    check_best_arguments(args)
+    if args.runtime == "best":
+        if str(device) != "cpu":
+            raise ValueError(f"--runtime best measures CPU paths; drop --device {device}")
+        return run_best(args, model, run_data, batch_size, out)
     if args.runtime == "eager":
         if args.int8:
             raise ValueError("--int8 needs --runtime onnxruntime")
@@ -89,6 +130,9 @@ def open_export(args: argparse.Namespace, folder: str):
     ``--runtime`` naming another runtime of its format), on the CPU."""
     if args.device not in (None, "cpu"):
         raise ValueError(f"{folder} is an exported model: it runs on the CPU; drop --device {args.device}")
+    if args.runtime == "best":
+        raise ValueError(f"{folder} is an exported model: it runs as exported; --runtime best chooses when exporting "
+                         f"(vitkit export ... --fastest)")
     if args.pretrained:
         raise ValueError(f"{folder} is an exported model and carries its weights; drop --pretrained")
     from vitkit.deploy.runtime import open_export_folder
@@ -195,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
     run_data = (target.run_config or {}).get("data")
     args.batch_size = args.batch_size or _run_batch_size(target.run_config) or 64
     data_cfg = resolve_data_config(target.model, run_data, args.data_config, args.set)
+    check_best_arguments(args)
     amp = precision(args, device, _run_precision(target.run_dir))
     model = target.model.to(device)
     probes = run_probes(model, data_cfg, args, device, amp)
@@ -207,13 +252,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {os.path.join(out_dir, 'probes.json')}")
         return 0
     loader, classes = build_eval_loader(data_cfg, model, args.split, args.batch_size)
-    runner = model if folder else apply_runtime(args, model, device)
+    runner = model if folder else apply_runtime(args, model, device, run_data, args.batch_size)
     exported = runner is not model  # then: agreement with eager PyTorch
-    amp = None if folder else amp  # an exported model computes as exported
+    amp = None if folder or args.runtime == "best" else amp  # an exported or chosen path computes as it is
     result = evaluate(with_tta(runner, args.tta), loader, device, None if exported else amp, class_names=classes,
                       reference=with_tta(model, args.tta) if exported else None)
     result.extra["runtime"] = f"{model.runtime} {model.precision}" if folder else \
         args.runtime + (" int8" if args.int8 else "")
+    if args.runtime == "best":
+        result.extra["runtime"] = f"best: {args.best.chosen}"
+        result.extra["best"] = args.best.as_dict()
+        args.precision_line = f"runtime: best -> {args.best.chosen} (the table above)"
     result.extra["tta"] = args.tta
     result.extra.update(_context(target, data_cfg, args))
     if probes:

@@ -24,6 +24,7 @@ COMMANDS = {
     "bench": "vitkit.cli.bench",
     "export": "vitkit.cli.export",
     "convert": "vitkit.cli.convert",
+    "shards": "vitkit.cli.shards",
     "demo": "vitkit.cli.demo",
 }
 

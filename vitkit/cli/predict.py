@@ -18,6 +18,7 @@ EPILOG = """examples:
   vitkit predict photo.jpg --model deit_tiny_patch16_224 --pretrained deit_tiny.safetensors
   vitkit predict photos/ --pretrained runs/c10 --format json        a run folder: its best checkpoint
   vitkit predict a.png b.jpg --pretrained saved_model/ --format csv --topk 3
+  vitkit predict photos/ --pretrained runs/c10 --runtime best         fastest path keeping >= 99% agreement
 
 preprocessing (size, crop, interpolation, mean/std, channel order) and class names come from the checkpoint.
 an unreadable file gets an error row; the others are still predicted.
@@ -46,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vitkit.evaluate.predict import image_files, predict_files
-    from vitkit.cli.eval import apply_runtime, open_export, precision
+    from vitkit.cli.eval import apply_runtime, check_best_arguments, open_export, precision
     from vitkit.deploy.runtime import is_export_folder
     from vitkit.evaluate.targets import load_target
     from vitkit.hardware import parse_device
@@ -54,13 +55,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--topk and --batch-size must be >= 1")
     files = image_files(args.images)  # a typo in a path is an error, before the model loads
     device = parse_device(args.device)
+    check_best_arguments(args)
     amp = precision(args, device)
     if is_export_folder(args.model):  # a folder from `vitkit export`: it runs as exported
         model, amp = open_export(args, args.model), None
     else:
-        model = apply_runtime(args, load_target(args.pretrained, args.model).model.to(device), device)
+        target = load_target(args.pretrained, args.model)
+        run_data = (target.run_config or {}).get("data")  # --runtime best: a CIFAR-10 run adds its test images
+        model = apply_runtime(args, target.model.to(device), device, run_data, min(args.batch_size, len(files)),
+                              out=sys.stderr)  # best's table on stderr: stdout is the json/csv output
     if args.runtime != "eager":
-        amp = None  # an exported model runs in fp32 (int8 weights with --int8)
+        amp = None  # an exported model runs in fp32 (int8 weights with --int8); best's path computes as chosen
     predictions = predict_files(model, files, topk=args.topk, batch_size=args.batch_size, amp_dtype=amp)
     WRITERS[args.format](predictions, sys.stdout)
     return 0 if any(p.ok for p in predictions) else 1

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from ..config import ConfigError
 from .datasets import CIFAR10, CIFAR100, Digits, FakeData, ImageFolder, Subset, UnlabelledImages, stratified_pick
+from .shards import ShardDataset
 
 __all__ = ["DataConfig", "Splits", "train_val_split", "limit", "build_splits"]
 
@@ -25,11 +26,11 @@ __all__ = ["DataConfig", "Splits", "train_val_split", "limit", "build_splits"]
 class DataConfig:
     """The recipe's ``data:`` section."""
 
-    name: Literal["cifar10", "cifar100", "folder", "images", "digits", "fake"] = "cifar10"
+    name: Literal["cifar10", "cifar100", "folder", "images", "digits", "fake", "shards"] = "cifar10"
     root: str | None = None  # required but for digits/fake; folder: root/train/<class>/...; images: any tree of images
     download: bool = False  # cifar only: fetch the canonical tarball into root
     img_size: int = 224  # model input size; CIFAR's 32×32 images are resized to it
-    val_fraction: float = 0.02  # ViT paper: 2% of the training set held out; 0 = no validation split
+    val_fraction: float = 0.02  # ViT paper: 2% of the training set held out; 0 = no validation split; shards: unused
     split_seed: int = 0  # seeds the validation split, independent of the training seed
     num_workers: int = 2
     mean: tuple[float, float, float] | None = None  # None: take the model's data config
@@ -40,9 +41,14 @@ class DataConfig:
     train_limit: int | None = None  # use only the first N training items (smoke runs)
     val_limit: int | None = None  # use only the first N validation items (default for a val/ folder: test_limit)
     test_limit: int | None = None  # use only the first N test items
+    # shards (root/train/, and val/, test/ if present, written by `vitkit shards`; vitkit.data.shards):
+    shuffle_buffer: int = 1000  # samples in each training stream's shuffle buffer; 0 = shard order
+    # training streams per process, the train loader's workers (none when num_workers is 0); null: set to
+    # max(1, num_workers) when resolved, so a resumed run keeps its data order whatever its num_workers
+    shard_streams: int | None = None
 
     def validate(self) -> None:
-        if self.name in ("cifar10", "cifar100", "folder", "images") and not self.root:
+        if self.name in ("cifar10", "cifar100", "folder", "images", "shards") and not self.root:
             raise ConfigError(f"data.root: required for data.name={self.name!r}")
         if self.download and self.name not in ("cifar10", "cifar100"):
             raise ConfigError(f"data.download: only cifar10/cifar100 can be downloaded, not {self.name!r}")
@@ -60,6 +66,18 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"data.{name}: must be positive or null, got {value}")
+        self._validate_shards()
+
+    def _validate_shards(self) -> None:
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"data.shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
+        if self.shard_streams is not None and self.shard_streams <= 0:
+            raise ConfigError(f"data.shard_streams: must be positive or null, got {self.shard_streams}")
+        if self.name == "shards" and self.train_limit is not None:
+            raise ConfigError("data.train_limit: not available for data.name=shards (a stream reads whole shards); "
+                              "write fewer samples with `vitkit shards --limit N`")
+        if self.name == "shards" and self.shard_streams is None:
+            self.shard_streams = max(1, self.num_workers)
 
 
 @dataclass
@@ -123,8 +141,27 @@ def _sources(cfg: DataConfig):
                                                                                         cfg.img_size, seed=1)
 
 
+def _shard_splits(cfg: DataConfig) -> Splits:
+    """``root/train`` (streamed in training), ``root/val`` and ``root/test`` when present. Without ``val/`` there is
+    no validation split: a carve-out would need the whole training split's labels, so ``val_fraction`` is unused."""
+    root = Path(cfg.root)
+    if not (root / "train" / "index.json").is_file():
+        raise FileNotFoundError(f"data.name=shards expects {root}/train/index.json (write it with `vitkit shards "
+                                f"SOURCE {root}`)")
+    train = ShardDataset.open(root / "train")
+    found = {name: ShardDataset.open(root / name, n) for name, n in (("val", cfg.val_limit or cfg.test_limit),
+                                                                     ("test", cfg.test_limit))
+             if (root / name / "index.json").is_file()}
+    for name, split in found.items():
+        if split.classes != train.classes:
+            raise ValueError(f"{root / name}/index.json lists other classes than {root}/train/index.json")
+    return Splits(train, found.get("val"), found.get("test"), train.classes)
+
+
 def build_splits(cfg: DataConfig) -> Splits:
     """Build train/val/test for ``cfg``: limits first, then (if the source has no val split) the held-out carve."""
+    if cfg.name == "shards":
+        return _shard_splits(cfg)
     train, val, test = _sources(cfg)
     classes = list(train.classes)
     train = limit(train, cfg.train_limit)

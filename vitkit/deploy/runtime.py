@@ -136,13 +136,13 @@ def _runtimes_of(fmt: str) -> list[str]:
 
 def open_runtime(folder: str | os.PathLike, meta: dict[str, Any] | None = None,
                  runtime: str | None = None) -> RuntimeModel:
-    """Open an exported folder in ``runtime`` (default: the runtime of its format, in fp32; ``openvino-bf16`` for an
-    OpenVINO folder computed in bf16)."""
+    """Open an exported folder in ``runtime`` (default: the runtime its ``vitkit.json`` names, else the runtime of
+    its format, in fp32; ``openvino-bf16`` for an OpenVINO folder computed in bf16)."""
     folder = os.fspath(folder)
     if meta is None:
         with open(os.path.join(folder, "vitkit.json")) as f:
             meta = json.load(f)
-    runtime = runtime or _runtimes_of(meta["format"])[0]
+    runtime = runtime or meta.get("runtime") or _runtimes_of(meta["format"])[0]  # "runtime": export --fastest
     if RUNTIMES.get(runtime) != meta["format"]:
         raise ValueError(f"{folder} is a {meta['format']} export: it runs in "
                          f"{' or '.join(_runtimes_of(meta['format']))}, not {runtime}")

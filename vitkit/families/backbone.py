@@ -22,15 +22,24 @@ from vitkit.families.contract import FamilyModel, select_indices, token_grid
 __all__ = ["feature_info", "FeatureExtractor", "set_grad_checkpointing", "default_out_indices"]
 
 
+_SHAPES: dict[tuple[type, str, tuple[int, ...]], list[tuple[int, ...]]] = {}  # (class, repr(cfg), input size)
+
+
 def _shapes(model: FamilyModel) -> list[tuple[int, ...]]:
     """The shapes ``forward_intermediates`` gives for one image of the model's native size, from a twin built on
-    the meta device (shapes only: nothing is computed, and the model itself is not run)."""
-    _, H, W = model.data_cfg.input_size
-    with torch.device("meta"):
-        twin = type(model)(model.cfg).eval()
-    with torch.no_grad():
-        outs = twin.forward_intermediates(torch.empty(1, model.cfg.in_chans, H, W, device="meta"))
-    return [tuple(o.shape) for o in outs]
+    the meta device (shapes only: nothing is computed, and the model itself is not run). Kept per (class, config,
+    input size): the shapes are a function of those alone, and a meta forward pass costs up to seconds."""
+    key = (type(model), repr(model.cfg), tuple(model.data_cfg.input_size))
+    if key not in _SHAPES:
+        _, H, W = model.data_cfg.input_size
+        with torch.device("meta"):
+            twin = type(model)(model.cfg).eval()
+        with torch.no_grad():
+            outs = twin.forward_intermediates(torch.empty(1, model.cfg.in_chans, H, W, device="meta"))
+        if len(_SHAPES) >= 256:
+            _SHAPES.clear()
+        _SHAPES[key] = [tuple(o.shape) for o in outs]
+    return _SHAPES[key]
 
 
 def feature_info(model: FamilyModel) -> list[dict[str, Any]]:

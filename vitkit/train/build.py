@@ -17,6 +17,7 @@ import vitkit
 from vitkit.runs import is_run_folder, run_checkpoint
 from vitkit.data import (AugmentConfig, DataConfig, MixupCutmix, Splits, TransformDataset, build_eval_transform,
                          build_splits, build_train_transform, collate_skip_none)
+from vitkit.data.shards import ShardStream
 from vitkit.train.config import OptimConfig, RecipeConfig, TrainSection
 from vitkit.train.distributed import DistInfo, StepBatchSampler
 from vitkit.train.process import ignore_signals_in_worker
@@ -62,7 +63,7 @@ class Data:
     train: TransformDataset
     val: TransformDataset | None
     test: TransformDataset | None
-    sampler: StepBatchSampler
+    sampler: StepBatchSampler | ShardStream  # the data position: steps_per_epoch, set_position
     loader: DataLoader
 
     @property
@@ -82,11 +83,27 @@ def build_data(cfg: RecipeConfig, splits: Splits, model: nn.Module, info: DistIn
     test = TransformDataset(splits.test, eval_tf, seed) if splits.test is not None and len(splits.test) else None
     sampler = StepBatchSampler(len(train), cfg.train.batch_size, cfg.train.accum_steps, info.rank,
                                info.world_size, seed)
+    if cfg.data.name == "shards":  # the train split streams from the sampler's position
+        d = cfg.data
+        stream = ShardStream(splits.train.index, train.transform, sampler, d.shard_streams, d.shuffle_buffer)
+        if info.is_main:  # it evaluates: val and test are read now, so its eval workers inherit them
+            for split in (val, test):
+                if split is not None:
+                    split.base.load()
+        return Data(splits, train, val, test, stream, _shard_loader(stream, d.num_workers, pin_memory, seed))
     workers = cfg.data.num_workers
     loader = DataLoader(train, batch_sampler=sampler, num_workers=workers, collate_fn=collate_skip_none,
                         pin_memory=pin_memory, worker_init_fn=ignore_signals_in_worker if workers else None,
                         generator=torch.Generator().manual_seed(seed))  # workers' base seed: not the global RNG
     return Data(splits, train, val, test, sampler, loader)
+
+
+def _shard_loader(stream: ShardStream, num_workers: int, pin_memory: bool, seed: int) -> DataLoader:
+    """One worker per stream (its micro-batches arrive round-robin), or every stream in this process."""
+    workers = stream.streams if num_workers else 0
+    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      worker_init_fn=ignore_signals_in_worker if workers else None,
+                      generator=torch.Generator().manual_seed(seed))  # workers' base seed: not the global RNG
 
 
 def eval_loader(dataset, batch_size: int, num_workers: int) -> DataLoader:

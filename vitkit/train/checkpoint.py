@@ -3,12 +3,17 @@
 Layout (``vitkit.runs``): ``RUN_DIR/checkpoints/{last,best}/`` each hold ``model.safetensors`` + ``config.json``
 (``vitkit.save_pretrained``, so ``vitkit.load_model(folder)`` works); ``last/`` also holds
 ``train_state.safetensors`` (optimizer state, EMA weights, RNG states as tensors) and ``train_state.json`` (step,
-data position, best metric, optimizer hyper-parameters, scaler, scalar RNG state, time used).
+data position, best metric, optimizer hyper-parameters, scaler, scalar RNG state, time used). Under
+``train.strategy: fsdp`` the optimizer and EMA state are sharded and live in ``last/dcp/`` instead
+(``torch.distributed.checkpoint``, ``vitkit.train.fsdp``), with the model's shards; ``model.safetensors`` is still
+the whole model, gathered on rank 0.
 
 Atomicity: a checkpoint is written into ``.<name>.tmp-<pid>/``, every file and the folder are fsync'ed, then the
 current ``<name>/`` is renamed to ``<name>.prev/``, the new folder renamed to ``<name>/``, and ``<name>.prev/``
 removed. A process that dies at any moment leaves either ``<name>/`` or ``<name>.prev/`` complete; ``find_checkpoint``
-falls back to ``.prev`` when ``<name>/`` is missing.
+falls back to ``.prev`` when ``<name>/`` is missing. When every process writes part of a checkpoint
+(``shared_atomic_dir``), rank 0 makes the temporary folder and tells the others its path, and renames it only once
+all of them have written.
 """
 from __future__ import annotations
 
@@ -26,15 +31,17 @@ import torch
 from torch import Tensor, nn
 
 from vitkit.runs import find_checkpoint  # the layout lives in vitkit.runs; re-exported for the trainer
+from vitkit.train.distributed import DistInfo
 
-__all__ = ["atomic_dir", "save_checkpoint", "find_checkpoint", "read_train_state", "read_train_state_meta",
-           "load_model_weights", "capture_rng",
-           "restore_rng", "optimizer_state", "load_optimizer_state", "TRAIN_STATE_FORMAT"]
+__all__ = ["atomic_dir", "shared_atomic_dir", "save_checkpoint", "write_checkpoint", "find_checkpoint",
+           "read_train_state", "read_train_state_meta", "load_model_weights", "capture_rng", "restore_rng",
+           "optimizer_state", "load_optimizer_state", "TRAIN_STATE_FORMAT", "SHARDED_STATE"]
 
 log = logging.getLogger(__name__)
 
 TRAIN_STATE_FORMAT = 1
 _STATE_TENSORS, _STATE_JSON = "train_state.safetensors", "train_state.json"
+SHARDED_STATE = "dcp"  # the sub-folder of the sharded train state (model, optimizer, EMA), fsdp runs only
 
 
 # --------------------------------------------------------------------------------------------------- atomic io
@@ -50,6 +57,8 @@ def _fsync_tree(folder: Path) -> None:
     for p in folder.iterdir():
         if p.is_file():
             _fsync_path(p)
+        elif p.is_dir():
+            _fsync_tree(p)
     _fsync_path(folder)
 
 
@@ -77,21 +86,44 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     shutil.rmtree(prev, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def shared_atomic_dir(final: str | os.PathLike, info: DistInfo) -> Iterator[Path]:
+    """``atomic_dir`` written by every process: rank 0 creates the temporary folder and broadcasts its path; each
+    process writes its files there; after a barrier (all have written) rank 0 fsyncs and renames it. Every process
+    must enter it at the same point; with one process it is ``atomic_dir``."""
+    if not info.enabled:
+        with atomic_dir(final) as tmp:
+            yield tmp
+        return
+    import torch.distributed as dist
+    with atomic_dir(final) if info.is_main else contextlib.nullcontext() as tmp:
+        path = [os.fspath(tmp) if tmp is not None else None]
+        dist.broadcast_object_list(path, src=0)
+        yield Path(path[0])
+        dist.barrier()  # every process's files are in place (DCP fsyncs each) before rank 0 renames
+
+
 # ------------------------------------------------------------------------------------------------------ write
-def save_checkpoint(folder: str | os.PathLike, model: nn.Module, class_names: list[str] | None = None,
-                    tensors: dict[str, Tensor] | None = None, meta: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` (vitkit format) and, if given, the training state, atomically into ``folder``."""
+def write_checkpoint(folder: Path, model: nn.Module, class_names: list[str] | None = None,
+                     tensors: dict[str, Tensor] | None = None, meta: dict[str, Any] | None = None) -> None:
+    """Write ``model`` (vitkit format) and, if given, the training state into the existing ``folder``."""
     from safetensors.torch import save_file
 
     import vitkit
     from vitkit.weights import follow_umask
+    vitkit.save_pretrained(model, folder, class_names=class_names)
+    if meta is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()},
+                  str(folder / _STATE_TENSORS), metadata={"format": "vitkit-train-state"})
+        follow_umask(folder / _STATE_TENSORS)
+        (folder / _STATE_JSON).write_text(json.dumps({"format": TRAIN_STATE_FORMAT, **meta}, indent=1))
+
+
+def save_checkpoint(folder: str | os.PathLike, model: nn.Module, class_names: list[str] | None = None,
+                    tensors: dict[str, Tensor] | None = None, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (vitkit format) and, if given, the training state, atomically into ``folder``."""
     with atomic_dir(folder) as tmp:
-        vitkit.save_pretrained(model, tmp, class_names=class_names)
-        if meta is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()},
-                      str(tmp / _STATE_TENSORS), metadata={"format": "vitkit-train-state"})
-            follow_umask(tmp / _STATE_TENSORS)
-            (tmp / _STATE_JSON).write_text(json.dumps({"format": TRAIN_STATE_FORMAT, **meta}, indent=1))
+        write_checkpoint(tmp, model, class_names, tensors, meta)
     return Path(folder)
 
 

@@ -185,7 +185,12 @@ class TrainSection:
     # auto: bf16 autocast where the device runs bf16 natively, else fp32 (vitkit.hardware); none: fp32;
     # bf16: autocast on any device (emulated, slow, on CPUs without native bf16); fp16 + GradScaler on CUDA only
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model (under fsdp: each block, before sharding)
+    # several processes: ddp replicates the model (DistributedDataParallel); fsdp shards parameters, gradients and
+    # optimizer state over them (FSDP2, per block of the family contract). One process trains plainly with either;
+    # fsdp's train state is saved sharded (DCP) even then, so a run resumes on any number of processes
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    grad_checkpointing: bool = False  # recompute each block's activations in the backward pass (less memory)
     ema: bool = False  # keep an exponential moving average of the weights; it is evaluated and saved as best/
     ema_decay: float = 0.9998
     ema_warmup: bool = True  # decay_t = min(decay, (1 + t) / (10 + t)) (TF ExponentialMovingAverage num_updates)
@@ -220,6 +225,9 @@ class TrainSection:
             raise ConfigError(f"train.ema_decay: must be in (0, 1), got {self.ema_decay}")
         if self.amp == "fp16" and self.device in ("cpu", "mps"):
             raise ConfigError(f"train.amp: fp16 needs a CUDA device (GradScaler); use bf16 on {self.device}")
+        if self.amp == "fp16" and self.strategy == "fsdp":
+            raise ConfigError("train.amp: fp16 is not supported with train.strategy fsdp (its GradScaler would skip "
+                              "steps per process); use bf16")
         if self.task == "distill" and not self.distillation.teacher:
             raise ConfigError("train.distillation.teacher: required when train.task is 'distill'")
         if self.task == "mim" and not self.mim.tokenizer:

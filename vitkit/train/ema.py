@@ -3,7 +3,8 @@
 ``ema = decay * ema + (1 - decay) * weights`` after every optimiser step, for floating-point parameters and buffers
 (other buffers are copied), as timm ``ModelEmaV3`` does with ``lerp``. With ``warmup`` the decay of update ``t`` is
 ``min(decay, (1 + t) / (10 + t))`` (TensorFlow ``ExponentialMovingAverage(num_updates=t)``), so short runs are not
-dominated by the random initialisation.
+dominated by the random initialisation. Under FSDP the copy is sharded as the model is (``vitkit.train.fsdp``), so
+the update runs on each process's shards.
 """
 from __future__ import annotations
 

@@ -1,19 +1,20 @@
-"""The one training loop: any task (classification, DeiT distillation, later masked-image modelling), one process or
-many (DistributedDataParallel), stopped and resumed at any step boundary with bitwise-identical results on CPU in
-deterministic mode.
+"""The one training loop: any task (classification, DeiT distillation, masked-image modelling), one process or
+many (``train.strategy``: DistributedDataParallel, or FSDP2 sharding, ``vitkit.train.fsdp``), stopped and resumed at
+any step boundary with bitwise-identical results on CPU in deterministic mode.
 
 Per optimiser step ``s`` (global, 0-based): reseed torch's global RNG (dropout, drop-path) and a mixing generator from
 ``(seed, s, rank)``; set the learning rate ``schedule(s)``; for each accumulation micro-batch run the task under
-autocast and backpropagate ``loss / accum_steps`` (DDP all-reduces gradients on the last one only); all-reduce the
-step's loss sums and stop flags; refuse a non-finite loss before touching the weights; unscale (fp16), clip the
-global gradient norm, step, update the EMA. Because every random stream and the data order are functions of the step
-counter, resuming needs only the step, the weights and the optimizer/EMA/scaler state; the RNG states are saved too,
-for code that draws from them outside the loop.
+autocast and backpropagate ``loss / accum_steps`` (DDP all-reduces, FSDP reduce-scatters, gradients on the last one
+only); all-reduce the step's loss sums and stop flags; refuse a non-finite loss before touching the weights; unscale
+(fp16), clip the global gradient norm, step, update the EMA. Because every random stream and the data order are
+functions of the step counter, resuming needs only the step, the weights and the optimizer/EMA/scaler state; the RNG
+states (rank 0's) are saved too, for code that draws from them outside the loop.
 
-Validation, test and every file in the run folder are rank 0's; the other processes wait at a barrier. A wall-clock
-budget (``train.time_budget_minutes``) times ``budget_calibration_steps`` steps and one evaluation batch, lays the
-schedule out over the steps that fit (the plan is saved, so a resumed run keeps it) and stops at the budget in any
-case; a budgeted run is reproducible only in what the plan fixed, not in when the clock ran out.
+Validation, test and every file in the run folder are rank 0's (under FSDP on an unsharded copy that every process
+helps to fill; each process writes its own shards of the train state); the other processes wait at a barrier. A
+wall-clock budget (``train.time_budget_minutes``) times ``budget_calibration_steps`` steps and one evaluation batch,
+lays the schedule out over the steps that fit (the plan is saved, so a resumed run keeps it) and stops at the budget
+in any case; a budgeted run is reproducible only in what the plan fixed, not in when the clock ran out.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -49,6 +50,9 @@ from vitkit.train.run_outputs import MetricsLog, TensorBoard, environment, write
 from vitkit.hardware import amp_dtype, precision_line, resolve_amp
 from vitkit.train.process import StopFlag, autocast, load_average, oversubscription
 from vitkit.train.schedule import set_lr
+
+if TYPE_CHECKING:  # vitkit.train.fsdp is imported when a run shards: torch.distributed.checkpoint is slow to import
+    from vitkit.train.fsdp import FullCopy
 
 __all__ = ["Trainer", "RunState", "RunResult", "NonFiniteLossError"]
 
@@ -156,10 +160,14 @@ class Trainer:
         self.data = build_data(cfg, splits, self.model, info, pin_memory=device.type == "cuda")
         self.task = build_task(cfg, self.model, device)
         self.task.prepare(self.model)
+        if cfg.train.grad_checkpointing:
+            self._checkpoint_blocks()
         self.lr = peak_lr(cfg.optim, cfg.train.batch_size)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.lr)
         self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
         self.ema = ModelEma(self.model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema else None
+        self.dcp = cfg.train.strategy == "fsdp"  # the train state is saved sharded (DCP), with any number of processes
+        self.full_copy = self._shard()
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.lr)  # on the sharded parameters under FSDP
         configured = total_steps(cfg.train, self.data.sampler.steps_per_epoch)
         self.state = RunState(total_steps=configured or _UNPLANNED)
         self.window, self.log_window = _Window(), _Window()
@@ -183,25 +191,67 @@ class Trainer:
         from vitkit.registry import load_model
         return load_model(resume_from)
 
+    def _checkpoint_blocks(self) -> None:
+        """Activation checkpointing per block of the family contract. A BatchNorm inside a block is recomputed in
+        training mode, so its running statistics move twice per step: warned."""
+        norms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for _, block in self.model.named_blocks()
+                    for m in block.modules())
+        if norms:
+            self._warn(f"train.grad_checkpointing recomputes {norms} BatchNorm layers in training mode: their running "
+                       f"statistics are updated twice per step")
+        self.model.set_grad_checkpointing(True)
+
+    def _shard(self) -> FullCopy | None:
+        """``train.strategy: fsdp`` with several processes: shard the model and the EMA by the same units (each
+        block, then the root; ``vitkit.train.fsdp``) and return rank 0's unsharded copy (``FullCopy``) for
+        evaluation and saving; None otherwise (the model stays whole)."""
+        if not (self.dcp and self.info.enabled):
+            return None
+        from vitkit.train import fsdp
+        full = fsdp.FullCopy(self.model, self.info.is_main)
+        policy = fsdp.mixed_precision(self.amp)
+        if self.cfg.train.compile:
+            fsdp.compile_blocks(self.model)
+        blocks = fsdp.shard(self.model, policy)
+        if self.ema is not None:
+            fsdp.shard(self.ema.module, policy)
+        computed = ("bf16 parameters in compute, gradients reduced in fp32" if policy.param_dtype == torch.bfloat16
+                    else "fp32 parameters and gradient reduction")
+        self._sharding_line = (f"fsdp: {blocks} blocks and the root sharded over {self.info.world_size} processes; "
+                               f"{computed}")
+        return full
+
     def _wrap(self, model: nn.Module) -> nn.Module:
         net = model
-        if self.info.enabled:
+        if self.info.enabled and self.full_copy is None:
             ids = [self.device.index] if self.device.type == "cuda" else None
             net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        self.ddp = net if self.info.enabled else None
-        if self.cfg.train.compile:
+        self.ddp = net if net is not model else None
+        if self.cfg.train.compile and self.full_copy is None:  # sharded: each block was compiled (_shard)
             net = torch.compile(net)
         return net
 
     def eval_model(self) -> nn.Module:
-        """The weights that are validated, tested and saved as best/: the EMA when enabled."""
+        """The weights that are validated, tested and saved as best/: the EMA when enabled. Under FSDP, rank 0's
+        unsharded copy, holding what ``_whole`` last gathered."""
+        if self.full_copy is not None:
+            return self.full_copy.module
         return self.ema.module if self.ema is not None else self.model
+
+    def _whole(self, which: Literal["model", "eval"]) -> nn.Module | None:
+        """The unsharded training weights (``model``) or evaluated ones (``eval``: the EMA when enabled) of this
+        step. Under FSDP, rank 0's copy (None on the others), gathered by every process: all call it at the same
+        point."""
+        source = self.ema.module if which == "eval" and self.ema is not None else self.model
+        if self.full_copy is None:
+            return source
+        return self.full_copy.fill(source, (source is self.model, self.state.step))
 
     # ------------------------------------------------------------------------------------------- one step
     def _forward_backward(self, batch: Any, g: torch.Generator) -> dict[str, float]:
         images, labels = _to_device(batch, self.device)
-        if labels.numel() == 0:  # every item of this micro-batch was unreadable: a zero loss keeps DDP in step
-            out = {"loss": sum(p.sum() for p in self.net.parameters()) * 0.0, "correct": 0, "count": 0}
+        if labels.numel() == 0:  # every item of this micro-batch was unreadable: a zero loss keeps DDP/FSDP in step
+            out = {"loss": self._zero_loss(), "correct": 0, "count": 0}
         else:
             with autocast(self.device, self.amp):
                 out = self.task(self.net, (images, labels), g)
@@ -211,8 +261,23 @@ class Trainer:
         return {"loss_sum": value * int(out["count"]), "correct": float(out["correct"]),
                 "count": float(out["count"]), "nonfinite": float(not math.isfinite(value))}
 
+    def _zero_loss(self) -> Tensor:
+        """A zero loss whose backward joins every gradient collective the other processes run: over all parameters
+        (DDP's hooks fire per parameter), or, when sharded, through a forward of one blank image in eval mode (FSDP
+        gathers and reduce-scatters per unit, around forwards)."""
+        if self.full_copy is None:
+            return sum(p.sum() for p in self.net.parameters()) * 0.0
+        size, chans = self.cfg.data.img_size, self.model.cfg.in_chans
+        self.net.eval()
+        try:
+            return self.net(torch.zeros(1, chans, size, size, device=self.device)).float().sum() * 0.0
+        finally:
+            self.net.train()
+
     def _micro_context(self, last: bool):
-        """DDP all-reduces gradients on the last micro-batch of a step only."""
+        """DDP all-reduces (FSDP reduce-scatters) gradients on the last micro-batch of a step only."""
+        if self.full_copy is not None:
+            self.model.set_requires_gradient_sync(last)  # FSDP2's no_sync
         return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
 
     def _train_step(self, micro_batches: list, stop_requested: bool, over_budget: bool) -> dict[str, float]:
@@ -238,7 +303,7 @@ class Trainer:
         clip = self.cfg.optim.clip_grad
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if clip is not None:
+        if clip is not None:  # sharded DTensor gradients: the norm is the global one (a replicated DTensor)
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
             if self.scaler is None and not torch.isfinite(norm):
                 self._fail(f"the gradient norm is not finite at step {step + 1} (epoch {self.state.epoch})")
@@ -248,6 +313,9 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.full_copy is not None:
+            from vitkit.train.fsdp import sync_buffers
+            sync_buffers(self.model)
         if self.ema is not None:
             self.ema.update(self.model)
 
@@ -282,6 +350,10 @@ class Trainer:
         self._open_reports()
         if self.reporting:
             log.info("%s", precision_line(self.cfg.train.amp, self.precision, self.device))
+            if self.full_copy is not None:
+                log.info("%s", self._sharding_line)
+            if self.cfg.train.grad_checkpointing:
+                log.info("activation checkpointing in %d blocks", len(self.model.named_blocks()))
         self._check_cpu()
         self._tick = self.clock()
         self.model.train()
@@ -438,6 +510,7 @@ class Trainer:
         """Validate (rank 0) and tell every process whether a signal stopped it (True: stop the run now)."""
         self.state.eval_pending = True
         stopped = False
+        self._whole("eval")
         if self.reporting:
             try:
                 self._validate_main(lr)
@@ -585,9 +658,10 @@ class Trainer:
 
     def _measure_eval_image_s(self) -> float:
         """Seconds per evaluation image, from up to 2 timed batches (after one warm-up batch) of the test or
-        validation split, loading included; replaced by the real cost once a validation has run."""
+        validation split, loading included; replaced by the real cost once a validation has run. Rank 0's alone (its
+        plan is broadcast): the others return 0."""
         dataset = self.data.test or self.data.val
-        if dataset is None:
+        if dataset is None or not self.reporting:
             return 0.0
         model = self.eval_model()
         scorer = with_tta(model, self.cfg.train.eval_tta)
@@ -639,11 +713,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def _train_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        tensors, opt_meta = ckpt.optimizer_state(self.optimizer)
+        """``train_state.safetensors`` and ``.json``: RNG states and bookkeeping, and the optimizer and EMA state
+        unless they are saved sharded (``dcp/``, with the model's shards)."""
         rng_tensors, rng_meta = ckpt.capture_rng()
-        tensors.update(rng_tensors)
-        if self.ema is not None:
-            tensors.update({f"ema.{k}": v for k, v in self.ema.state_tensors().items()})
+        if self.dcp:
+            tensors, opt_meta = rng_tensors, {"sharded": ckpt.SHARDED_STATE}
+        else:
+            tensors, opt_meta = ckpt.optimizer_state(self.optimizer)
+            tensors.update(rng_tensors)
+            if self.ema is not None:
+                tensors.update({f"ema.{k}": v for k, v in self.ema.state_tensors().items()})
         state = dataclasses.replace(self.state, elapsed_s=self.elapsed(), window=dataclasses.asdict(self.window))
         meta = {"state": dataclasses.asdict(state), "optimizer": opt_meta, "rng": rng_meta,
                 "ema_updates": self.ema.updates if self.ema is not None else None,
@@ -655,21 +734,44 @@ class Trainer:
         return tensors, meta
 
     def _save_last(self) -> bool:
-        """Save ``checkpoints/last`` (rank 0); True when a signal arrived meanwhile on any process (stop now)."""
-        if self.reporting:
-            start = self.clock()
+        """Save ``checkpoints/last`` (rank 0; with FSDP every process); True when a signal arrived meanwhile on any
+        process (stop now)."""
+        start, folder = self.clock(), checkpoint_dir(self.run_dir, "last")
+        if self.dcp:
+            self._save_sharded(folder)
+        elif self.reporting:
             tensors, meta = self._train_state()
-            ckpt.save_checkpoint(checkpoint_dir(self.run_dir, "last"), self.model, self.data.classes, tensors, meta)
+            ckpt.save_checkpoint(folder, self.model, self.data.classes, tensors, meta)
+        if self.reporting:
             self._checkpoint_s = self.clock() - start
         self._saved_step = self.state.step
         return self._stop_agreed(False)
 
+    def _save_sharded(self, folder: Path) -> None:
+        """Into one temporary folder: rank 0 the whole model (gathered) and the bookkeeping, every process its shards
+        of model, optimizer and EMA (``dcp/``); renamed once all have written."""
+        from vitkit.train import fsdp
+        model = self._whole("model")
+        with ckpt.shared_atomic_dir(folder, self.info) as tmp:
+            if self.reporting:
+                tensors, meta = self._train_state()
+                ckpt.write_checkpoint(tmp, model, self.data.classes, tensors, meta)
+            fsdp.save_train_state(tmp / ckpt.SHARDED_STATE, self.model, self.optimizer,
+                                  self.ema.module if self.ema is not None else None)
+
     def _restore(self, folder: Path) -> None:
         tensors, meta = ckpt.read_train_state(folder)
-        ckpt.load_optimizer_state(self.optimizer, tensors, meta["optimizer"])
-        if self.ema is not None:
-            self.ema.load_state_tensors({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")},
-                                        meta["ema_updates"])
+        if self.dcp:  # model, optimizer and EMA, resharded to this run's processes
+            from vitkit.train import fsdp
+            fsdp.load_train_state(folder / ckpt.SHARDED_STATE, self.model, self.optimizer,
+                                  self.ema.module if self.ema is not None else None)
+            if self.ema is not None:
+                self.ema.updates = meta["ema_updates"]
+        else:
+            ckpt.load_optimizer_state(self.optimizer, tensors, meta["optimizer"])
+            if self.ema is not None:
+                self.ema.load_state_tensors({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")},
+                                            meta["ema_updates"])
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         ckpt.restore_rng(tensors, meta["rng"])
@@ -677,8 +779,9 @@ class Trainer:
         self.window = _Window(**self.state.window)
         saved_world = meta["data_order"]["world_size"]
         if saved_world != self.info.world_size:
-            log.warning("resuming a %d-process run with %d processes: the data order is the same, dropout and "
-                        "drop-path streams differ", saved_world, self.info.world_size)
+            n = self.info.world_size
+            log.warning("resuming a %d-process run with %d process%s: the data order is the same, the per-process "
+                        "random streams (dropout, drop-path, mixup) differ", saved_world, n, "" if n == 1 else "es")
         log.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", folder, self.state.step,
                  self.state.epoch, self.state.step_in_epoch)
 
@@ -699,6 +802,7 @@ class Trainer:
     def _finish(self) -> RunResult:
         """The final report (rank 0); a signal during its test pass leaves the run resumable (it re-reports)."""
         summary, stopped = None, False
+        self._whole("eval")
         if self.reporting:
             try:
                 summary = self._final_report()

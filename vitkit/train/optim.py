@@ -4,7 +4,9 @@ Parameter groups follow MAE ``util/lr_decay.py:param_groups_lrd`` (the BEiT conv
 layer id its model reports (``model.layer_id(name)``: 0 = embeddings, i + 1 = block i, last = final norm and head)
 and the learning-rate scale ``layer_decay ** (num_layer_ids - 1 - layer_id)``; 1-d parameters (biases, norm
 weights), ``*.bias`` and the names in ``model.no_weight_decay()`` get no weight decay (nanoGPT / timm
-``param_groups_weight_decay``). Each group carries ``lr_scale``, which the schedule multiplies in.
+``param_groups_weight_decay``). Each group carries ``lr_scale``, which the schedule multiplies in. Under FSDP the
+optimizer is built after sharding, on the sharded parameters: they keep their names and their global shapes, so the
+layer ids, the 1-d rule and the groups are those of the whole model.
 """
 from __future__ import annotations
 
