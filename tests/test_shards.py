@@ -347,7 +347,7 @@ def test_training_on_shards_stopped_and_resumed_equals_one_run(shards, tmp_path)
     assert_same_run(tmp_path / "run", tmp_path / "whole", steps=9)
 
 
-@pytest.mark.slow  # ~30 s: torchrun starts 2 processes, each with 2 loader workers
+# torchrun starts 2 processes, each with 2 loader workers: ~10 s alone
 def test_two_processes_with_two_workers_each_see_every_sample_once(shards, tmp_path):
     """torchrun, 2 processes (gloo) x 2 loader workers, batch 8 in 2 micro-batches: per step the processes train on
     disjoint halves, over epoch 0 on every sample but the tail exactly once, and each process on exactly the

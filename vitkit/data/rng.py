@@ -13,7 +13,14 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["sample_seed", "sample_generator", "uniform", "randrange", "coin", "gauss", "log_uniform", "beta"]
+__all__ = ["stream_seed", "sample_seed", "sample_generator", "uniform", "randrange", "coin", "gauss", "log_uniform", "beta"]
+
+
+def stream_seed(seed: int, stream: str, *counters: int) -> int:
+    """A 63-bit seed for a named random stream at given counters (e.g. ``("dropout", step, rank)``), by hashing, so
+    every stream is reproducible from the step alone (counter-based seeding, as in JAX / big_vision)."""
+    text = ":".join([str(seed), stream, *map(str, counters)])
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -71,7 +71,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .datasets import ImageFolder, collate_skip_none
 from .images import ImageLoadError, pil_to_tensor, tensor_to_pil, to_rgb
-from .rng import randrange, sample_generator
+from .rng import randrange, sample_generator, stream_seed
 
 if TYPE_CHECKING:
     from vitkit.train.distributed import StepBatchSampler
@@ -425,13 +425,6 @@ def _share(n: int, s: int, streams: int) -> int:
     return (n - s + streams - 1) // streams
 
 
-def _seed(seed: int, stream: str, *counters: int) -> int:
-    """The run's counter-based seeds (``vitkit.train.distributed.stream_seed``), imported at use: the trainer
-    imports this module, so importing it at the top would be circular."""
-    from vitkit.train.distributed import stream_seed
-    return stream_seed(seed, stream, *counters)
-
-
 class ShardStream(IterableDataset):
     """This process's training micro-batches ``(images, labels)`` from a shard split, one epoch at a time and
     resumable at any step (the module docstring describes the order). ``position`` (a ``StepBatchSampler`` over the
@@ -466,7 +459,7 @@ class ShardStream(IterableDataset):
         return self.steps_per_epoch * self.position.accum_steps
 
     def shard_order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(_seed(self.position.seed, "shards", epoch))
+        g = torch.Generator().manual_seed(stream_seed(self.position.seed, "shards", epoch))
         return torch.randperm(len(self.index.shards), generator=g).tolist()
 
     def stream_range(self, s: int) -> tuple[int, int]:
@@ -492,7 +485,7 @@ class ShardStream(IterableDataset):
 
     def stream_samples(self, epoch: int, s: int) -> Iterator[RawSample]:
         """Stream ``s``'s samples of ``epoch`` in the order they are batched (after its shuffle buffer)."""
-        g = torch.Generator().manual_seed(_seed(self.position.seed, "shuffle", epoch, self.position.rank, s))
+        g = torch.Generator().manual_seed(stream_seed(self.position.seed, "shuffle", epoch, self.position.rank, s))
         return buffer_shuffle(self._read_range(epoch, *self.stream_range(s)), self.shuffle_buffer, g)
 
     def _collate(self, samples: list[RawSample], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:

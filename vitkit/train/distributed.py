@@ -15,7 +15,6 @@ worker (``vitkit.data.TransformDataset``).
 from __future__ import annotations
 
 import datetime
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from vitkit.data.rng import stream_seed  # the run's counter-based seeds (re-exported: the trainer's name for them)
 
 __all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "resolve_device", "StepBatchSampler",
            "stream_seed", "all_reduce_sum", "barrier", "broadcast_float"]
@@ -75,13 +76,6 @@ def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
 def shutdown_distributed(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def stream_seed(seed: int, stream: str, *counters: int) -> int:
-    """A 63-bit seed for a named random stream at given counters (e.g. ``("dropout", step, rank)``), by hashing, so
-    every stream is reproducible from the step alone (counter-based seeding, as in JAX / big_vision)."""
-    text = ":".join([str(seed), stream, *map(str, counters)])
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
 
 class StepBatchSampler:
