@@ -26,13 +26,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from conftest import skip_or_fail
+from test_resume import read_until
 from safetensors.torch import load_file
 
 import vitkit
@@ -199,22 +199,14 @@ def killed(one, tmp_path_factory) -> tuple[Path, int]:
                             text=True)
     seen: list[str] = []
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            line = proc.stdout.readline()
-            assert line, f"run ended before step {SNAPSHOT + CKPT_EVERY + 1}:\n{''.join(seen)}"
-            assert time.monotonic() < deadline, "no progress within 240 s"
-            seen.append(line)
-            steps = executed_steps(line)
-            if steps and steps[0] > SNAPSHOT + CKPT_EVERY:
-                break
+        step = read_until(proc, seen, lambda step: step > SNAPSHOT + CKPT_EVERY, executed_steps, 240)
         kill_job(proc)
         proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             kill_job(proc)
             proc.wait()
-    return out, steps[0]
+    return out, step
 
 
 # --------------------------------------------------------------------------------------------------------- tests

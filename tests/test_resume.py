@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -66,6 +67,22 @@ def reference(recipe_file, tmp_path_factory) -> Path:
     return out
 
 
+def read_until(proc: subprocess.Popen, seen: list[str], done: Callable[[int], bool],
+               steps_of: Callable[[str], list[int]], timeout: float) -> int:
+    """Read ``proc``'s output lines into ``seen`` until one logs a step for which ``done`` is true, and return that
+    step; a run that ends first, or makes no such progress within ``timeout`` seconds, fails the test with what it
+    printed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        line = proc.stdout.readline()
+        assert line, f"run ended before the step awaited:\n{''.join(seen)}"
+        assert time.monotonic() < deadline, f"no progress within {timeout:.0f} s"
+        seen.append(line)
+        steps = steps_of(line)
+        if steps and done(steps[0]):
+            return steps[0]
+
+
 def interrupt(recipe_file: Path, out: Path, sig: signal.Signals) -> tuple[int, str, int]:
     """Start a run; once it has logged a step past its first periodic checkpoint that is not itself a checkpoint
     step, send ``sig`` to that process only. Returns (exit code, output, the last step logged before the signal)."""
@@ -73,22 +90,14 @@ def interrupt(recipe_file: Path, out: Path, sig: signal.Signals) -> tuple[int, s
                             stderr=subprocess.STDOUT, text=True)
     seen: list[str] = []
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            line = proc.stdout.readline()
-            assert line, f"run ended before step {CKPT_EVERY + 1}:\n{''.join(seen)}"
-            assert time.monotonic() < deadline, "no progress within 90 s"
-            seen.append(line)
-            steps = executed_steps(line)
-            if steps and steps[0] > CKPT_EVERY and steps[0] % CKPT_EVERY:
-                break
+        step = read_until(proc, seen, lambda step: step > CKPT_EVERY and step % CKPT_EVERY, executed_steps, 90)
         proc.send_signal(sig)
         rest, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    return proc.returncode, "".join(seen) + rest, steps[0]
+    return proc.returncode, "".join(seen) + rest, step
 
 
 def saved_step(run: Path) -> int:
