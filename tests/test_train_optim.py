@@ -147,3 +147,38 @@ def test_ema_warmup_decay():
     assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(90) == pytest.approx(0.91)
     assert ema.decay_at(10**7) == 0.9999
     assert math.isclose(ModelEma(nn.Linear(1, 1), decay=0.99, warmup=False).decay_at(0), 0.99)
+
+
+def test_freeze_layers_keeps_the_first_layer_ids_as_loaded_and_trains_the_rest(tmp_path):
+    """``optim.freeze_layers: 2`` on a 2-block ViT: the embeddings (layer id 0) and block 0 (id 1) end the run as
+    they started, bitwise, and the optimizer never held them; block 1, the final norm and the head moved."""
+    from safetensors.torch import load_file
+    from test_train_loop import recipe
+    from vitkit.train import train
+    from vitkit.train.distributed import stream_seed
+    from vitkit.train.optim import freeze_layers
+
+    overrides = {"patch_size": 4, "depth": 2, "embed_dim": 24, "num_heads": 2}
+    run = tmp_path / "run"
+    train(recipe(model={"overrides": overrides}, optim={"freeze_layers": 2}, train={"steps": 3, "eval_every": 3}),
+          run)
+    torch.manual_seed(stream_seed(0, "init"))  # the loop's initial weights depend on the seed only
+    init = vitkit.create_model("vit_tiny_patch16_224", img_size=16, num_classes=10, **overrides)
+    after = load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+    frozen = {k for k in after if init.layer_id(k) < 2}
+    assert {"pos_embed", "cls_token", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"} <= frozen
+    assert all(torch.equal(after[k], init.state_dict()[k]) for k in frozen)
+    moved = [k for k in after if k not in frozen and not torch.equal(after[k], init.state_dict()[k])]
+    assert "blocks.1.attn.qkv.weight" in moved and "head.weight" in moved
+    model = vitkit.create_model("vit_tiny_patch16_224", img_size=16, num_classes=10, **overrides)
+    assert sorted(freeze_layers(model, 2)) == sorted(frozen)
+    groups = param_groups(model, 0.05)
+    assert not frozen & {n for g in groups for n in g["param_names"]}
+    with pytest.raises(ValueError, match="freeze every layer"):
+        freeze_layers(model, model.num_layer_ids)
+
+
+def test_freeze_layers_must_not_be_negative():
+    from vitkit.train.config import ConfigError
+    with pytest.raises(ConfigError, match="optim.freeze_layers"):
+        OptimConfig(freeze_layers=-1).validate()

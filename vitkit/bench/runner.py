@@ -3,7 +3,9 @@
 A *step* is one batch: ``infer`` = a forward pass under ``torch.inference_mode``; ``train`` = forward, cross-entropy
 on fixed random labels, backward and an AdamW step. ``bf16`` wraps the forward (and loss) in
 ``torch.autocast(device_type=..., dtype=torch.bfloat16)``; weights and optimizer state stay fp32. ``compile`` wraps
-the model in ``torch.compile`` (default mode), so the first warm-up step includes the compilation.
+the model in ``torch.compile`` (default mode), so the first warm-up step includes the compilation. ``channels_last``
+puts the model's 4-d weights and the batch in NHWC memory order (``torch.channels_last``, as ``train.channels_last``
+does), which is what convolutions care about (``FamilyModel.convolutional``).
 
 Timing protocol for a shared machine: every step is timed on its own (``perf_counter`` around a synchronised step),
 several models are timed in interleaved rounds whose order alternates (A B, B A, A B, …) so that a load change
@@ -45,6 +47,7 @@ class BenchSettings:
     dtype: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
     mode: Literal["infer", "train"] = "infer"
+    channels_last: bool = False  # the model's 4-d weights and the batch in NHWC memory order
     warmup: int = 3
     iters: int = 10
     device: str = "cpu"
@@ -104,7 +107,11 @@ def _autocast(settings: BenchSettings):
 
 
 def make_step(model: nn.Module, x: Tensor, settings: BenchSettings, num_classes: int | None = None) -> Step:
-    """A closure running one step of ``model`` on the batch ``x`` (the model is put in eval or train mode)."""
+    """A closure running one step of ``model`` on the batch ``x`` (the model is put in eval or train mode; with
+    ``settings.channels_last`` its 4-d weights and ``x`` are made NHWC first)."""
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)  # (B, C, H, W), NHWC strides
     run = torch.compile(model) if settings.compile else model
     if settings.mode == "infer":
         model.eval()

@@ -7,6 +7,7 @@ Examples:
         --set num_heads=4 --set mlp_ratio=2 --set num_classes=10 --mode train --compare transformers
     vitkit bench --machine --json machine.json
     vitkit bench vit_large_patch16_224 --memory ddp,fsdp,fsdp_ac --batch-size 4 --nproc 2
+    vitkit bench mobilevit_s --mode train --channels-last
 """
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fp32 (default: the same numbers on every CPU); bf16 = autocast, fp32 weights; auto: bf16 "
                              "where the device runs it natively, else fp32 (the opt-in fast path)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (compile time excluded)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="the model's 4-d weights and the batch in NHWC memory order (torch.channels_last, as "
+                             "train.channels_last): for families with overlapping convolutions; run once with and "
+                             "once without to compare")
     parser.add_argument("--mode", choices=("infer", "train"), default="infer",
                         help="infer: forward under inference_mode; train: forward + backward + AdamW step")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
@@ -92,7 +97,8 @@ def build_model(args: argparse.Namespace, overrides: dict[str, Any]):
                                        ("--img-size", args.img_size), ("--compile", args.compile),
                                        ("--mode train", args.mode == "train"), ("--compare", args.compare),
                                        ("--runtime", args.runtime != "eager"), ("--dtype bf16", args.dtype == "bf16"),
-                                       ("--device", args.device != "cpu")) if on]
+                                       ("--device", args.device != "cpu"), ("--channels-last", args.channels_last))
+                 if on]
         if given:
             raise ValueError(f"{args.model} is an exported model: it runs as exported, on the CPU; drop "
                              f"{', '.join(given)}")
@@ -164,8 +170,9 @@ def _runtimes(args: argparse.Namespace, model) -> dict:
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise ValueError(f"--runtime {args.runtime!r}: choose from {', '.join(sorted(known))} (comma-separated)")
-    if names != ["eager"] and (args.device != "cpu" or args.mode != "infer" or args.compile):
-        raise ValueError("exported runtimes are benchmarked for CPU inference: --device cpu --mode infer, no --compile")
+    if names != ["eager"] and (args.device != "cpu" or args.mode != "infer" or args.compile or args.channels_last):
+        raise ValueError("exported runtimes are benchmarked for CPU inference: --device cpu --mode infer, no --compile "
+                         "or --channels-last")
     from vitkit.deploy.export import ExportError
     out = {}
     for name in names:
@@ -187,9 +194,9 @@ def _best(args: argparse.Namespace, model, report: dict[str, Any]) -> dict:
     runtime besides eager fp32 (none when eager fp32 is chosen)."""
     from vitkit.deploy import best
     from vitkit.runs import is_run_folder
-    if args.dtype != "fp32" or args.device != "cpu" or args.mode != "infer" or args.compile:
+    if args.dtype != "fp32" or args.device != "cpu" or args.mode != "infer" or args.compile or args.channels_last:
         raise ValueError("--runtime best chooses among CPU inference paths: --device cpu --mode infer --dtype fp32, "
-                         "no --compile")
+                         "no --compile or --channels-last")
     if args.agreement_images and not os.path.isdir(args.agreement_images):
         raise FileNotFoundError(f"--agreement-images {args.agreement_images}: no such folder")
     run = args.pretrained if args.pretrained and is_run_folder(args.pretrained) else None
@@ -208,8 +215,9 @@ def _run_model(args: argparse.Namespace, report: dict[str, Any]) -> None:
         raise ValueError("--agreement-images goes with --runtime best")
     dtype = _dtype(args)
     settings = BenchSettings(batch_size=args.batch_size, dtype=dtype, compile=args.compile, mode=args.mode,
-                             warmup=args.warmup, iters=args.iters, device=args.device, probes=args.probes,
-                             probe_size=args.probe_size, quiet=args.quiet, max_wait=args.max_wait)
+                             channels_last=args.channels_last, warmup=args.warmup, iters=args.iters,
+                             device=args.device, probes=args.probes, probe_size=args.probe_size, quiet=args.quiet,
+                             max_wait=args.max_wait)
     from vitkit.config import parse_overrides
     overrides = parse_overrides(args.overrides)
     model = build_model(args, overrides)
@@ -218,7 +226,11 @@ def _run_model(args: argparse.Namespace, report: dict[str, Any]) -> None:
                   settings=dataclasses.asdict(settings))
     print(f"{args.model} {'x'.join(map(str, input_size))}, batch {args.batch_size}, {dtype}"
           f"{' (auto)' if args.dtype == 'auto' else ''}, "
-          f"{'compiled' if args.compile else 'eager'}, {args.mode}, {report['env']['threads']} threads")
+          f"{'compiled' if args.compile else 'eager'}, {args.mode}{', channels_last' if args.channels_last else ''}, "
+          f"{report['env']['threads']} threads")
+    if args.channels_last and not model.convolutional:
+        print(f"warning: --channels-last: {args.model} has no convolution beyond a patchify stem "
+              f"(FamilyModel.convolutional), so the NHWC memory order gains it little")
     others = _best(args, model, report) if args.runtime == "best" else _runtimes(args, model)
     if others and not args.compare and args.runtime != "best":
         raise ValueError("--runtime with exported runtimes is a comparison: add --compare transformers")
@@ -258,7 +270,8 @@ def _run_memory(args: argparse.Namespace, report: dict[str, Any]) -> None:
     from vitkit.config import parse_overrides
     given = [flag for flag, on in (("--dtype auto", args.dtype == "auto"), ("--compile", args.compile),
                                    ("--compare", args.compare), ("--runtime", args.runtime != "eager"),
-                                   ("--pretrained", args.pretrained), ("--device", args.device != "cpu")) if on]
+                                   ("--pretrained", args.pretrained), ("--device", args.device != "cpu"),
+                                   ("--channels-last", args.channels_last)) if on]
     if given:
         raise ValueError(f"--memory measures an eager fp32 or bf16 training step on the CPU: drop {', '.join(given)}")
     if args.img_size:

@@ -10,8 +10,9 @@ prefix tokens (class, distillation) dropped, as ``FamilyModel.feature_map`` does
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -87,12 +88,46 @@ class FeatureExtractor(nn.Module):
         return [self.model.feature_map(o, x.shape[-2:]) for o in outs]  # (B, D, h, w) each
 
 
+_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@contextlib.contextmanager
+def _batch_statistics_only(module: nn.Module) -> Iterator[None]:
+    """While a checkpointed block is recomputed: its BatchNorm layers update copies of their running statistics
+    (``running_mean``, ``running_var``, ``num_batches_tracked``), which are dropped afterwards, so the buffers move
+    once per forward pass. Training-mode BatchNorm normalises by the batch's own statistics
+    (torch/nn/modules/batchnorm.py ``_BatchNorm.forward``), so the recomputed output is the forward's. The buffers
+    are swapped rather than withheld (``track_running_stats=False``): ``F.batch_norm`` saves the running statistics
+    for its backward, and the recomputation must save what the forward saved."""
+    saved = [(m, {k: m._buffers[k] for k in _RUNNING if m._buffers.get(k) is not None})
+             for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m, buffers in saved:
+        m._buffers.update({k: v.clone() for k, v in buffers.items()})
+    try:
+        yield
+    finally:
+        for m, buffers in saved:
+            m._buffers.update(buffers)
+
+
+def _recompute_contexts(module: nn.Module) -> tuple[contextlib.AbstractContextManager,
+                                                    contextlib.AbstractContextManager]:
+    """``torch.utils.checkpoint``'s ``context_fn``: nothing around the forward pass, ``_batch_statistics_only``
+    around the recomputation."""
+    return contextlib.nullcontext(), _batch_statistics_only(module)
+
+
 def _checkpointed(forward, module: nn.Module, *args, **kwargs):
     """The block's forward, recomputed in the backward pass instead of keeping its activations (while training
-    with gradients); the random state is replayed, so dropout and drop-path draw the same masks."""
-    if module.training and torch.is_grad_enabled():
+    with gradients); the random state is replayed, so dropout and drop-path draw the same masks, and BatchNorm
+    statistics are updated by the forward pass only (``_batch_statistics_only``). Under ``torch.compile`` the
+    recomputation is the compiler's (its ``context_fn`` must be a TorchDispatchMode), so none is passed."""
+    if not (module.training and torch.is_grad_enabled()):
+        return forward(module, *args, **kwargs)
+    if torch.compiler.is_compiling():
         return checkpoint(forward, module, *args, use_reentrant=False, **kwargs)
-    return forward(module, *args, **kwargs)
+    return checkpoint(forward, module, *args, use_reentrant=False,
+                      context_fn=functools.partial(_recompute_contexts, module), **kwargs)
 
 
 def set_grad_checkpointing(model: FamilyModel, enable: bool = True) -> None:

@@ -4,10 +4,10 @@ Every family's model class derives from ``FamilyModel`` and implements its abstr
 when the registry reads a family's declaration) refuses a class that lacks one, so optimiser, task, benchmark and
 explanation code can call them without ``hasattr`` fallbacks. What only some families have is an optional capability
 with a neutral default here (``set_distilled_training``, ``sampling_points``, ``accepts_any_size``,
-``mim_vocab_size`` / ``masked_token_logits``), so shared code never asks which family it holds. The helpers below are
-shared by the families: ``select_indices`` (which blocks or stages ``forward_intermediates`` returns),
-``staged_layer_id`` (layer-wise learning-rate decay for staged models), ``StagedBlocks`` (the blocks of staged models)
-and ``zero_init_`` (the ViT paper's zero-initialised classifier, App. B.1.1).
+``mim_vocab_size`` / ``masked_token_logits``, ``convolutional``), so shared code never asks which family it holds.
+The helpers below are shared by the families: ``select_indices`` (which blocks or stages ``forward_intermediates``
+returns), ``staged_layer_id`` (layer-wise learning-rate decay for staged models), ``StagedBlocks`` (the blocks of
+staged models) and ``zero_init_`` (the ViT paper's zero-initialised classifier, App. B.1.1).
 """
 from __future__ import annotations
 
@@ -66,6 +66,11 @@ class FamilyModel(nn.Module, metaclass=abc.ABCMeta):
     #: why the input layers of a checkpoint cannot be fitted to another ``in_chans``, for a family where they cannot
     #: (None: ``input_weights`` are fitted); loading such a checkpoint for another ``in_chans`` is then refused
     fixed_input_channels: ClassVar[str | None] = None
+    #: True when convolutions whose windows overlap (kernel larger than stride) run beyond a patchify stem: in the
+    #: blocks, a convolutional tokenizer or stem, a CNN backbone. Their cost depends on the memory format, so
+    #: ``train.channels_last`` (NHWC weights and inputs, PyTorch's "Channels Last Memory Format" tutorial) is for
+    #: them; False: at most patchify convolutions (kernel = stride, a linear map of each patch)
+    convolutional: ClassVar[bool] = False
 
     cfg: Any
     num_classes: int

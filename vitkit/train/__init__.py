@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import yaml
 
 from vitkit.config import ConfigError
@@ -71,9 +72,20 @@ def _check_pretrained(cfg: RecipeConfig) -> None:
         raise FileNotFoundError(f"model.pretrained: {p} does not exist")
 
 
+_MPS_GRAD_SCALER = "2.8"  # torch's MPS kernels of the loss scaler (unscale / update scale) ship from this release
+
+
 def _check_device(cfg: RecipeConfig, device, info: DistInfo) -> None:
-    if cfg.train.amp == "fp16" and device.type != "cuda":
-        raise ConfigError(f"train.amp: fp16 needs CUDA (GradScaler); this run is on {device}, use bf16")
+    """fp16 trains with a loss scaler (``torch.amp.GradScaler``) on any device whose torch has its kernels; on a CPU
+    it is said once that fp16 is emulated (slow) unless the CPU computes it natively (AVX-512 FP16, AMX-FP16)."""
+    if cfg.train.amp != "fp16":
+        return
+    if device.type == "mps" and torch.__version__ < _MPS_GRAD_SCALER:
+        raise ConfigError(f"train.amp: fp16 on mps needs torch >= {_MPS_GRAD_SCALER} (its GradScaler kernels); "
+                          f"this is torch {torch.__version__}, use bf16")
+    if device.type == "cpu" and info.is_main:
+        log.warning("train.amp: fp16 on a CPU is emulated, and slower than fp32, unless the CPU computes fp16 "
+                    "natively (AVX-512 FP16 or AMX-FP16); gradients are loss-scaled as on a GPU")
 
 
 def _run(cfg: RecipeConfig, run_dir: Path, info: DistInfo, device, resume_from: Path | None,

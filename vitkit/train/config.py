@@ -5,8 +5,8 @@ convention). Family defaults are the official fine-tuning values a family regist
 
 Everything that can be checked without data is checked here, before a run folder exists: unknown keys and ill-typed
 values (``vitkit.config.from_dict``), ranges, the model name and its architecture overrides, batch/accumulation
-divisibility, and combinations that cannot work (fp16 on a CPU). ``resolve`` returns the config a run actually uses;
-it is written to ``RUN_DIR/config.yaml`` and read back by ``--resume``.
+divisibility, and combinations that cannot work (a distillation without a teacher). ``resolve`` returns the config
+a run actually uses; it is written to ``RUN_DIR/config.yaml`` and read back by ``--resume``.
 """
 from __future__ import annotations
 
@@ -91,6 +91,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)  # adamw
     eps: float = 1e-8  # adamw
     layer_decay: float | None = None  # BEiT/MAE layer-wise LR decay, e.g. 0.65; None = off (BEiT: family default)
+    # fine-tuning: the parameters of the first N layer ids (0 = embeddings, i + 1 = block i: the model's layer_id)
+    # stay as loaded and get no gradient, so the backward pass stops above them; 0 = train everything
+    freeze_layers: int = 0
     clip_grad: float | None = None  # max global gradient norm; None = off
     warmup_steps: int = 0
     warmup_epochs: float = 0.0  # converted to steps; at most one of warmup_steps / warmup_epochs may be set
@@ -112,6 +115,8 @@ class OptimConfig:
             raise ConfigError(f"optim.layer_decay: must be in (0, 1], got {self.layer_decay}")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ConfigError(f"optim.clip_grad: must be positive or null, got {self.clip_grad}")
+        if self.freeze_layers < 0:
+            raise ConfigError(f"optim.freeze_layers: must be >= 0, got {self.freeze_layers}")
         if self.warmup_steps < 0 or self.warmup_epochs < 0:
             raise ConfigError("optim.warmup_steps / warmup_epochs: must be >= 0")
         if self.warmup_steps and self.warmup_epochs:
@@ -183,9 +188,14 @@ class TrainSection:
     deterministic: bool = False  # torch.use_deterministic_algorithms(True) + fixed threads: bitwise resumable
     threads: int | None = None  # intra-op threads per process; None = CPU cores / local processes
     # auto: bf16 autocast where the device runs bf16 natively, else fp32 (vitkit.hardware); none: fp32;
-    # bf16: autocast on any device (emulated, slow, on CPUs without native bf16); fp16 + GradScaler on CUDA only
+    # bf16: autocast on any device (emulated, slow, on CPUs without native bf16); fp16: autocast + GradScaler (loss
+    # scaling; overflowing steps are skipped, on every process alike), emulated and slow on CPUs without native fp16
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     compile: bool = False  # torch.compile the model (under fsdp: each block, before sharding)
+    # NHWC memory order for the model's 4-d weights and every training batch (torch.channels_last): for families
+    # with overlapping convolutions (FamilyModel.convolutional); not with strategy fsdp (FSDP2 shards contiguous
+    # parameters only)
+    channels_last: bool = False
     # several processes: ddp replicates the model (DistributedDataParallel); fsdp shards parameters, gradients and
     # optimizer state over them (FSDP2, per block of the family contract). One process trains plainly with either;
     # fsdp's train state is saved sharded (DCP) even then, so a run resumes on any number of processes
@@ -223,11 +233,9 @@ class TrainSection:
             raise ConfigError(f"train.threads: must be positive or null, got {self.threads}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay: must be in (0, 1), got {self.ema_decay}")
-        if self.amp == "fp16" and self.device in ("cpu", "mps"):
-            raise ConfigError(f"train.amp: fp16 needs a CUDA device (GradScaler); use bf16 on {self.device}")
-        if self.amp == "fp16" and self.strategy == "fsdp":
-            raise ConfigError("train.amp: fp16 is not supported with train.strategy fsdp (its GradScaler would skip "
-                              "steps per process); use bf16")
+        if self.channels_last and self.strategy == "fsdp":
+            raise ConfigError("train.channels_last: FSDP2 shards contiguous parameters only (torch/distributed/fsdp/"
+                              "_fully_shard/_fsdp_param.py refuses channels_last weights); use train.strategy ddp")
         if self.task == "distill" and not self.distillation.teacher:
             raise ConfigError("train.distillation.teacher: required when train.task is 'distill'")
         if self.task == "mim" and not self.mim.tokenizer:

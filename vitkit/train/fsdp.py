@@ -5,8 +5,11 @@ block the family contract lists (``FamilyModel.named_blocks``) becomes one unit 
 for its forward and backward and whose gradients are reduce-scattered, then the root takes what is left (embeddings,
 final norm, heads), as torchtitan wraps a transformer. Every parameter is a ``DTensor`` sharded on dim 0 over the
 processes; the optimizer is built on those, so it holds only this process's shard of its state, and the clipping
-norm of ``clip_grad_norm_`` over DTensor gradients is the global one. With bf16 the units compute in bf16 and reduce
-gradients in fp32 (``MixedPrecisionPolicy``); the sharded parameters and optimizer state stay fp32.
+norm of ``clip_grad_norm_`` over DTensor gradients is the global one. With bf16 (fp16) the units compute in bf16
+(fp16) and reduce gradients in fp32 (``MixedPrecisionPolicy``); the sharded parameters and optimizer state stay fp32.
+fp16's loss scaler (``torch.amp.GradScaler``) skips the same steps on every process: unscaling DTensor gradients
+max-reduces its overflow flag over the mesh (torch/distributed/tensor/_dispatch.py ``found_inf_reduce_handler``), so
+an overflow in one process's shard skips the step everywhere.
 
 The EMA weights are sharded as the model is (the same units, so the same local slices), and updated shard by shard.
 What runs on one process (evaluation, ``model.safetensors``) reads ``FullCopy``: rank 0's unsharded copy, filled by
@@ -39,10 +42,10 @@ __all__ = ["FullCopy", "compile_blocks", "full_state_dict", "load_train_state", 
 
 
 def mixed_precision(amp: torch.dtype | None) -> MixedPrecisionPolicy:
-    """bf16 compute with fp32 gradient reduction when the run's precision is bf16 (torchtitan's default policy);
-    fp32 throughout otherwise."""
-    if amp == torch.bfloat16:
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    """Compute in the run's bf16 or fp16 with fp32 gradient reduction (torchtitan's default policy, bf16); fp32
+    throughout otherwise. fp16 gradients reach the optimizer as the fp32 shards of the parameters, loss-scaled."""
+    if amp in (torch.bfloat16, torch.float16):
+        return MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 
 

@@ -45,7 +45,7 @@ from vitkit.train.build import (build_data, build_model, build_schedule, build_s
 from vitkit.train.config import RecipeConfig
 from vitkit.train.distributed import DistInfo, all_reduce_sum, broadcast_float, stream_seed
 from vitkit.train.ema import ModelEma
-from vitkit.train.optim import build_optimizer
+from vitkit.train.optim import build_optimizer, freeze_layers
 from vitkit.train.run_outputs import MetricsLog, TensorBoard, environment, write_plots
 from vitkit.hardware import amp_dtype, precision_line, resolve_amp
 from vitkit.train.process import StopFlag, autocast, load_average, oversubscription
@@ -157,9 +157,12 @@ class Trainer:
         splits = build_splits(cfg.data)
         self.model = self._build_model(len(splits.classes), resume_from).to(device)
         self.model.class_names = list(splits.classes) if self.model.num_classes else None
+        if cfg.train.channels_last:  # before the EMA copy, the optimizer and DDP take the parameters
+            self._channels_last()
         self.data = build_data(cfg, splits, self.model, info, pin_memory=device.type == "cuda")
         self.task = build_task(cfg, self.model, device)
         self.task.prepare(self.model)
+        self._freeze(cfg.optim.freeze_layers)
         if cfg.train.grad_checkpointing:
             self._checkpoint_blocks()
         self.lr = peak_lr(cfg.optim, cfg.train.batch_size)
@@ -191,14 +194,24 @@ class Trainer:
         from vitkit.registry import load_model
         return load_model(resume_from)
 
+    def _channels_last(self) -> None:
+        """``train.channels_last``: the model's 4-d weights in NHWC order, as the batches will be (PyTorch's "Channels
+        Last Memory Format" tutorial converts both). A family without overlapping convolutions
+        (``FamilyModel.convolutional``) gains little from it: warned, and converted all the same."""
+        if not self.model.convolutional:
+            self._warn(f"train.channels_last: {self.model.variant_name} has no convolution beyond a patchify stem "
+                       f"(FamilyModel.convolutional), so the NHWC memory order gains it little")
+        self.model.to(memory_format=torch.channels_last)
+
+    def _freeze(self, n: int) -> None:
+        frozen = freeze_layers(self.model, n)
+        if frozen and self.info.is_main:
+            kept = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            print(f"frozen: {len(frozen)} tensors of the first {n} layer ids; {kept:,} parameters train")
+
     def _checkpoint_blocks(self) -> None:
-        """Activation checkpointing per block of the family contract. A BatchNorm inside a block is recomputed in
-        training mode, so its running statistics move twice per step: warned."""
-        norms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for _, block in self.model.named_blocks()
-                    for m in block.modules())
-        if norms:
-            self._warn(f"train.grad_checkpointing recomputes {norms} BatchNorm layers in training mode: their running "
-                       f"statistics are updated twice per step")
+        """Activation checkpointing per block of the family contract; a BatchNorm's running statistics move once
+        per forward, not again when the block is recomputed (``vitkit.families.backbone.set_grad_checkpointing``)."""
         self.model.set_grad_checkpointing(True)
 
     def _shard(self) -> FullCopy | None:
@@ -215,7 +228,8 @@ class Trainer:
         blocks = fsdp.shard(self.model, policy)
         if self.ema is not None:
             fsdp.shard(self.ema.module, policy)
-        computed = ("bf16 parameters in compute, gradients reduced in fp32" if policy.param_dtype == torch.bfloat16
+        low = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(policy.param_dtype)
+        computed = (f"{low} parameters in compute, gradients reduced in fp32" if low
                     else "fp32 parameters and gradient reduction")
         self._sharding_line = (f"fsdp: {blocks} blocks and the root sharded over {self.info.world_size} processes; "
                                f"{computed}")
@@ -250,6 +264,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- one step
     def _forward_backward(self, batch: Any, g: torch.Generator) -> dict[str, float]:
         images, labels = _to_device(batch, self.device)
+        if self.cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)  # (B, C, H, W), NHWC strides
         if labels.numel() == 0:  # every item of this micro-batch was unreadable: a zero loss keeps DDP/FSDP in step
             out = {"loss": self._zero_loss(), "correct": 0, "count": 0}
         else:
@@ -308,7 +324,10 @@ class Trainer:
             if self.scaler is None and not torch.isfinite(norm):
                 self._fail(f"the gradient norm is not finite at step {step + 1} (epoch {self.state.epoch})")
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips the update when fp16 gradients overflowed
+            # skips the update when fp16 gradients overflowed, on every process alike: DDP's gradients are all-reduced
+            # already, and FSDP's DTensor gradients max-reduce the overflow flag over the mesh as they are unscaled
+            # (torch/distributed/tensor/_dispatch.py ``found_inf_reduce_handler``)
+            self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()

@@ -17,7 +17,7 @@ from torch import nn
 
 from vitkit.train.config import OptimConfig
 
-__all__ = ["param_groups", "build_optimizer", "skips_weight_decay"]
+__all__ = ["param_groups", "build_optimizer", "skips_weight_decay", "freeze_layers"]
 
 
 def skips_weight_decay(name: str, param: torch.Tensor, no_decay_names: set[str]) -> bool:
@@ -51,6 +51,22 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
         groups[key]["params"].append(p)
         groups[key]["param_names"].append(name)
     return list(groups.values())
+
+
+def freeze_layers(model: nn.Module, n: int) -> list[str]:
+    """Stop the gradient of every parameter whose ``layer_id`` is below ``n`` (the embeddings and the first
+    ``n - 1`` blocks): partial fine-tuning, as in the "freeze the first k blocks" transfer baselines (e.g. Yosinski et
+    al. 2014, "How transferable are features", §4; MAE §4.3 partial fine-tuning). Returns the frozen names."""
+    if n <= 0:
+        return []
+    if n >= model.num_layer_ids:
+        raise ValueError(f"optim.freeze_layers {n} would freeze every layer ({model.num_layer_ids} layer ids, the "
+                         f"last being the head)")
+    frozen = [name for name, p in model.named_parameters() if model.layer_id(name) < n]
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+    return frozen
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:

@@ -120,6 +120,7 @@ class CCT(LinearHead, FamilyModel):
     intermediates = "tokens"
     num_prefix_tokens = 0  # no class token: sequence pooling reads every token
     input_weights = ("tokenizer.convs.0.weight",)
+    convolutional = True  # the convolutional tokenizer (paper §3.2): k×k convolutions of stride < k
 
     def __init__(self, cfg: CCTConfig):
         super().__init__()

@@ -258,6 +258,7 @@ class CvTStage(nn.Module):
 
 class ConvolutionalVisionTransformer(StagedBlocks, LinearHead, FamilyModel):
     input_weights = ("stages.0.patch_embed.proj.weight",)
+    convolutional = True  # overlapping token embeddings and depth-wise projections (paper §3.1-3.2)
     config_cls = CvTConfig
     intermediates = "pyramid"
 

@@ -214,6 +214,7 @@ class DAT(StagedBlocks, LinearHead, FamilyModel):
     convention = "over_n"  # coordinate conventions of the deformable attention (vitkit.layers.deformable_attention)
     mlp_dw_residual = False  # DAT++'s depth-wise conv MLP adds its input back (official TransformerMLPWithConv)
     input_weights = ("stem.proj.weight", "stem.0.proj.weight")  # DAT's patch conv, DAT++'s first stem conv
+    convolutional = True  # the offset network's depth-wise convolution (paper §3.2); DAT++'s conv stem and blocks
 
     def __init__(self, cfg: DATConfig):
         super().__init__()

@@ -234,6 +234,7 @@ class MobileViT(LinearHead, FamilyModel):
     # the stem conv sees the input channels; the official weights expect BGR (data_cfg.channel_order), which does not
     # change how another in_chans is fitted (weights.adapt sums or repeats the channels, whatever their order)
     input_weights = ("stem.conv.weight",)
+    convolutional = True  # MobileNetV2 blocks and the k×k local representations (paper §3.1)
 
     def __init__(self, cfg: MobileViTConfig):
         super().__init__()

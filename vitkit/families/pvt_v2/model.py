@@ -74,6 +74,7 @@ class PVTv2Stage(nn.Module):
 
 class PyramidVisionTransformerV2(PyramidModel):
     config_cls = PVTv2Config
+    convolutional = True  # overlapping patch embeddings (paper §3.2), the MLP's depth-wise 3×3 convolution (§3.3)
 
     def __init__(self, cfg: PVTv2Config):
         super().__init__()

@@ -351,6 +351,7 @@ class HybridVisionTransformer(VisionTransformer):
 
     config_cls = HybridConfig
     input_weights = ("patch_embed.backbone.stem.conv.weight",)
+    convolutional = True  # the ResNet backbone (ViT paper §3.1, "Hybrid Architecture")
     fixed_input_channels = ("the ResNet standardises its kernels (vit_jax models_resnet.py StdConv), which removes "
                             "their scale: no kernel fitted to other input channels answers as the RGB one does")
 
