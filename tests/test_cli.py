@@ -130,3 +130,44 @@ def test_console_script_lists_every_command():
     listed = {line.split()[0] for line in proc.stdout.splitlines() if line.startswith("    ") and line.split()}
     assert set(AVAILABLE) <= listed, proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+def test_a_signal_during_a_deferred_block_is_raised_when_the_block_ends():
+    """``interrupts.deferred`` (around importing torch, whose C++ initialisers call back into Python, where an
+    exception raised by the handler ends the process with std::terminate): the block runs to its end, then the
+    held signal raises in plain Python."""
+    import signal
+    import threading
+    import time
+    from vitkit import interrupts
+
+    def handle(signum, frame):
+        raise interrupts.Aborted("stopped", signum)
+
+    ran, old = [], signal.signal(signal.SIGTERM, handle)
+    try:
+        with pytest.raises(interrupts.Aborted):
+            with interrupts.deferred():
+                # to this thread: a process-directed signal may go to another thread (the mask is per thread; the
+                # CLI holds signals before torch has started any)
+                signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+                time.sleep(0.05)
+                ran.append("to its end")
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert ran == ["to its end"]
+
+
+def test_the_cli_imports_torch_with_signals_held_except_for_torch_free_commands(monkeypatch, tmp_path):
+    import contextlib
+    from vitkit import interrupts
+    from vitkit.cli.main import main
+    calls = []
+
+    @contextlib.contextmanager
+    def recording():
+        calls.append("held")
+        yield
+    monkeypatch.setattr(interrupts, "deferred", recording)
+    assert main(["models"]) == 0 and calls == []
+    assert main(["eval", str(tmp_path / "no_such_run")]) == 2 and calls == ["held"]

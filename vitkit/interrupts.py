@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import Callable, Iterator
 
-__all__ = ["Aborted", "SIGNALS", "abort_on_signal", "first", "note", "pending", "reset"]
+__all__ = ["Aborted", "SIGNALS", "abort_on_signal", "deferred", "first", "note", "pending", "reset"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -86,6 +86,24 @@ def abort_on_signal(describe: Callable[[str], str], after=None) -> Iterator[None
         sys.unraisablehook = hook
         for s, handler in previous.items():
             signal.signal(s, handler if after is None else after)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back while the block runs (``pthread_sigmask``), then deliver them, so the handler raises
+    in plain Python code. For code an exception cannot unwind: importing torch runs C++ initialisers that call back
+    into Python (torch/distributed/__init__.py ``torch._C._c10d_init()``), and an ``Aborted`` raised there makes
+    pybind11 end the process with std::terminate (SIGABRT, status -6) instead of one line. Outside the main thread,
+    or without ``pthread_sigmask``, a no-op."""
+    try:
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    except (AttributeError, ValueError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _quiet(hook):

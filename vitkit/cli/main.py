@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in _available().items():
         p = sub.add_parser(name, help=module.HELP.replace("%", "%%"), description=module.HELP)  # help is %-formatted
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _torch_free=getattr(module, "TORCH_FREE", False))
     return parser
 
 
@@ -133,6 +133,9 @@ def _main(argv: list[str], started: list) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    if not args._torch_free:
+        with interrupts.deferred():  # torch's initialisers call C++ that calls back into Python (interrupts.deferred)
+            import torch  # noqa: F401
     try:
         started.append(True)
         return int(args._run(args) or 0)

@@ -17,6 +17,8 @@ import csv
 import json
 import sys
 
+TORCH_FREE = True  # the listing reads the stats file; the CLI does not import torch before running it (cli/main.py)
+
 HELP = "list registered models with parameters (M) and GFLOPs (MACs, as the papers count them)"
 
 
