@@ -62,10 +62,11 @@ def freeze_layers(model: nn.Module, n: int) -> list[str]:
     if n >= model.num_layer_ids:
         raise ValueError(f"optim.freeze_layers {n} would freeze every layer ({model.num_layer_ids} layer ids, the "
                          f"last being the head)")
-    frozen = [name for name, p in model.named_parameters() if model.layer_id(name) < n]
+    frozen = []
     for name, p in model.named_parameters():
-        if name in frozen:
+        if model.layer_id(name) < n:
             p.requires_grad_(False)
+            frozen.append(name)
     return frozen
 
 
