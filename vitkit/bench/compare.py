@@ -88,7 +88,7 @@ def compare_to_transformers(model: nn.Module, settings: BenchSettings = BenchSet
     flops = step_flops(model, input_size, settings.mode)
     first = warm_up(steps, settings)
     mem = {name: peak_memory_mb(step, settings.device) for name, step in steps.items()}
-    timed = run_interleaved(steps, settings)
+    timed = run_interleaved(steps, settings, settle=1 if others else 0)  # other runtimes' threads spin after a step
     samples = timed.probe_gflops
     peak = statistics.median(samples) if samples else None
     res = {name: summarize(name, timed.times[name], settings.batch_size, first[name], mem[name], flops, peak,

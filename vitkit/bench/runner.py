@@ -157,9 +157,14 @@ class Timings:
 
 
 def interleave(steps: dict[str, Step], iters: int, device: torch.device | str, probe: GemmProbe | None = None,
-               probes: int = 0, quiet: float | None = None, max_wait: float = 600.0) -> Timings:
+               probes: int = 0, quiet: float | None = None, max_wait: float = 600.0, settle: int = 0) -> Timings:
     """Time ``iters`` rounds; each round runs every step once, in an order that alternates between rounds
     (A B, B A, …), and a GEMM probe runs between rounds (``probes`` of them, spread evenly).
+
+    ``settle``: untimed runs of each step right before its timed one. Needed when the steps run in different
+    runtimes: a runtime's worker threads keep spinning after its step returns (ONNX Runtime's intra-op pool does by
+    default), and would slow whatever is timed next (eager DeiT-Tiny at 128 px, batch 8: 168 img/s alone, 80 right
+    after an ONNX Runtime step; EPYC-AVX2, 2 threads).
 
     With ``quiet`` (cores), each round waits until other processes use at most that much CPU, and a round (or a
     probe) during which they used more is thrown away and repeated; after ``max_wait`` seconds every round counts.
@@ -178,6 +183,8 @@ def interleave(steps: dict[str, Step], iters: int, device: torch.device | str, p
             wait_for_quiet(quiet, deadline)
         times, mons = {}, {}
         for name in (names if r % 2 == 0 else names[::-1]):
+            for _ in range(settle):
+                steps[name]()
             with CpuMonitor() as mons[name]:
                 times[name] = time_step(steps[name], device)
         if any(disturbed(m.foreign_cores) for m in mons.values()):
@@ -283,10 +290,11 @@ def warm_up(steps: dict[str, Step], settings: BenchSettings) -> dict[str, float]
     return first
 
 
-def run_interleaved(steps: dict[str, Step], settings: BenchSettings) -> Timings:
+def run_interleaved(steps: dict[str, Step], settings: BenchSettings, settle: int = 0) -> Timings:
+    """``interleave`` with the settings' rounds, probes and quiet mode (``settle``: see ``interleave``)."""
     probe = GemmProbe(settings.probe_size, DTYPES[settings.dtype], settings.device) if settings.probes else None
     return interleave(steps, settings.iters, settings.device, probe, settings.probes, settings.quiet,
-                      settings.max_wait)
+                      settings.max_wait, settle)
 
 
 def benchmark(model: nn.Module, settings: BenchSettings = BenchSettings(),

@@ -106,7 +106,10 @@ def build_model(args: argparse.Namespace, overrides: dict[str, Any]):
         print(f"{args.model}: {model.runtime}, {model.precision}" + (f" ({model.note})" if model.note else ""))
         return model
     from vitkit.weights.hub import requests_named_weights
+    from vitkit.runs import is_run_folder, run_checkpoint
     pretrained = True if requests_named_weights(args.pretrained) else args.pretrained
+    if isinstance(pretrained, str) and is_run_folder(pretrained):  # a training run: its best checkpoint, else last
+        pretrained = run_checkpoint(pretrained)
     model = vitkit.create_model(args.model, pretrained=pretrained, img_size=args.img_size, **overrides)
     if not args.pretrained:
         randomize_heads_(model)  # a fresh head is zero: logits would all be 0 and comparisons vacuous
@@ -200,9 +203,11 @@ def _best(args: argparse.Namespace, model, report: dict[str, Any]) -> dict:
     if args.agreement_images and not os.path.isdir(args.agreement_images):
         raise FileNotFoundError(f"--agreement-images {args.agreement_images}: no such folder")
     run = args.pretrained if args.pretrained and is_run_folder(args.pretrained) else None
-    images = best.agreement_images(model, best.read_run_data(run), args.agreement_images)
+    run_data = best.read_run_data(run)
+    images = best.agreement_images(model, run_data, args.agreement_images)
     timer = best.default_timer(args.warmup, args.iters, args.quiet, args.max_wait)  # bench's own rounds and --quiet
-    choice = best.select_fastest(model, images, args.batch_size, timer)
+    choice = best.select_fastest(model, images, args.batch_size, timer,
+                                 calibration=best.calibration_images(model, run_data))
     print("\n".join(choice.table_lines()), flush=True)
     report["best"] = choice.as_dict()
     return {} if choice.module is model else {choice.chosen: choice.module}

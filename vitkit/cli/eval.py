@@ -97,7 +97,8 @@ def run_best(args: argparse.Namespace, model, run_data: dict[str, Any] | None, b
     it chose from to ``out`` (default stdout) and keeps the choice in ``args.best``."""
     from vitkit.deploy import best
     images = best.agreement_images(model, run_data, args.agreement_images)
-    choice = best.select_fastest(model.cpu().eval(), images, batch_size, best.default_timer())
+    choice = best.select_fastest(model.cpu().eval(), images, batch_size, best.default_timer(),
+                                 calibration=best.calibration_images(model, run_data))
     print("\n".join(choice.table_lines()), file=out, flush=True)
     args.best = choice
     return choice.module

@@ -14,6 +14,7 @@ EPILOG = """examples:
   vitkit export runs/c10 out/c10_onnx --check-images photos/            a run folder: its best checkpoint
   vitkit export runs/c10 out/c10_int8 --int8                            int8 (ONNX Runtime; scheme per CPU kind)
   vitkit export runs/c10 out/c10_int8 --int8 --calibrate train_imgs/    int8 with activation ranges calibrated
+  vitkit export runs/c10 out/c10_ov8 --format openvino --int8 --calibrate train_imgs/   OpenVINO int8 (NNCF, static)
   vitkit export swin_tiny_patch4_window7_224 out/swin_ov --format openvino
   vitkit predict photo.jpg --model out/deit_onnx                        an export folder is a model
   vitkit export runs/c10 out/c10_fast --fastest --batch-size 16          the fastest path keeping >= 99% agreement
@@ -25,8 +26,8 @@ agree to 1e-4; int8 must keep a logit cosine similarity >= 0.99 on every input a
 images (or of all but one). A model with an all-zero head (random init) is compared on its pre-logit features. A
 failed check writes nothing and exits with status 1.
 
---fastest builds every export this CPU can run (ONNX Runtime fp32 and int8, OpenVINO f32 and, where bf16 is native,
-bf16, torch.export), times them against eager fp32 at --batch-size, measures their top-1 agreement with eager fp32 on
+--fastest builds every export this CPU can run (ONNX Runtime fp32 and int8, OpenVINO f32, int8 when calibration images
+are given (--calibrate, or a CIFAR-10 run's training images) and, where bf16 is native, bf16, torch.export), times them against eager fp32 at --batch-size, measures their top-1 agreement with eager fp32 on
 real images (the shipped photos, a CIFAR-10 run's first 2,000 test images, --agreement-images) and writes the fastest
 that agrees on >= 99%; vitkit.json records the choice, the table and the agreement ("fastest"), and the runtime the
 folder then runs in."""
@@ -44,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights for a variant name, in any format vitkit reads, or true: the variant's named "
                              "weights")
     parser.add_argument("--int8", action="store_true",
-                        help="int8 through ONNX Runtime, the scheme chosen for this CPU kind (see vitkit.json)")
+                        help="int8: ONNX Runtime's (dynamic, or static with --calibrate; the scheme chosen for this "
+                             "CPU kind), or with --format openvino NNCF's static int8 (needs --calibrate); see "
+                             "vitkit.json")
     parser.add_argument("--calibrate", metavar="DIR_OR_FILES", nargs="+",
                         help="with --int8 (or --fastest, for its int8 path): calibrate the activation ranges on "
                              f"these images (static quantisation; up to {MAX_IMAGES} are used)")
@@ -122,7 +125,9 @@ def _run_fastest(args: argparse.Namespace, target) -> int:
     os.makedirs(parent, exist_ok=True)
     workspace = tempfile.mkdtemp(prefix=".fastest-", dir=parent)
     try:
-        built = best.build_paths(model, workspace, _images(args.calibrate, model),
+        calibration = best.calibration_images(model, (target.run_config or {}).get("data"),
+                                              _images(args.calibrate, model))
+        built = best.build_paths(model, workspace, calibration,
                                  check_images=_images(args.check_images, model))
         try:
             choice = best.choose(built, images, args.batch_size, best.default_timer(), exportable_only=True)

@@ -3,7 +3,10 @@ its answers, measured here rather than assumed.
 
 What is built (``PATHS``): eager PyTorch in fp32, eager PyTorch under bf16 autocast, ONNX Runtime fp32, ONNX Runtime
 int8 (the scheme ``vitkit.deploy.quantize`` chooses for this CPU kind; static QDQ when calibration images are given),
-OpenVINO asked for f32 and for bf16, and ``torch.export``'s module. bf16 paths are built only where the hardware probe
+OpenVINO asked for f32, OpenVINO int8 (NNCF's static quantisation with accuracy control: only when calibration
+images are given), OpenVINO asked for bf16, and ``torch.export``'s module. Calibration images
+(``calibration_images``): ``--calibrate``, else the first 300 held-out validation images of a run trained on
+CIFAR-10 (never the test images agreement is measured on). bf16 paths are built only where the hardware probe
 (``vitkit.hardware``) says bf16 is native: emulated bf16 is several times slower than fp32, so it can never win. A path
 that cannot be built here (a package missing, the CPU lacking the feature, an exporter failing on the model, OpenVINO
 computing a bf16 request in f32) is a row "not available: <reason>", not an error. Every exported path passes the
@@ -12,7 +15,9 @@ export's own parity check first (``vitkit.deploy.export``).
 What is measured, for each path:
 - speed: images/s of one forward pass at the request's batch size on a fixed random batch, every path timed in the
   same interleaved rounds (order alternating, median step; ``vitkit.bench.runner.interleave``) so that a change of
-  load on a shared machine hits all of them alike; a short timing (1 untimed and 5 timed rounds; ``vitkit bench``
+  load on a shared machine hits all of them alike, each timed step right after an untimed one of the same path
+  (``SETTLE``: ONNX Runtime's threads keep spinning after its step and halved the speed of eager PyTorch timed
+  right after it); a short timing (1 untimed and 5 timed rounds; ``vitkit bench``
   uses its ``--warmup``/``--iters``). The timer is an argument (``Timer``), so tests inject one.
 - agreement: how many real images get the same top-1 class as eager fp32, run in batches of the request's size (int8
   activation scales are per batch, so the batch is part of what is measured). The images (``agreement_images``): the
@@ -49,14 +54,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CIFAR10_IMAGES", "MIN_AGREEMENT", "PATHS", "AgreementImages", "Autocast", "BuiltPath", "Choice",
-           "InterleavedTimer", "NoExportQualifies", "PathSpec", "Row", "agreement_images", "build_paths",
-           "check_reference", "choose", "default_timer", "read_run_data", "select_fastest", "shipped_photos",
-           "write_fastest_export"]
+__all__ = ["CALIBRATION_IMAGES", "CIFAR10_IMAGES", "MIN_AGREEMENT", "PATHS", "AgreementImages", "Autocast",
+           "BuiltPath", "Choice", "InterleavedTimer", "NoExportQualifies", "PathSpec", "Row", "agreement_images",
+           "build_paths", "calibration_images", "check_reference", "choose", "default_timer", "read_run_data",
+           "select_fastest", "shipped_photos", "write_fastest_export"]
 
 MIN_AGREEMENT = 0.99  # a path must give eager fp32's top-1 class on at least this fraction of the real images
 CIFAR10_IMAGES = 2000  # CIFAR-10 test images added for a run folder trained on CIFAR-10 (the first ones, in order)
+CALIBRATION_IMAGES = 300  # CIFAR-10 held-out images static int8 calibrates on, for a run trained on CIFAR-10
 FOLDER_IMAGES = 2000  # at most this many images of an --agreement-images folder (sorted by path)
+SETTLE = 1  # untimed runs of a path right before each timed one: other runtimes' threads spin after their step
 TIMING_WARMUP, TIMING_ROUNDS = 1, 5  # the default timer: untimed steps per path, then interleaved timed rounds
 REFERENCE = "eager-fp32"
 
@@ -83,6 +90,7 @@ PATHS = (
     PathSpec("onnxruntime-fp32", "onnxruntime", "onnx"),
     PathSpec("onnxruntime-int8", "onnxruntime", "onnx", int8=True),
     PathSpec("openvino-fp32", "openvino", "openvino"),
+    PathSpec("openvino-int8", "openvino", "openvino", int8=True),  # static (NNCF): built only with calibration images
     PathSpec("openvino-bf16", "openvino-bf16", "openvino", bf16=True),
     PathSpec("torch-export-fp32", "torch-export", "torch-export"),
 )
@@ -163,6 +171,8 @@ def _build_export(spec: PathSpec, model: nn.Module, workspace: str, calibration:
 def _build(spec: PathSpec, model: nn.Module, workspace: str, calibration: Tensor | None,
            check_images: Tensor | None) -> BuiltPath:
     missing = _bf16_missing() if spec.bf16 else None
+    if spec.int8 and spec.fmt == "openvino" and calibration is None:
+        missing = "static int8 needs calibration images: --calibrate DIR, or a run folder trained on CIFAR-10"
     if missing:
         return BuiltPath(spec.name, reason=missing, spec=spec)
     if spec.fmt is None:
@@ -196,14 +206,16 @@ class InterleavedTimer:
     @property
     def description(self) -> str:
         quiet = "" if self.quiet is None else f", rounds disturbed by > {self.quiet:g} other cores repeated"
-        return f"median of {self.rounds} interleaved rounds after {self.warmup} untimed{quiet}"
+        return (f"median of {self.rounds} interleaved rounds after {self.warmup} untimed, each timed step after "
+                f"{SETTLE} untimed{quiet}")
 
     def __call__(self, steps: Mapping[str, Step]) -> dict[str, float]:
         from vitkit.bench.runner import interleave
         for _ in range(self.warmup):
             for step in steps.values():
                 step()
-        timed = interleave(dict(steps), max(1, self.rounds), "cpu", quiet=self.quiet, max_wait=self.max_wait)
+        timed = interleave(dict(steps), max(1, self.rounds), "cpu", quiet=self.quiet, max_wait=self.max_wait,
+                           settle=SETTLE)
         return {name: statistics.median(times) for name, times in timed.times.items()}
 
 
@@ -251,14 +263,27 @@ def _folder_images(folder: str | os.PathLike, model: nn.Module, limit: int) -> T
     return torch.stack([transform(load_image(f)) for f in files])
 
 
-def _cifar10_test_images(model: nn.Module, run_data: Mapping[str, Any], limit: int) -> Tensor:
-    """The first ``limit`` test images of the run's CIFAR-10, through the run's own eval transform."""
+def _cifar10_images(model: nn.Module, run_data: Mapping[str, Any], splits: Sequence[str], limit: int) -> Tensor:
+    """The first ``limit`` images of the first of the run's CIFAR-10 ``splits`` ("val", "train", "test") that it
+    has, through the run's own eval transform."""
     from vitkit.data import build_splits
     from vitkit.evaluate.eval_data import dataset_transform, resolve_data_config
     cfg = resolve_data_config(model, dict(run_data))
-    test = build_splits(cfg).test
+    built = build_splits(cfg)
+    images = next(d for d in (getattr(built, name) for name in splits) if d is not None and len(d))
     transform = dataset_transform(cfg, model)
-    return torch.stack([transform(test[i][0]) for i in range(min(limit, len(test)))])
+    return torch.stack([transform(images[i][0]) for i in range(min(limit, len(images)))])
+
+
+def calibration_images(model: nn.Module, run_data: Mapping[str, Any] | None = None,
+                       given: Tensor | None = None) -> Tensor | None:
+    """Images to calibrate static int8 on: ``given`` (``--calibrate``), else, for a run trained on CIFAR-10, the first
+    ``CALIBRATION_IMAGES`` of its held-out validation split (images it never trained on, as the test images are not:
+    the training images' answers are surer, and would hide the layers whose int8 costs agreement), or of its
+    training split when it held none out; else None."""
+    if given is not None or not run_data or run_data.get("name") != "cifar10":
+        return given
+    return _cifar10_images(model, run_data, ("val", "train"), CALIBRATION_IMAGES)
 
 
 def read_run_data(run_dir: str | os.PathLike | None) -> dict[str, Any] | None:
@@ -285,7 +310,7 @@ def agreement_images(model: nn.Module, run_data: Mapping[str, Any] | None = None
     if photos is not None:
         parts.append((f"photos ({photos})", _folder_images(photos, model, FOLDER_IMAGES)))
     if run_data and run_data.get("name") == "cifar10":
-        parts.append(("CIFAR-10 test images", _cifar10_test_images(model, run_data, CIFAR10_IMAGES)))
+        parts.append(("CIFAR-10 test images", _cifar10_images(model, run_data, ("test",), CIFAR10_IMAGES)))
     if folder is not None:
         parts.append((f"images ({folder})", _folder_images(folder, model, FOLDER_IMAGES)))
     return AgreementImages(torch.cat([t for _, t in parts]), [(name, len(t)) for name, t in parts])

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RUNTIMES", "RuntimeModel", "open_runtime", "to_runtime", "is_export_folder", "open_export_folder"]
+__all__ = ["RUNTIMES", "RuntimeModel", "open_runtime", "to_runtime", "is_export_folder", "open_export_folder",
+           "keep_signal_stack"]
 
 from vitkit.deploy.names import FORMATS, OPENVINO_PRECISION, RUNTIMES
 
@@ -78,7 +79,7 @@ class _SignalStack(ctypes.Structure):
 
 
 @contextlib.contextmanager
-def _keep_signal_stack() -> Iterator[None]:
+def keep_signal_stack() -> Iterator[None]:
     """Restore the calling thread's alternate signal stack (``sigaltstack(2)``) after the block. OpenVINO's
     ``compile_model`` (2026.4, CPU plugin) installs a stack of its own on the calling thread and later unmaps it;
     Python runs every signal handler on that stack (``SA_ONSTACK``), so the next SIGINT, SIGTERM or SIGCHLD that
@@ -104,7 +105,7 @@ def _openvino(path: str, runtime: str) -> tuple[Runner, str, str | None]:
     asked = OPENVINO_PRECISION[runtime]
     config = {"INFERENCE_NUM_THREADS": _threads(), "PERFORMANCE_HINT": "LATENCY",
               hints.inference_precision: getattr(ov.Type, asked)}
-    with _keep_signal_stack():
+    with keep_signal_stack():
         compiled = ov.Core().compile_model(path, "CPU", config)
     got = compiled.get_property(hints.inference_precision).get_type_name()  # "f32", "bf16"
     precision = {"f32": "fp32"}.get(got, got)
