@@ -333,6 +333,24 @@ def test_bench_runtime_best_times_the_chosen_path_against_transformers(injected,
     assert "× eager fp32" in printed and "transformers images/s" in printed
 
 
+def test_bench_of_a_cifar10_run_measures_its_test_images_and_calibrates_int8_on_its_held_out_images(
+        injected, photos_dir, tmp_path, capsys, monkeypatch):
+    run = make_cifar10_run(tmp_path)
+    calibrated = []
+    build = best.build_paths
+    monkeypatch.setattr(best, "build_paths", lambda model, ws, calibration=None, *a, **kw: (
+        calibrated.append(calibration), build(model, ws, calibration, *a, **kw))[1])
+    out = tmp_path / "bench.json"
+    assert main(["bench", NAME, "--pretrained", str(run), "--batch-size", "64", "--iters", "1", "--warmup", "1",
+                 "--probes", "0", "--runtime", "best", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())["best"]
+    eager = next(r for r in report["table"] if r["path"] == "eager-fp32")
+    assert eager["by_set"]["CIFAR-10 test images"] == [2000, 2000]  # the run's own checkpoint and test split
+    model = vitkit.load_model(run / "checkpoints" / "best")
+    expected = best.calibration_images(model, best.read_run_data(run))
+    assert len(calibrated) == 1 and torch.equal(calibrated[0], expected)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["predict", "IMG", "--pretrained", "MODEL", "--agreement-images", "IMGDIR"], "goes with --runtime best"),
     (["predict", "IMG", "--pretrained", "MODEL", "--runtime", "best", "--int8"], "drop --int8"),
