@@ -349,10 +349,16 @@ def test_bench_of_a_cifar10_run_measures_its_test_images_and_calibrates_int8_on_
     model = vitkit.load_model(run / "checkpoints" / "best")
     expected = best.calibration_images(model, best.read_run_data(run))
     assert len(calibrated) == 1 and torch.equal(calibrated[0], expected)
+    assert main(["bench", NAME, "--pretrained", str(run), "--batch-size", "64", "--iters", "1", "--warmup", "1",
+                 "--probes", "0", "--runtime", "best", "--calibrate", str(photos_dir)]) == 0  # --calibrate DIR wins
+    assert len(calibrated) == 2 and torch.equal(calibrated[1], best.folder_images(photos_dir, model, 300))
 
 
 @pytest.mark.parametrize("argv, message", [
     (["predict", "IMG", "--pretrained", "MODEL", "--agreement-images", "IMGDIR"], "goes with --runtime best"),
+    (["predict", "IMG", "--pretrained", "MODEL", "--calibrate", "IMGDIR"], "--calibrate goes with --runtime best"),
+    (["bench", NAME, "--calibrate", "IMGDIR"], "--calibrate goes with --runtime best"),
+    (["predict", "IMG", "--pretrained", "MODEL", "--runtime", "best", "--calibrate", "OUT"], "no such folder"),
     (["predict", "IMG", "--pretrained", "MODEL", "--runtime", "best", "--int8"], "drop --int8"),
     (["predict", "IMG", "--pretrained", "MODEL", "--runtime", "best", "--amp", "bf16"], "drop --amp"),
     (["export", "MODEL", "OUT", "--fastest", "--format", "onnx"], "--fastest chooses the format"),

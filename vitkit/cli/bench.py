@@ -64,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agreement-images", metavar="DIR",
                         help="with --runtime best: also measure agreement on the images in DIR (up to 2,000), besides "
                              "the shipped photos and, for --pretrained RUN trained on CIFAR-10, 2,000 test images")
+    from vitkit.cli.eval import add_calibrate_argument
+    add_calibrate_argument(parser)
     parser.add_argument("--machine", action="store_true", help="measure the machine's GEMM peak and copy bandwidth")
     parser.add_argument("--seconds", type=float, default=30.0,
                         help="time allowed for --machine (default 30; progress is printed as it goes)")
@@ -195,19 +197,21 @@ def _runtimes(args: argparse.Namespace, model) -> dict:
 def _best(args: argparse.Namespace, model, report: dict[str, Any]) -> dict:
     """``--runtime best``: choose the path (``vitkit.deploy.best``), print the table; the chosen path as the one
     runtime besides eager fp32 (none when eager fp32 is chosen)."""
+    from vitkit.cli.eval import calibration_of
     from vitkit.deploy import best
     from vitkit.runs import is_run_folder
     if args.dtype != "fp32" or args.device != "cpu" or args.mode != "infer" or args.compile or args.channels_last:
         raise ValueError("--runtime best chooses among CPU inference paths: --device cpu --mode infer --dtype fp32, "
                          "no --compile or --channels-last")
-    if args.agreement_images and not os.path.isdir(args.agreement_images):
-        raise FileNotFoundError(f"--agreement-images {args.agreement_images}: no such folder")
+    for flag, folder in (("--agreement-images", args.agreement_images), ("--calibrate", args.calibrate)):
+        if folder and not os.path.isdir(folder):
+            raise FileNotFoundError(f"{flag} {folder}: no such folder")
     run = args.pretrained if args.pretrained and is_run_folder(args.pretrained) else None
     run_data = best.read_run_data(run)
     images = best.agreement_images(model, run_data, args.agreement_images)
     timer = best.default_timer(args.warmup, args.iters, args.quiet, args.max_wait)  # bench's own rounds and --quiet
     choice = best.select_fastest(model, images, args.batch_size, timer,
-                                 calibration=best.calibration_images(model, run_data))
+                                 calibration=calibration_of(args, model, run_data))
     print("\n".join(choice.table_lines()), flush=True)
     report["best"] = choice.as_dict()
     return {} if choice.module is model else {choice.chosen: choice.module}
@@ -216,8 +220,9 @@ def _best(args: argparse.Namespace, model, report: dict[str, Any]) -> dict:
 def _run_model(args: argparse.Namespace, report: dict[str, Any]) -> None:
     from vitkit.bench.compare import compare_to_transformers
     from vitkit.bench.runner import BenchSettings, benchmark, step_flops
-    if args.agreement_images and args.runtime != "best":
-        raise ValueError("--agreement-images goes with --runtime best")
+    for flag, given in (("--agreement-images", args.agreement_images), ("--calibrate", args.calibrate)):
+        if given and args.runtime != "best":
+            raise ValueError(f"{flag} goes with --runtime best")
     dtype = _dtype(args)
     settings = BenchSettings(batch_size=args.batch_size, dtype=dtype, compile=args.compile, mode=args.mode,
                              channels_last=args.channels_last, warmup=args.warmup, iters=args.iters,

@@ -71,6 +71,20 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8", action="store_true",
                         help="with --runtime onnxruntime: int8 weights (the scheme chosen per CPU; see vitkit export)")
     add_agreement_argument(parser)
+    add_calibrate_argument(parser)
+
+
+def add_calibrate_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calibrate", metavar="DIR",
+                        help="with --runtime best: calibrate its static int8 paths (OpenVINO int8, ONNX Runtime static "
+                             "int8) on the images in DIR (up to 300; default: a CIFAR-10 run's held-out images)")
+
+
+def calibration_of(args: argparse.Namespace, model, run_data: dict[str, Any] | None):
+    """``--runtime best``'s calibration images: ``--calibrate DIR``, else a CIFAR-10 run's (``vitkit.deploy.best``)."""
+    from vitkit.deploy import best
+    given = best.folder_images(args.calibrate, model, best.CALIBRATION_IMAGES) if args.calibrate else None
+    return best.calibration_images(model, run_data, given)
 
 
 def add_agreement_argument(parser, flag: str = "--runtime best") -> None:
@@ -82,14 +96,16 @@ def add_agreement_argument(parser, flag: str = "--runtime best") -> None:
 def check_best_arguments(args: argparse.Namespace) -> None:
     """``--runtime best`` chooses the precision and the runtime itself; ``--agreement-images`` only goes with it."""
     if args.runtime != "best":
-        if args.agreement_images:
-            raise ValueError("--agreement-images goes with --runtime best")
+        for flag, given in (("--agreement-images", args.agreement_images), ("--calibrate", args.calibrate)):
+            if given:
+                raise ValueError(f"{flag} goes with --runtime best")
         return
     given = [flag for flag, on in (("--int8", args.int8), ("--amp", getattr(args, "amp", None))) if on]
     if given:
         raise ValueError(f"--runtime best chooses the precision itself (int8, bf16 or fp32); drop {', '.join(given)}")
-    if args.agreement_images and not os.path.isdir(args.agreement_images):
-        raise FileNotFoundError(f"--agreement-images {args.agreement_images}: no such folder")
+    for flag, folder in (("--agreement-images", args.agreement_images), ("--calibrate", args.calibrate)):
+        if folder and not os.path.isdir(folder):
+            raise FileNotFoundError(f"{flag} {folder}: no such folder")
 
 
 def run_best(args: argparse.Namespace, model, run_data: dict[str, Any] | None, batch_size: int, out=None):
@@ -98,7 +114,7 @@ def run_best(args: argparse.Namespace, model, run_data: dict[str, Any] | None, b
     from vitkit.deploy import best
     images = best.agreement_images(model, run_data, args.agreement_images)
     choice = best.select_fastest(model.cpu().eval(), images, batch_size, best.default_timer(),
-                                 calibration=best.calibration_images(model, run_data))
+                                 calibration=calibration_of(args, model, run_data))
     print("\n".join(choice.table_lines()), file=out, flush=True)
     args.best = choice
     return choice.module

@@ -56,7 +56,8 @@ from torch import Tensor, nn
 
 __all__ = ["CALIBRATION_IMAGES", "CIFAR10_IMAGES", "MIN_AGREEMENT", "PATHS", "AgreementImages", "Autocast",
            "BuiltPath", "Choice", "InterleavedTimer", "NoExportQualifies", "PathSpec", "Row", "agreement_images",
-           "build_paths", "calibration_images", "check_reference", "choose", "default_timer", "read_run_data",
+           "build_paths", "calibration_images", "check_reference", "choose", "default_timer", "folder_images",
+           "read_run_data",
            "select_fastest", "shipped_photos", "write_fastest_export"]
 
 MIN_AGREEMENT = 0.99  # a path must give eager fp32's top-1 class on at least this fraction of the real images
@@ -172,7 +173,7 @@ def _build(spec: PathSpec, model: nn.Module, workspace: str, calibration: Tensor
            check_images: Tensor | None) -> BuiltPath:
     missing = _bf16_missing() if spec.bf16 else None
     if spec.int8 and spec.fmt == "openvino" and calibration is None:
-        missing = "static int8 needs calibration images: --calibrate DIR, or a run folder trained on CIFAR-10"
+        missing = "static int8 needs calibration images: --calibrate DIR, or a run trained on CIFAR-10"
     if missing:
         return BuiltPath(spec.name, reason=missing, spec=spec)
     if spec.fmt is None:
@@ -252,7 +253,8 @@ def shipped_photos() -> Path | None:
     return photos if photos.is_dir() else None
 
 
-def _folder_images(folder: str | os.PathLike, model: nn.Module, limit: int) -> Tensor:
+def folder_images(folder: str | os.PathLike, model: nn.Module, limit: int) -> Tensor:
+    """The first ``limit`` images of ``folder`` (sorted by path), preprocessed as ``model`` expects."""
     from vitkit.data import load_image
     from vitkit.evaluate.predict import expand_inputs
     from vitkit.evaluate.preprocess import eval_transform
@@ -308,11 +310,11 @@ def agreement_images(model: nn.Module, run_data: Mapping[str, Any] | None = None
                                 "not found (set VITKIT_SHARED to the shared folder): give --agreement-images DIR")
     parts: list[tuple[str, Tensor]] = []
     if photos is not None:
-        parts.append((f"photos ({photos})", _folder_images(photos, model, FOLDER_IMAGES)))
+        parts.append((f"photos ({photos})", folder_images(photos, model, FOLDER_IMAGES)))
     if run_data and run_data.get("name") == "cifar10":
         parts.append(("CIFAR-10 test images", _cifar10_images(model, run_data, ("test",), CIFAR10_IMAGES)))
     if folder is not None:
-        parts.append((f"images ({folder})", _folder_images(folder, model, FOLDER_IMAGES)))
+        parts.append((f"images ({folder})", folder_images(folder, model, FOLDER_IMAGES)))
     return AgreementImages(torch.cat([t for _, t in parts]), [(name, len(t)) for name, t in parts])
 
 
