@@ -100,7 +100,7 @@ def test_the_agreement_metric_scores_any_subset_against_its_own_reference():
         def __call__(self, x):
             return {0: np.eye(10)[x[:, 0].astype(int)]}
 
-    metric = quantize._agreement_metric(reference)
+    metric = quantize._nncf_validation(quantize._agreement_metric(reference))
     x = classes[:, None].astype(np.float32)
     assert metric(Compiled(), [(x[:3], np.arange(3)), (x[3:], np.arange(3, 6))]) == 1.0
     assert metric(Compiled(), [(x[4:5], np.array([4]))]) == 1.0  # one item alone, as NNCF ranks layers
@@ -170,3 +170,33 @@ def test_a_cifar10_run_calibrates_on_its_held_out_images_never_its_test_images(t
     given = torch.zeros(2, 3, 32, 32)
     assert best.calibration_images(model, data, given) is given  # --calibrate wins
     assert best.calibration_images(model, {"name": "folder"}) is None
+
+
+def int8_matmuls(path: Path) -> list[str]:
+    """The MatMuls of an ONNX QDQ model whose weight input is dequantised int8."""
+    import onnx
+    graph = onnx.load(path).graph
+    dequantised = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and dequantised & set(n.input[1:])]
+
+
+@pytest.mark.parametrize("restore_below, kept", [(0.0, "none"), (1.01, "mlp/fc2")])
+def test_onnx_static_int8_keeps_mlp_fc2_fp32_only_when_held_out_images_need_it(photos, tmp_path, monkeypatch,
+                                                                                restore_below, kept):
+    require("onnxruntime")
+    model = tiny_model()
+    monkeypatch.setattr(quantize, "RESTORE_BELOW", restore_below)  # 0: all int8 passes; 1.01: nothing can
+    result = export_model(model, tmp_path / "q", "onnx", int8=True, calibration=calibration_set(photos),
+                          images=photos, force=True)
+    q = result.quantization
+    assert q["scheme"] == "static-s7" and q["calibration_images"] == 39 and q["held_out_images"] == 19
+    assert (", ".join(q["settings"]["keep_fp32"]) or "none") == kept
+    assert list(q["held_out_agreement_by_kept_fp32"]) == (["none"] if kept == "none" else ["none", "mlp/fc2"])
+    fc2 = [n for n in int8_matmuls(tmp_path / "q" / "model.onnx") if "fc2" in n]
+    assert bool(fc2) == (kept == "none") and any("fc1" in n for n in int8_matmuls(tmp_path / "q" / "model.onnx"))
+    held = calibration_set(photos)[2::3]
+    with torch.no_grad():  # the recorded score is the held-out images' own, counted here by brute force
+        ref, got = model(held), open_runtime(tmp_path / "q")(held).float()
+    cosine = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
+    passing = int(((got.argmax(-1) == ref.argmax(-1)) & (cosine >= 0.99)).sum())
+    assert q["held_out_agreement"] == pytest.approx(passing / 19)

@@ -210,15 +210,59 @@ def quantize(path: str, fmt: str, calibration: Tensor | None = None) -> dict[str
 
 def quantize_onnx(path: str, calibration: Tensor | None = None, scheme: Int8Scheme | None = None) -> dict[str, Any]:
     """Quantise the ONNX model at ``path`` in place with the scheme chosen for this CPU (``calibration``: images for
-    static quantisation); returns what ``vitkit.json`` records about it."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    static quantisation); returns what ``vitkit.json`` records about it. A static scheme with enough calibration
+    images first tries every layer in int8 (``_onnx_with_control``) and keeps its fp32 layers only when held-out
+    images need them."""
     from vitkit.hardware import cpu_info, machine_line
     scheme = scheme or choose_scheme(calibration is not None)
     if scheme.static and calibration is None:
         raise ValueError(f"int8 scheme {scheme.name} calibrates activation ranges: give calibration images")
+    fit, held = _split_held_out(calibration) if scheme.static and scheme.keep_fp32 else (calibration, None)
+    record: dict[str, Any] = {}
+    if held is None:
+        _onnx_file(path, path + ".int8", calibration, scheme)
+    else:
+        scheme, record = _onnx_with_control(path, fit, held, scheme)
+    os.replace(path + ".int8", path)
+    kind = arithmetic()
+    return {"scheme": scheme.name, "description": scheme.describe(), "settings": asdict(scheme),
+            "calibration_images": 0 if calibration is None else len(fit), **record,
+            "chosen_for": f"{'VNNI/AMX: exact int32 products' if kind == 'exact' else 'no VNNI: 16-bit pair sums'}"
+                          f" on {cpu_info()['model']}",
+            "why": WHY[scheme.name], "measured": MEASURED.get(scheme.name, {}), "cpu": machine_line()}
+
+
+def _onnx_with_control(path: str, fit: Tensor, held: Tensor, scheme: Int8Scheme) -> tuple[Int8Scheme, dict]:
+    """Accuracy control at the grain of the scheme's fp32 layers: quantise every layer (written to ``path.int8``)
+    and keep that when >= ``RESTORE_BELOW`` of the ``held`` images pass the int8 rule (``_agreement_metric``),
+    else quantise again keeping ``scheme.keep_fp32`` in fp32. Returns the scheme used and what was measured."""
+    import dataclasses
+    reference = _onnx_runner(path)
+    items = [(held[i:i + 16].numpy(), np.arange(i, min(i + 16, len(held)))) for i in range(0, len(held), 16)]
+    metric = _agreement_metric(np.concatenate([reference(x) for x, _ in items]))
+    tried = {}
+    for candidate in (dataclasses.replace(scheme, keep_fp32=()), scheme):
+        _onnx_file(path, path + ".int8", fit, candidate)
+        tried[", ".join(candidate.keep_fp32) or "none"] = score = metric(_onnx_runner(path + ".int8"), items)
+        if score >= RESTORE_BELOW:
+            break
+    return candidate, {"held_out_images": len(held), "held_out_agreement": score,
+                       "held_out_agreement_by_kept_fp32": tried}
+
+
+def _onnx_runner(path: str):
+    """``x (numpy) -> logits (numpy)`` through an ONNX Runtime session on ``path``."""
+    import onnxruntime as ort
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
+
+
+def _onnx_file(path: str, out: str, calibration: Tensor | None, scheme: Int8Scheme) -> None:
+    """Write ``scheme``'s int8 model of the float ONNX model at ``path`` to ``out`` (ONNX Runtime's quantiser)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     keep = _node_names(path, scheme.keep_fp32) + _activation_matmuls(path)
     keep += [f"{name}_MatMul" for name in keep]  # the quantiser first splits a Gemm into "<name>_MatMul" and an Add
-    tmp = path + ".int8"
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.ERROR))  # the quantiser logs a line per tensor, and advice, on the root logger
@@ -230,21 +274,13 @@ def quantize_onnx(path: str, calibration: Tensor | None = None, scheme: Int8Sche
             name = onnx.load(path, load_external_data=False).graph.input[0].name
             method = CalibrationMethod.Percentile if scheme.calibration == "percentile" else CalibrationMethod.MinMax
             with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrator prints its progress
-                quantize_static(path, tmp, _Images(calibration, name), quant_format=QuantFormat.QDQ,
+                quantize_static(path, out, _Images(calibration, name), quant_format=QuantFormat.QDQ,
                                 activation_type=QuantType.QUInt8, calibrate_method=method,
                                 extra_options={"CalibPercentile": 99.999}, **common)
         else:
-            quantize_dynamic(path, tmp, **common)
+            quantize_dynamic(path, out, **common)
     finally:
         root.setLevel(level)
-    os.replace(tmp, path)
-    kind = arithmetic()
-    return {"scheme": scheme.name, "description": scheme.describe(), "settings": asdict(scheme),
-            "calibration_images": 0 if calibration is None else len(calibration),
-            "chosen_for": f"{'VNNI/AMX: exact int32 products' if kind == 'exact' else 'no VNNI: 16-bit pair sums'}"
-                          f" on {cpu_info()['model']}",
-            "why": WHY[scheme.name], "measured": MEASURED.get(scheme.name, {}), "cpu": machine_line()}
-
 
 
 # ------------------------------------------------------------------------------------------------ OpenVINO (NNCF)
@@ -259,21 +295,25 @@ def _split_held_out(calibration: Tensor) -> tuple[Tensor, Tensor | None]:
 
 
 def _agreement_metric(reference: np.ndarray):
-    """NNCF's ``validation_fn``: the share of held-out images that pass the export's int8 rule against ``reference``
+    """``metric(run, items)``: the share of held-out images that pass the export's int8 rule against ``reference``
     (the fp32 model's logits, N × classes): the same top-1 class and logits of cosine similarity >= ``MIN_COSINE``.
-    Items are (images, their indices), so any subset NNCF asks about is scored against the right logits."""
+    ``run``: images → logits; items are (images, their indices), so any subset is scored against the right logits."""
     from vitkit.deploy.export import MIN_COSINE
 
-    def metric(compiled, items) -> float:
-        output = compiled.output(0)
+    def metric(run, items) -> float:
         agree = total = 0
         for x, index in items:
-            got, ref = compiled(x)[output], reference[index]
+            got, ref = run(x), reference[index]
             cosine = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1) + 1e-12)
             agree += int(((got.argmax(-1) == ref.argmax(-1)) & (cosine >= MIN_COSINE)).sum())
             total += len(index)
         return agree / max(total, 1)
     return metric
+
+
+def _nncf_validation(metric):
+    """``metric`` as NNCF's ``validation_fn``, which passes a compiled OpenVINO model."""
+    return lambda compiled, items: metric(lambda x: compiled(x)[compiled.output(0)], items)
 
 
 def _fake_quantized(model) -> tuple[int, int]:
@@ -327,7 +367,8 @@ def _nncf_quantize(model, fit: Tensor, held: Tensor | None, scheme: Int8Scheme):
             return nncf.quantize(model, data, advanced_parameters=advanced, **common), None
         reference = _compiled(model)
         items = [(held[i:i + 16].numpy(), np.arange(i, min(i + 16, len(held)))) for i in range(0, len(held), 16)]
-        metric = _agreement_metric(np.concatenate([reference(x)[reference.output(0)] for x, _ in items]))
+        metric = _nncf_validation(_agreement_metric(np.concatenate([reference(x)[reference.output(0)]
+                                                                    for x, _ in items])))
         quantised = nncf.quantize_with_accuracy_control(
             model, data, nncf.Dataset(items, lambda item: item[0]), validation_fn=metric,
             max_drop=1.0 - RESTORE_BELOW, drop_type=nncf.DropType.ABSOLUTE,
