@@ -61,6 +61,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 from torch import Tensor
 
 __all__ = ["Int8Scheme", "SCHEMES", "MEASURED", "OPENVINO_SCHEME", "choose_scheme", "quantize", "quantize_onnx",
@@ -210,44 +211,53 @@ def quantize(path: str, fmt: str, calibration: Tensor | None = None) -> dict[str
 
 def quantize_onnx(path: str, calibration: Tensor | None = None, scheme: Int8Scheme | None = None) -> dict[str, Any]:
     """Quantise the ONNX model at ``path`` in place with the scheme chosen for this CPU (``calibration``: images for
-    static quantisation); returns what ``vitkit.json`` records about it. A static scheme with enough calibration
-    images first tries every layer in int8 (``_onnx_with_control``) and keeps its fp32 layers only when held-out
-    images need them."""
+    static quantisation); returns what ``vitkit.json`` records about it. A static scheme with at least
+    ``MIN_HELD_OUT`` calibration images first tries every layer in int8 and keeps its fp32 layers only when the
+    images need them (``_onnx_with_control``)."""
     from vitkit.hardware import cpu_info, machine_line
     scheme = scheme or choose_scheme(calibration is not None)
     if scheme.static and calibration is None:
         raise ValueError(f"int8 scheme {scheme.name} calibrates activation ranges: give calibration images")
-    fit, held = _split_held_out(calibration) if scheme.static and scheme.keep_fp32 else (calibration, None)
     record: dict[str, Any] = {}
-    if held is None:
-        _onnx_file(path, path + ".int8", calibration, scheme)
+    if scheme.static and scheme.keep_fp32 and len(calibration) >= MIN_HELD_OUT:
+        scheme, record = _onnx_with_control(path, calibration, scheme)
     else:
-        scheme, record = _onnx_with_control(path, fit, held, scheme)
+        _onnx_file(path, path + ".int8", calibration, scheme)
     os.replace(path + ".int8", path)
     kind = arithmetic()
     return {"scheme": scheme.name, "description": scheme.describe(), "settings": asdict(scheme),
-            "calibration_images": 0 if calibration is None else len(fit), **record,
+            "calibration_images": 0 if calibration is None else len(calibration), **record,
             "chosen_for": f"{'VNNI/AMX: exact int32 products' if kind == 'exact' else 'no VNNI: 16-bit pair sums'}"
                           f" on {cpu_info()['model']}",
             "why": WHY[scheme.name], "measured": MEASURED.get(scheme.name, {}), "cpu": machine_line()}
 
 
-def _onnx_with_control(path: str, fit: Tensor, held: Tensor, scheme: Int8Scheme) -> tuple[Int8Scheme, dict]:
+def _onnx_with_control(path: str, images: Tensor, scheme: Int8Scheme) -> tuple[Int8Scheme, dict]:
     """Accuracy control at the grain of the scheme's fp32 layers: quantise every layer (written to ``path.int8``)
-    and keep that when >= ``RESTORE_BELOW`` of the ``held`` images pass the int8 rule (``_agreement_metric``),
-    else quantise again keeping ``scheme.keep_fp32`` in fp32. Returns the scheme used and what was measured."""
+    and keep that if it meets the export's int8 rule on the calibration ``images`` (the images a static export is
+    checked on when no others are given: ``vitkit.deploy.export``), else quantise again keeping ``scheme.keep_fp32``
+    in fp32. Returns the scheme used and what each try measured."""
     import dataclasses
+
+    from vitkit.deploy.export import IMAGE_BATCH, Parity
+    batches = [b.numpy() for b in images.split(IMAGE_BATCH)]
     reference = _onnx_runner(path)
-    items = [(held[i:i + 16].numpy(), np.arange(i, min(i + 16, len(held)))) for i in range(0, len(held), 16)]
-    metric = _agreement_metric(np.concatenate([reference(x) for x, _ in items]))
+    ref = torch.from_numpy(np.concatenate([reference(x) for x in batches]))
     tried = {}
     for candidate in (dataclasses.replace(scheme, keep_fp32=()), scheme):
-        _onnx_file(path, path + ".int8", fit, candidate)
-        tried[", ".join(candidate.keep_fp32) or "none"] = score = metric(_onnx_runner(path + ".int8"), items)
-        if score >= RESTORE_BELOW:
+        _onnx_file(path, path + ".int8", images, candidate)
+        run = _onnx_runner(path + ".int8")
+        got = torch.from_numpy(np.concatenate([run(x) for x in batches]))
+        parity = Parity([f"images ({len(images)})"], [(got - ref).abs().max().item()],
+                        [torch.nn.functional.cosine_similarity(got, ref, dim=-1).min().item()],
+                        [(got.argmax(-1) == ref.argmax(-1)).float().mean().item()], [len(images)], [True],
+                        precision="int8", calibrated=True)
+        tried[", ".join(candidate.keep_fp32) or "none"] = {"passed": parity.passed,
+                                                           "min_cosine": round(parity.cosine_min[0], 4),
+                                                           "top1_agreement": parity.top1_agreement[0]}
+        if parity.passed:
             break
-    return candidate, {"held_out_images": len(held), "held_out_agreement": score,
-                       "held_out_agreement_by_kept_fp32": tried}
+    return candidate, {"kept_fp32_tried": tried}
 
 
 def _onnx_runner(path: str):
