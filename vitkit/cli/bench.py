@@ -203,9 +203,6 @@ def _best(args: argparse.Namespace, model, report: dict[str, Any]) -> dict:
     if args.dtype != "fp32" or args.device != "cpu" or args.mode != "infer" or args.compile or args.channels_last:
         raise ValueError("--runtime best chooses among CPU inference paths: --device cpu --mode infer --dtype fp32, "
                          "no --compile or --channels-last")
-    for flag, folder in (("--agreement-images", args.agreement_images), ("--calibrate", args.calibrate)):
-        if folder and not os.path.isdir(folder):
-            raise FileNotFoundError(f"{flag} {folder}: no such folder")
     run = args.pretrained if args.pretrained and is_run_folder(args.pretrained) else None
     run_data = best.read_run_data(run)
     images = best.agreement_images(model, run_data, args.agreement_images)
@@ -220,9 +217,8 @@ def _best(args: argparse.Namespace, model, report: dict[str, Any]) -> dict:
 def _run_model(args: argparse.Namespace, report: dict[str, Any]) -> None:
     from vitkit.bench.compare import compare_to_transformers
     from vitkit.bench.runner import BenchSettings, benchmark, step_flops
-    for flag, given in (("--agreement-images", args.agreement_images), ("--calibrate", args.calibrate)):
-        if given and args.runtime != "best":
-            raise ValueError(f"{flag} goes with --runtime best")
+    from vitkit.cli.eval import check_best_folders
+    check_best_folders(args)
     dtype = _dtype(args)
     settings = BenchSettings(batch_size=args.batch_size, dtype=dtype, compile=args.compile, mode=args.mode,
                              channels_last=args.channels_last, warmup=args.warmup, iters=args.iters,

@@ -94,16 +94,20 @@ def add_agreement_argument(parser, flag: str = "--runtime best") -> None:
 
 
 def check_best_arguments(args: argparse.Namespace) -> None:
-    """``--runtime best`` chooses the precision and the runtime itself; ``--agreement-images`` only goes with it."""
-    if args.runtime != "best":
-        for flag, given in (("--agreement-images", args.agreement_images), ("--calibrate", args.calibrate)):
-            if given:
-                raise ValueError(f"{flag} goes with --runtime best")
-        return
-    given = [flag for flag, on in (("--int8", args.int8), ("--amp", getattr(args, "amp", None))) if on]
-    if given:
-        raise ValueError(f"--runtime best chooses the precision itself (int8, bf16 or fp32); drop {', '.join(given)}")
+    """``--runtime best`` chooses the precision and the runtime itself; its image folders only go with it."""
+    if args.runtime == "best":
+        given = [flag for flag, on in (("--int8", args.int8), ("--amp", getattr(args, "amp", None))) if on]
+        if given:
+            raise ValueError(f"--runtime best chooses the precision itself (int8, bf16 or fp32); drop "
+                             f"{', '.join(given)}")
+    check_best_folders(args)
+
+
+def check_best_folders(args: argparse.Namespace) -> None:
+    """``--agreement-images`` and ``--calibrate`` go with ``--runtime best`` and name existing folders."""
     for flag, folder in (("--agreement-images", args.agreement_images), ("--calibrate", args.calibrate)):
+        if folder and args.runtime != "best":
+            raise ValueError(f"{flag} goes with --runtime best")
         if folder and not os.path.isdir(folder):
             raise FileNotFoundError(f"{flag} {folder}: no such folder")
 
