@@ -100,7 +100,7 @@ def test_the_agreement_metric_scores_any_subset_against_its_own_reference():
         def __call__(self, x):
             return {0: np.eye(10)[x[:, 0].astype(int)]}
 
-    metric = quantize._nncf_validation(quantize._agreement_metric(reference))
+    metric = quantize._agreement_metric(reference)
     x = classes[:, None].astype(np.float32)
     assert metric(Compiled(), [(x[:3], np.arange(3)), (x[3:], np.arange(3, 6))]) == 1.0
     assert metric(Compiled(), [(x[4:5], np.array([4]))]) == 1.0  # one item alone, as NNCF ranks layers
@@ -126,12 +126,12 @@ def test_accuracy_control_restores_layers_until_held_out_images_agree(photos, tm
     export_model(model, tmp_path / "fp32", "openvino")
     images = calibration_set(photos)
     held, fit = images[2::3], images[[i for i in range(58) if i % 3 != 2]]
-    monkeypatch.setattr(quantize, "MIN_HELD_OUT", 10**6)  # first without accuracy control, on the same 39 images
+    monkeypatch.setattr(quantize, "MIN_CONTROL_IMAGES", 10**6)  # first without accuracy control, on the same 39 images
     plain, q_plain = quantised_copy(tmp_path / "fp32", tmp_path / "plain", fit)
     assert q_plain["held_out_images"] == 0 and q_plain["calibration_images"] == 39
     # the premise: without control, int8 changes some held-out answers
     assert agreement(model, open_runtime(plain), held) < len(held)
-    monkeypatch.setattr(quantize, "MIN_HELD_OUT", 16)
+    monkeypatch.setattr(quantize, "MIN_CONTROL_IMAGES", 16)
     monkeypatch.setattr(quantize, "RESTORE_BELOW", 0.9)  # 18 of the 19 held-out images must keep their class
     controlled, q = quantised_copy(tmp_path / "fp32", tmp_path / "ac", images)
     assert q["held_out_images"] == len(held) == 19 and q["calibration_images"] == 39

@@ -27,7 +27,8 @@ images (or of all but one). A model with an all-zero head (random init) is compa
 failed check writes nothing and exits with status 1.
 
 --fastest builds every export this CPU can run (ONNX Runtime fp32 and int8, OpenVINO f32, int8 when calibration images
-are given (--calibrate, or a CIFAR-10 run's training images) and, where bf16 is native, bf16, torch.export), times them against eager fp32 at --batch-size, measures their top-1 agreement with eager fp32 on
+are given (--calibrate, or a CIFAR-10 run's held-out validation images) and, where bf16 is native, bf16, torch.export),
+times them against eager fp32 at --batch-size, measures their top-1 agreement with eager fp32 on
 real images (the shipped photos, a CIFAR-10 run's first 2,000 test images, --agreement-images) and writes the fastest
 that agrees on >= 99%; vitkit.json records the choice, the table and the agreement ("fastest"), and the runtime the
 folder then runs in."""
@@ -78,18 +79,8 @@ def _target(args: argparse.Namespace):
 
 def _images(paths: list[str] | None, model):
     """Up to ``MAX_IMAGES`` images, in sorted order, preprocessed as the model's data config says."""
-    if not paths:
-        return None
-    import torch
-
-    from vitkit.data.images import load_image
-    from vitkit.evaluate.predict import expand_inputs
-    from vitkit.evaluate.preprocess import eval_transform
-    files = expand_inputs(paths)
-    if not files:
-        raise FileNotFoundError(f"no image files found in {' '.join(paths)}")
-    transform = eval_transform(model.data_cfg)
-    return torch.stack([transform(load_image(f)) for f in files[:MAX_IMAGES]])
+    from vitkit.deploy.best import folder_images
+    return folder_images(paths, model, MAX_IMAGES) if paths else None
 
 
 def _check_fastest_request(args: argparse.Namespace) -> None:

@@ -54,11 +54,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vitkit.deploy.export import INT8_NEEDS_CALIBRATION
+
 __all__ = ["CALIBRATION_IMAGES", "CIFAR10_IMAGES", "MIN_AGREEMENT", "PATHS", "AgreementImages", "Autocast",
            "BuiltPath", "Choice", "InterleavedTimer", "NoExportQualifies", "PathSpec", "Row", "agreement_images",
            "build_paths", "calibration_images", "check_reference", "choose", "default_timer", "folder_images",
-           "read_run_data",
-           "select_fastest", "shipped_photos", "write_fastest_export"]
+           "read_run_data", "select_fastest", "shipped_photos", "write_fastest_export"]
 
 MIN_AGREEMENT = 0.99  # a path must give eager fp32's top-1 class on at least this fraction of the real images
 CIFAR10_IMAGES = 2000  # CIFAR-10 test images added for a run folder trained on CIFAR-10 (the first ones, in order)
@@ -172,7 +173,7 @@ def _build_export(spec: PathSpec, model: nn.Module, workspace: str, calibration:
 def _build(spec: PathSpec, model: nn.Module, workspace: str, calibration: Tensor | None,
            check_images: Tensor | None) -> BuiltPath:
     missing = _bf16_missing() if spec.bf16 else None
-    if spec.int8 and spec.fmt == "openvino" and calibration is None:
+    if spec.int8 and INT8_NEEDS_CALIBRATION[spec.fmt] and calibration is None:
         missing = "static int8 needs calibration images: --calibrate DIR, or a run trained on CIFAR-10"
     if missing:
         return BuiltPath(spec.name, reason=missing, spec=spec)
@@ -253,14 +254,16 @@ def shipped_photos() -> Path | None:
     return photos if photos.is_dir() else None
 
 
-def folder_images(folder: str | os.PathLike, model: nn.Module, limit: int) -> Tensor:
-    """The first ``limit`` images of ``folder`` (sorted by path), preprocessed as ``model`` expects."""
+def folder_images(paths: str | os.PathLike | Sequence[str | os.PathLike], model: nn.Module, limit: int) -> Tensor:
+    """The first ``limit`` images of ``paths`` (folders, image files; sorted by path), preprocessed as ``model``
+    expects."""
     from vitkit.data import load_image
     from vitkit.evaluate.predict import expand_inputs
     from vitkit.evaluate.preprocess import eval_transform
-    files = expand_inputs([os.fspath(folder)])[:limit]
+    paths = [os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    files = expand_inputs(paths)[:limit]
     if not files:
-        raise FileNotFoundError(f"no image files in {folder}")
+        raise FileNotFoundError(f"no image files found in {' '.join(paths)}")
     transform = eval_transform(model.data_cfg)
     return torch.stack([transform(load_image(f)) for f in files])
 

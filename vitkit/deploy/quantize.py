@@ -43,7 +43,7 @@ briefly fine-tuned model, whose 57 of 2,000 images have a top-2 logit margin bel
 0.10 (std); each of qkv, proj, fc1 and fc2 quantised alone already costs 17-21 of the 2,000 images. Only weight-only
 8-bit blocks reach 99.15% there, and they lose 2 photos in most draws.
 
-Static int8 with at least ``MIN_HELD_OUT`` calibration images first quantises every layer, mlp.fc2 included, and
+Static int8 with at least ``MIN_CONTROL_IMAGES`` calibration images first quantises every layer, mlp.fc2 included, and
 keeps that when it meets the export's int8 rule on those images; else mlp.fc2 stays fp32. mlp.fc2 is a third of a
 ViT's GEMM work: on ViT-B/16 at batch 8 (EPYC-AVX2) every layer in int8 ran at 1.53x eager fp32, mlp.fc2 in fp32
 at 1.28x. The DeiT-Tiny fine-tuned to 95.45% met the rule with every layer int8 (2011 of 2,029 images kept their
@@ -63,7 +63,7 @@ import contextlib
 import io
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterator
 
 import numpy as np
@@ -106,13 +106,14 @@ SCHEMES = {s.name: s for s in (
     Int8Scheme("static-s7", static=True, seven_bit=True, keep_fp32=("mlp/fc2",), calibration="percentile"),
 )}
 
-#: OpenVINO's int8 (``--format openvino --int8``, path ``openvino-int8`` of ``--runtime best``): static only (NNCF has no
-#: dynamic activation quantisation for these models), so it needs calibration images. 7-bit weights (NNCF's
+#: OpenVINO's int8 (``--format openvino --int8``, path ``openvino-int8`` of ``--runtime best``): static only (NNCF has
+#: no dynamic activation quantisation for these models), so it needs calibration images. 7-bit weights (NNCF's
 #: ``overflow_fix``) for the reason ``dynamic-s7`` has them; mlp.fc2 kept fp32 as in every ONNX Runtime scheme.
 OPENVINO_SCHEME = Int8Scheme("nncf-s7", static=True, seven_bit=True, keep_fp32=("mlp/fc2",), calibration="nncf",
                              runtime="openvino")
 HELD_OUT_SHARE = 3  # every 3rd calibration image is held out: accuracy control measures agreement on those
-MIN_HELD_OUT = 16  # fewer held-out images than this: no accuracy control (one image would move agreement by > 6%)
+MIN_CONTROL_IMAGES = 16  # accuracy control needs this many images to score (one image moves a share by > 6%): held
+#: out of the calibration images for NNCF, all the calibration images for ONNX Runtime's control
 # SmoothQuant and bias correction are off: NNCF's accuracy control restores a layer's original fp32 weights but leaves
 # SmoothQuant's activation scaling and the corrected biases, so "restored" layers compute something else (a random
 # tiny DeiT with every layer restored kept 11 of 19 held-out answers with either on, 19 with both off).
@@ -221,14 +222,14 @@ def quantize(path: str, fmt: str, calibration: Tensor | None = None) -> dict[str
 def quantize_onnx(path: str, calibration: Tensor | None = None, scheme: Int8Scheme | None = None) -> dict[str, Any]:
     """Quantise the ONNX model at ``path`` in place with the scheme chosen for this CPU (``calibration``: images for
     static quantisation); returns what ``vitkit.json`` records about it. A static scheme with at least
-    ``MIN_HELD_OUT`` calibration images first tries every layer in int8 and keeps its fp32 layers only when the
+    ``MIN_CONTROL_IMAGES`` calibration images first tries every layer in int8 and keeps its fp32 layers only when the
     images need them (``_onnx_with_control``)."""
     from vitkit.hardware import cpu_info, machine_line
     scheme = scheme or choose_scheme(calibration is not None)
     if scheme.static and calibration is None:
         raise ValueError(f"int8 scheme {scheme.name} calibrates activation ranges: give calibration images")
     record: dict[str, Any] = {}
-    if scheme.static and scheme.keep_fp32 and len(calibration) >= MIN_HELD_OUT:
+    if scheme.static and scheme.keep_fp32 and len(calibration) >= MIN_CONTROL_IMAGES:
         scheme, record = _onnx_with_control(path, calibration, scheme)
     else:
         _onnx_file(path, path + ".int8", calibration, scheme)
@@ -246,21 +247,17 @@ def _onnx_with_control(path: str, images: Tensor, scheme: Int8Scheme) -> tuple[I
     and keep that if it meets the export's int8 rule on the calibration ``images`` (the images a static export is
     checked on when no others are given: ``vitkit.deploy.export``), else quantise again keeping ``scheme.keep_fp32``
     in fp32. Returns the scheme used and what each try measured."""
-    import dataclasses
-
     from vitkit.deploy.export import IMAGE_BATCH, Parity
     batches = [b.numpy() for b in images.split(IMAGE_BATCH)]
     reference = _onnx_runner(path)
     ref = torch.from_numpy(np.concatenate([reference(x) for x in batches]))
     tried = {}
-    for candidate in (dataclasses.replace(scheme, keep_fp32=()), scheme):
+    for candidate in (replace(scheme, keep_fp32=()), scheme):
         _onnx_file(path, path + ".int8", images, candidate)
         run = _onnx_runner(path + ".int8")
-        got = torch.from_numpy(np.concatenate([run(x) for x in batches]))
-        parity = Parity([f"images ({len(images)})"], [(got - ref).abs().max().item()],
-                        [torch.nn.functional.cosine_similarity(got, ref, dim=-1).min().item()],
-                        [(got.argmax(-1) == ref.argmax(-1)).float().mean().item()], [len(images)], [True],
-                        precision="int8", calibrated=True)
+        parity = Parity(precision="int8", calibrated=True)
+        parity.add(f"images ({len(images)})", ref, torch.from_numpy(np.concatenate([run(x) for x in batches])),
+                   real=True)
         tried[", ".join(candidate.keep_fp32) or "none"] = {"passed": parity.passed,
                                                            "min_cosine": round(parity.cosine_min[0], 4),
                                                            "top1_agreement": parity.top1_agreement[0]}
@@ -305,34 +302,31 @@ def _onnx_file(path: str, out: str, calibration: Tensor | None, scheme: Int8Sche
 # ------------------------------------------------------------------------------------------------ OpenVINO (NNCF)
 def _split_held_out(calibration: Tensor) -> tuple[Tensor, Tensor | None]:
     """(images to calibrate on, images to measure agreement on): every ``HELD_OUT_SHARE``-th image is held out when
-    that gives at least ``MIN_HELD_OUT``; else all calibrate and nothing is held out."""
+    that gives at least ``MIN_CONTROL_IMAGES``; else all calibrate and nothing is held out."""
     held = calibration[HELD_OUT_SHARE - 1::HELD_OUT_SHARE]
-    if len(held) < MIN_HELD_OUT:
+    if len(held) < MIN_CONTROL_IMAGES:
         return calibration, None
     keep = [i for i in range(len(calibration)) if i % HELD_OUT_SHARE != HELD_OUT_SHARE - 1]
     return calibration[keep], held
 
 
 def _agreement_metric(reference: np.ndarray):
-    """``metric(run, items)``: the share of held-out images that pass the export's int8 rule against ``reference``
-    (the fp32 model's logits, N × classes): the same top-1 class and logits of cosine similarity >= ``MIN_COSINE``.
-    ``run``: images → logits; items are (images, their indices), so any subset is scored against the right logits."""
+    """NNCF's ``validation_fn(compiled, items)``: the share of held-out images that pass the export's int8 rule
+    against ``reference`` (the fp32 model's logits, N × classes): the same top-1 class and logits of cosine
+    similarity >= ``MIN_COSINE``. Items are (images, their indices), so any subset NNCF asks about is scored against
+    the right logits."""
     from vitkit.deploy.export import MIN_COSINE
 
-    def metric(run, items) -> float:
+    def metric(compiled, items) -> float:
+        output = compiled.output(0)
         agree = total = 0
         for x, index in items:
-            got, ref = run(x), reference[index]
+            got, ref = compiled(x)[output], reference[index]
             cosine = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1) + 1e-12)
             agree += int(((got.argmax(-1) == ref.argmax(-1)) & (cosine >= MIN_COSINE)).sum())
             total += len(index)
         return agree / max(total, 1)
     return metric
-
-
-def _nncf_validation(metric):
-    """``metric`` as NNCF's ``validation_fn``, which passes a compiled OpenVINO model."""
-    return lambda compiled, items: metric(lambda x: compiled(x)[compiled.output(0)], items)
 
 
 def _fake_quantized(model) -> tuple[int, int]:
@@ -386,8 +380,7 @@ def _nncf_quantize(model, fit: Tensor, held: Tensor | None, scheme: Int8Scheme):
             return nncf.quantize(model, data, advanced_parameters=advanced, **common), None
         reference = _compiled(model)
         items = [(held[i:i + 16].numpy(), np.arange(i, min(i + 16, len(held)))) for i in range(0, len(held), 16)]
-        metric = _nncf_validation(_agreement_metric(np.concatenate([reference(x)[reference.output(0)]
-                                                                    for x, _ in items])))
+        metric = _agreement_metric(np.concatenate([reference(x)[reference.output(0)] for x, _ in items]))
         quantised = nncf.quantize_with_accuracy_control(
             model, data, nncf.Dataset(items, lambda item: item[0]), validation_fn=metric,
             max_drop=1.0 - RESTORE_BELOW, drop_type=nncf.DropType.ABSOLUTE,
